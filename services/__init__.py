@@ -1,0 +1,1 @@
+"""relayrl services; each runs as `python -m services.<name>` and never imports another."""

@@ -1,0 +1,1 @@
+"""The `relayrl` command line: start the embedded stack, submit tasks, follow them."""

@@ -1,0 +1,1 @@
+"""Gateway: the HTTP API (FastAPI). Takes tasks, publishes rollout requests, reads through the store."""

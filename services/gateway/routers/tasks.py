@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Depends, HTTPException, status
+
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import GetById, PutTasks, RolloutRequest, TaskSpec, TaskView
+from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_settings, get_store
+from services.gateway.schemas import ErrorOut, TaskAccepted, TaskBatch, TaskIn, TasksAccepted, TasksBody
+from services.gateway.settings import GatewaySettings
+
+router = APIRouter(prefix="/v1", tags=["tasks"])
+
+
+@router.post(
+    "/tasks",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={400: {"model": ErrorOut}, 413: {"model": ErrorOut}, 503: {"model": ErrorOut}},
+)
+async def submit_tasks(
+    body: TasksBody,
+    bus: Bus = Depends(get_bus),
+    store: StoreClient = Depends(get_store),
+    agents: AgentCatalog = Depends(get_agents),
+    settings: GatewaySettings = Depends(get_settings),
+) -> TasksAccepted:
+    """Submit one task or a batch (`{"tasks": [...]}`); each becomes `group_size` rollout requests.
+
+    The tasks are stored first, then their requests published with `Nats-Msg-Id`, so a client
+    that retries with the same `task_id`s after an error creates nothing twice.
+    """
+    items = body.tasks if isinstance(body, TaskBatch) else [body]
+    if len(items) > settings.max_tasks_per_request:
+        raise HTTPException(413, f"{len(items)} tasks in one request; the limit is {settings.max_tasks_per_request}")
+    await agents.require({t.agent for t in items})
+    specs = [_spec(t) for t in items]
+    if len({s.task_id for s in specs}) != len(specs):
+        raise HTTPException(422, "task_id values must be unique within a request")
+    await store.call("put_tasks", PutTasks(tasks=specs))
+    requests = [RolloutRequest.for_task(s, i) for s in specs for i in range(s.group_size)]
+    try:
+        await bus.publish_many((subjects.tasks(r.run_id), r, r.rollout_id) for r in requests)
+    except Exception as exc:  # stored but not all published: safe to retry with the same task ids
+        raise HTTPException(503, f"could not publish rollout requests ({exc}); retry with the same task_id values") from exc
+    return TasksAccepted(
+        tasks=[
+            TaskAccepted(
+                task_id=s.task_id,
+                run_id=s.run_id,
+                group_size=s.group_size,
+                rollout_ids=[s.rollout_id(i) for i in range(s.group_size)],
+            )
+            for s in specs
+        ]
+    )
+
+
+def _spec(t: TaskIn) -> TaskSpec:
+    return TaskSpec(
+        task_id=t.task_id or uuid.uuid4().hex,
+        run_id=t.run_id,
+        agent=t.agent,
+        input=t.input,
+        group_size=t.group_size,
+        sampling=t.sampling,
+        timeout_s=t.timeout_s,
+    )
+
+
+@router.get("/tasks/{task_id}", responses={404: {"model": ErrorOut}})
+async def get_task(task_id: str, store: StoreClient = Depends(get_store)) -> TaskView:
+    """A task, its progress (pending / running / done) and a summary of each rollout."""
+    reply = await store.call("get_task", GetById(id=task_id))
+    assert reply.task is not None
+    return reply.task

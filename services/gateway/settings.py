@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.config import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
+    max_tasks_per_request: int = Field(10000, ge=1)
+    store_timeout_s: float = Field(10.0, gt=0, description="timeout of each query to the store")
+    agents_cache_s: float = Field(2.0, ge=0, description="how long the list of registered agents is cached")

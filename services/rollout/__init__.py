@@ -1,0 +1,1 @@
+"""Rollout worker: pulls rollout requests, runs registered agents, publishes trajectories."""

@@ -1,0 +1,37 @@
+"""`python -m services.rollout`: a rollout worker (start as many as you like; they compete)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import httpx
+
+from shared import telemetry
+from shared.bus import Bus, install_signal_handlers
+from shared.config import load
+from services.rollout import registry
+from services.rollout.settings import RolloutSettings
+from services.rollout.worker import Worker
+
+
+async def main(settings: RolloutSettings) -> None:
+    log = telemetry.setup("rollout", settings)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    agents = registry.load_builtin_and(settings.agent_modules)
+    bus = await Bus.connect(settings, f"rollout-{settings.worker_id}")
+    await bus.ensure_topology()
+    limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
+    async with httpx.AsyncClient(timeout=settings.inference_timeout_s, limits=limits) as http:
+        worker = Worker(bus, settings, http)
+        log.info("rollout worker ready", worker_id=settings.worker_id, agents=sorted(agents))
+        try:
+            await worker.run(stop)
+        finally:
+            await bus.close()
+            log.info("rollout worker stopped", worker_id=settings.worker_id, completed=worker.completed)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(load(RolloutSettings, sys.argv[1:])))

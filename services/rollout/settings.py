@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+import socket
+
+from pydantic import Field
+
+from shared.config import ServiceSettings
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class RolloutSettings(ServiceSettings):
+    inference_urls: str = Field(
+        "http://127.0.0.1:8001", description="comma-separated base URLs of inference replicas"
+    )
+    worker_id: str = Field(default_factory=_default_worker_id)
+    concurrency: int = Field(64, ge=1, le=4096, description="agent runs in flight per worker")
+    ack_wait_s: float = Field(30.0, gt=0, description="a dead worker's task comes back after this")
+    max_attempts: int = Field(3, ge=1, description="deliveries before a task is recorded as failed")
+    inference_timeout_s: float = Field(120.0, gt=0)
+    inference_retries: int = Field(2, ge=0)
+    failure_reward: float = Field(0.0, description="reward given to failed/timed-out rollouts")
+    agent_modules: str = Field("", description="comma-separated modules to import that register more agents")
+
+    def inference_url_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.inference_urls.split(",") if u.strip()]

@@ -1,0 +1,113 @@
+"""The rollout worker: one rollout request in, one trajectory out, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import httpx
+import structlog
+
+from shared import subjects, telemetry
+from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, wait_for_stop
+from shared.messages import AgentInfo, RolloutRequest, Trajectory, TrajectoryStatus
+from services.rollout import registry
+from services.rollout.capture import CaptureClient
+from services.rollout.context import AgentContext
+from services.rollout.settings import RolloutSettings
+
+log = structlog.get_logger("rollout")
+
+
+class Worker:
+    def __init__(self, bus: Bus, settings: RolloutSettings, http: httpx.AsyncClient) -> None:
+        self.bus = bus
+        self.settings = settings
+        urls = settings.inference_url_list()
+        self.client = CaptureClient(http, urls, settings.inference_retries) if urls else None
+        self.completed = 0
+
+    async def register_agents(self) -> None:
+        """Advertise this worker's agents so the gateway can refuse tasks for unknown ones."""
+        kv = await self.bus.kv(subjects.KV_AGENTS)
+        for name, spec in registry.all_agents().items():
+            info = AgentInfo(name=name, description=spec.description, worker_id=self.settings.worker_id)
+            await kv.put(name, info.encode())
+
+    async def on_request(self, batch: list[Delivery[RolloutRequest]]) -> None:
+        (delivery,) = batch  # per-message consumer
+        req = delivery.value
+        structlog.contextvars.bind_contextvars(run_id=req.run_id, rollout_id=req.rollout_id)
+        try:
+            with telemetry.span_from_headers("rollout", delivery.headers, rollout_id=req.rollout_id, agent=req.agent):
+                traj = await self.run_rollout(req, delivery.delivered)
+                await self.bus.publish(subjects.trajectories(req.run_id), traj, traj.msg_id())
+        finally:
+            structlog.contextvars.unbind_contextvars("run_id", "rollout_id")
+        self.completed += 1
+        log.info("rollout done", status=traj.status, reward=traj.reward, attempt=traj.attempt, error=traj.error)
+
+    async def run_rollout(self, req: RolloutRequest, attempt: int) -> Trajectory:
+        started = time.time()
+        ctx = AgentContext(request=req, client=self.client)
+        status, reward, error = await self._run_agent(req, ctx, attempt)
+        return Trajectory(
+            rollout_id=req.rollout_id,
+            run_id=req.run_id,
+            task_id=req.task_id,
+            group_id=req.group_id,
+            sample_index=req.sample_index,
+            group_size=req.group_size,
+            agent=req.agent,
+            status=status,
+            error=error,
+            reward=reward,
+            rewards=ctx.rewards,
+            transitions=ctx.transitions,
+            started_at=started,
+            finished_at=time.time(),
+            worker_id=self.settings.worker_id,
+            attempt=attempt,
+            trace_id=telemetry.current_trace_id(),
+        )
+
+    async def _run_agent(
+        self, req: RolloutRequest, ctx: AgentContext, attempt: int
+    ) -> tuple[TrajectoryStatus, float, str | None]:
+        fill = self.settings.failure_reward
+        if attempt > self.settings.max_attempts:
+            # Earlier deliveries died with their workers; record the failure so the group completes.
+            return "error", fill, f"gave up after {attempt - 1} deliveries (max_attempts={self.settings.max_attempts})"
+        spec = registry.get(req.agent)
+        if spec is None:
+            return "error", fill, f"unknown agent {req.agent!r} on worker {self.settings.worker_id}"
+        try:
+            value = await asyncio.wait_for(spec.fn(ctx), timeout=req.timeout_s)
+        except asyncio.TimeoutError:
+            return "timeout", fill, f"agent exceeded its timeout of {req.timeout_s}s"
+        except Exception as exc:  # the agent's failure is data, not a worker crash
+            return "error", fill, f"{type(exc).__name__}: {exc}"[:2000]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "error", fill, f"agent returned a non-finite or non-numeric reward: {value!r}"[:2000]
+        return "ok", float(value), None
+
+    def consumer(self) -> PullConsumer[RolloutRequest]:
+        return PullConsumer(
+            bus=self.bus,
+            spec=ConsumerSpec(
+                stream=subjects.STREAM_TASKS,
+                durable=subjects.CONSUMER_ROLLOUT,
+                filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_TASKS],
+                ack_wait_s=self.settings.ack_wait_s,
+            ),
+            model=RolloutRequest,
+            handler=self.on_request,
+            batch=min(self.settings.concurrency, 256),
+            per_message=True,
+            max_in_flight=self.settings.concurrency,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.register_agents()
+        await wait_for_stop(stop, self.consumer().run(stop))

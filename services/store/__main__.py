@@ -1,0 +1,34 @@
+"""`python -m services.store`: SQL persistence, group assembly and the query API."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from shared import telemetry
+from shared.bus import Bus, install_signal_handlers
+from shared.config import load
+from services.store.db import create_engine, create_schema
+from services.store.service import Store
+from services.store.settings import StoreSettings
+
+
+async def main(settings: StoreSettings) -> None:
+    log = telemetry.setup("store", settings)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    engine = create_engine(settings.database_url)
+    await create_schema(engine)
+    bus = await Bus.connect(settings, "store")
+    await bus.ensure_topology()
+    log.info("store ready", database=engine.url.render_as_string(hide_password=True))
+    try:
+        await Store(bus, engine, settings).run(stop)
+    finally:
+        await bus.close()
+        await engine.dispose()
+        log.info("store stopped")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(load(StoreSettings, sys.argv[1:])))

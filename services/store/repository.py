@@ -1,0 +1,193 @@
+"""All SQL the store runs: idempotent writes, group completion, and read queries."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Iterable, Sequence
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.messages import DeadLetter, RolloutSummary, TaskSpec, TaskView, Trajectory
+from services.store import records
+from services.store.db import insert_ignore, sessions
+from services.store.tables import (
+    DeadLetterRow,
+    GroupRow,
+    RewardRow,
+    RolloutRow,
+    RunRow,
+    TaskRow,
+    TransitionRow,
+)
+
+# Keep each statement's bound parameters under SQLite's limit (32766) for wide rows.
+_ROWS_PER_STATEMENT = 500
+
+
+class Repository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sessions = sessions(engine)
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def put_tasks(self, tasks: Sequence[TaskSpec]) -> int:
+        """Upsert tasks (and their runs); returns how many were new."""
+        runs = {t.run_id for t in tasks}
+        async with self.sessions.begin() as s:
+            await s.execute(
+                insert_ignore(self.engine, RunRow),
+                [{"run_id": r, "created_at": time.time(), "config": {}} for r in runs],
+            )
+            new = 0
+            for chunk in _chunks([records.task_row(t) for t in tasks]):
+                result = await s.execute(insert_ignore(self.engine, TaskRow).returning(TaskRow.task_id), chunk)
+                new += len(result.all())
+        return new
+
+    async def put_trajectories(self, trajectories: Sequence[Trajectory]) -> set[str]:
+        """Store trajectories once each (first attempt to arrive wins); returns the new rollout ids.
+
+        Transitions and rewards are written only for rollouts this call inserted, so a late
+        duplicate of another attempt can never mix its transitions into the stored one.
+        """
+        unique: dict[str, Trajectory] = {}
+        for t in trajectories:
+            unique.setdefault(t.rollout_id, t)
+        inserted: set[str] = set()
+        async with self.sessions.begin() as s:
+            for chunk in _chunks([records.rollout_row(t) for t in unique.values()]):
+                result = await s.execute(insert_ignore(self.engine, RolloutRow).returning(RolloutRow.rollout_id), chunk)
+                inserted.update(result.scalars().all())
+            fresh = [unique[r] for r in inserted]
+            transitions = [row for t in fresh for row in records.transition_rows(t)]
+            rewards = [row for t in fresh for row in records.reward_rows(t)]
+            for chunk in _chunks(transitions):
+                await s.execute(insert_ignore(self.engine, TransitionRow), chunk)
+            for chunk in _chunks(rewards):
+                await s.execute(insert_ignore(self.engine, RewardRow), chunk)
+        return inserted
+
+    async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        rows = [
+            {
+                "stream": d.stream,
+                "stream_seq": d.stream_seq,
+                "subject": d.subject,
+                "consumer": d.consumer,
+                "reason": d.reason,
+                "data": d.data,
+                "delivered": d.delivered,
+                "at": d.at,
+            }
+            for d in letters
+        ]
+        async with self.sessions.begin() as s:
+            await s.execute(insert_ignore(self.engine, DeadLetterRow), rows)
+
+    # --- groups ------------------------------------------------------------------------
+
+    async def complete_unpublished_groups(self, group_ids: Iterable[str]) -> list[str]:
+        """Of `group_ids`, those with all members stored and not yet published."""
+        ids = sorted(set(group_ids))
+        complete: list[str] = []
+        async with self.sessions() as s:
+            for chunk in _chunks(ids):
+                q = (
+                    select(RolloutRow.group_id)
+                    .where(RolloutRow.group_id.in_(chunk))
+                    .where(~RolloutRow.group_id.in_(select(GroupRow.group_id).where(GroupRow.group_id.in_(chunk))))
+                    .group_by(RolloutRow.group_id)
+                    .having(func.count() >= func.max(RolloutRow.group_size))
+                )
+                complete.extend((await s.execute(q)).scalars().all())
+        return complete
+
+    async def load_trajectories(self, group_ids: Sequence[str]) -> dict[str, list[Trajectory]]:
+        """Every stored member of each group, ordered by sample index."""
+        out: dict[str, list[Trajectory]] = defaultdict(list)
+        async with self.sessions() as s:
+            for chunk in _chunks(list(group_ids)):
+                rollouts = (await s.execute(select(RolloutRow).where(RolloutRow.group_id.in_(chunk)))).scalars().all()
+                for traj in await self._assemble(s, rollouts):
+                    out[traj.group_id].append(traj)
+        for members in out.values():
+            members.sort(key=lambda t: t.sample_index)
+        return dict(out)
+
+    async def mark_published(self, groups: Sequence[tuple[str, str, str, int]]) -> None:
+        rows = [
+            {"group_id": g, "run_id": r, "task_id": t, "size": n, "published_at": time.time()} for g, r, t, n in groups
+        ]
+        async with self.sessions.begin() as s:
+            for chunk in _chunks(rows):
+                await s.execute(insert_ignore(self.engine, GroupRow), chunk)
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> TaskView | None:
+        async with self.sessions() as s:
+            task = await s.get(TaskRow, task_id)
+            if task is None:
+                return None
+            rollouts = (
+                (await s.execute(select(RolloutRow).where(RolloutRow.task_id == task_id).order_by(RolloutRow.sample_index)))
+                .scalars()
+                .all()
+            )
+            published = await s.get(GroupRow, task_id) is not None
+        status = "pending" if not rollouts else ("done" if len(rollouts) >= task.group_size else "running")
+        return TaskView(
+            task_id=task.task_id,
+            run_id=task.run_id,
+            agent=task.agent,
+            input=task.input,
+            group_size=task.group_size,
+            created_at=task.created_at,
+            status=status,
+            group_published=published,
+            rollouts=[
+                RolloutSummary(
+                    rollout_id=r.rollout_id,
+                    sample_index=r.sample_index,
+                    status=r.status,  # type: ignore[arg-type]
+                    reward=r.reward,
+                    attempt=r.attempt,
+                    worker_id=r.worker_id,
+                    finished_at=r.finished_at,
+                )
+                for r in rollouts
+            ],
+        )
+
+    async def get_trajectory(self, rollout_id: str) -> Trajectory | None:
+        async with self.sessions() as s:
+            row = await s.get(RolloutRow, rollout_id)
+            if row is None:
+                return None
+            return (await self._assemble(s, [row]))[0]
+
+    async def count_rollouts(self, run_id: str | None = None) -> int:
+        async with self.sessions() as s:
+            q = select(func.count()).select_from(RolloutRow)
+            if run_id is not None:
+                q = q.where(RolloutRow.run_id == run_id)
+            return int((await s.execute(q)).scalar_one())
+
+    async def _assemble(self, s, rollouts: Sequence[RolloutRow]) -> list[Trajectory]:  # type: ignore[no-untyped-def]
+        ids = [r.rollout_id for r in rollouts]
+        transitions: dict[str, list[TransitionRow]] = defaultdict(list)
+        rewards: dict[str, list[RewardRow]] = defaultdict(list)
+        for chunk in _chunks(ids):
+            for x in (await s.execute(select(TransitionRow).where(TransitionRow.rollout_id.in_(chunk)))).scalars():
+                transitions[x.rollout_id].append(x)
+            for w in (await s.execute(select(RewardRow).where(RewardRow.rollout_id.in_(chunk)))).scalars():
+                rewards[w.rollout_id].append(w)
+        return [records.trajectory_from_rows(r, transitions[r.rollout_id], rewards[r.rollout_id]) for r in rollouts]
+
+
+def _chunks(items: list, size: int = _ROWS_PER_STATEMENT) -> Iterable[list]:  # type: ignore[type-arg]
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

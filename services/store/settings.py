@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field
+
+from shared.config import ServiceSettings
+
+
+class StoreSettings(ServiceSettings):
+    database_url: str = Field(
+        "sqlite+aiosqlite:///.relayrl/relayrl.db",
+        validation_alias=AliasChoices("RELAYRL_DATABASE_URL", "DATABASE_URL", "database_url"),
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://...",
+    )
+    batch_size: int = Field(256, ge=1, le=4096, description="trajectories written per SQL transaction")
+    ack_wait_s: float = Field(60.0, gt=0)

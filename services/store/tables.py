@@ -1,0 +1,106 @@
+"""The SQL schema: runs, tasks, rollouts (trajectories), transitions, rewards, groups, dead letters.
+
+Token arrays are stored as the same packed little-endian blobs that travel on the wire.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    task_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64), index=True)
+    agent: Mapped[str] = mapped_column(String(128))
+    input: Mapped[dict[str, Any]] = mapped_column(JSON)
+    group_size: Mapped[int] = mapped_column(Integer)
+    sampling: Mapped[dict[str, Any]] = mapped_column(JSON)
+    timeout_s: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class RolloutRow(Base):
+    """One stored trajectory; the first attempt to arrive wins, later duplicates are ignored."""
+
+    __tablename__ = "rollouts"
+    rollout_id: Mapped[str] = mapped_column(String(160), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[str] = mapped_column(String(128), index=True)
+    group_id: Mapped[str] = mapped_column(String(128), index=True)
+    sample_index: Mapped[int] = mapped_column(Integer)
+    group_size: Mapped[int] = mapped_column(Integer)
+    agent: Mapped[str] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    reward: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float] = mapped_column(Float)
+    worker_id: Mapped[str] = mapped_column(String(128))
+    attempt: Mapped[int] = mapped_column(Integer)
+    trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    num_transitions: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (Index("ix_rollouts_run_finished", "run_id", "finished_at"),)
+
+
+class TransitionRow(Base):
+    __tablename__ = "transitions"
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.rollout_id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role: Mapped[str] = mapped_column(String(64))
+    prompt_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    response_ids: Mapped[bytes] = mapped_column(LargeBinary)
+    response_logprobs: Mapped[bytes] = mapped_column(LargeBinary)
+    response_versions: Mapped[bytes] = mapped_column(LargeBinary)
+    finish_reason: Mapped[str] = mapped_column(String(32))
+    latency_s: Mapped[float] = mapped_column(Float)
+
+
+class RewardRow(Base):
+    __tablename__ = "rewards"
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.rollout_id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    transition: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    event: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class GroupRow(Base):
+    """A group that was published to GROUPS (so it is not published again)."""
+
+    __tablename__ = "groups"
+    group_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64), index=True)
+    task_id: Mapped[str] = mapped_column(String(128))
+    size: Mapped[int] = mapped_column(Integer)
+    published_at: Mapped[float] = mapped_column(Float)
+
+
+class DeadLetterRow(Base):
+    __tablename__ = "dead_letters"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    stream: Mapped[str] = mapped_column(String(32))
+    stream_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    subject: Mapped[str] = mapped_column(String(256))
+    consumer: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    delivered: Mapped[int] = mapped_column(Integer)
+    at: Mapped[float] = mapped_column(Float)
+
+    __table_args__ = (UniqueConstraint("stream", "stream_seq", name="uq_dead_letters_stream_seq"),)

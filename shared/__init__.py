@@ -1,0 +1,1 @@
+"""What every relayrl service imports: messages, subjects, bus, config, telemetry."""

@@ -1,0 +1,443 @@
+"""The NATS JetStream bus every service talks through.
+
+`Bus.connect` retries until the server answers; `ensure_topology` creates streams and
+buckets idempotently; `publish` sends one typed message with `Nats-Msg-Id` (so the stream
+drops duplicates), the trace context and a timeout; `PullConsumer` fetches in batches,
+decodes, hands messages to a handler, and acks only after the handler returned (its effect
+is durable). Undecodable messages and messages whose handler keeps failing go to the
+dead-letter stream with the reason, and are acked: never retried forever, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from shared import subjects, telemetry
+from shared.config import ServiceSettings
+from shared.messages import DeadLetter, DecodeError, Message, Reply
+
+log = structlog.get_logger("bus")
+
+M = TypeVar("M", bound=Message)
+
+WORK_QUEUE = js_api.RetentionPolicy.WORK_QUEUE
+LIMITS = js_api.RetentionPolicy.LIMITS
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    retention: js_api.RetentionPolicy
+    max_age_s: float
+    duplicate_window_s: float = 600.0
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec(subjects.STREAM_TASKS, WORK_QUEUE, 30 * DAY_S),
+    StreamSpec(subjects.STREAM_TRAJECTORIES, LIMITS, 7 * DAY_S),
+    StreamSpec(subjects.STREAM_GROUPS, LIMITS, 7 * DAY_S),
+    StreamSpec(subjects.STREAM_METRICS, LIMITS, 30 * DAY_S),
+    StreamSpec(subjects.STREAM_DLQ, LIMITS, 30 * DAY_S),
+)
+
+
+class Bus:
+    """A connection to NATS plus its JetStream context."""
+
+    def __init__(self, nc: NATS, settings: ServiceSettings) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout_s)
+        self.timeout = settings.request_timeout_s
+
+    @classmethod
+    async def connect(cls, settings: ServiceSettings, name: str) -> Bus:
+        """Connect, retrying while the server is not up yet (services may start before NATS)."""
+        servers = [s.strip() for s in settings.nats_url.split(",") if s.strip()]
+        last: Exception | None = None
+        for attempt in range(1, settings.nats_connect_attempts + 1):
+            try:
+                nc = await nats.connect(
+                    servers,
+                    name=name,
+                    connect_timeout=settings.nats_connect_timeout_s,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                )
+                return cls(nc, settings)
+            except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
+                last = exc
+                log.warning("nats connect failed", attempt=attempt, url=settings.nats_url, error=str(exc))
+                await asyncio.sleep(min(0.2 * attempt, 2.0))
+        raise ConnectionError(f"could not connect to NATS at {settings.nats_url}: {last}")
+
+    # --- topology --------------------------------------------------------------------
+
+    async def ensure_topology(self) -> None:
+        """Create every stream and bucket relayrl uses; safe to call from every service."""
+        for spec in STREAMS:
+            await self.ensure_stream(spec)
+        await self.kv(subjects.KV_POLICY, history=8)
+        await self.kv(subjects.KV_AGENTS, history=1)
+        await self.object_store(subjects.OBJ_WEIGHTS)
+
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        config = js_api.StreamConfig(
+            name=spec.name,
+            subjects=[subjects.STREAM_SUBJECTS[spec.name]],
+            retention=spec.retention,
+            storage=js_api.StorageType.FILE,
+            max_age=spec.max_age_s,
+            duplicate_window=spec.duplicate_window_s,
+        )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            # Exists with another config (e.g. an older max_age): bring it to ours.
+            await self.js.update_stream(config)
+
+    async def kv(self, bucket: str, history: int = 1) -> KeyValue:
+        try:
+            return await self.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                return await self.js.create_key_value(
+                    js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE)
+                )
+            except nats.js.errors.BadRequestError:  # another service created it first
+                return await self.js.key_value(bucket)
+
+    async def object_store(self, bucket: str) -> ObjectStore:
+        try:
+            return await self.js.object_store(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                return await self.js.create_object_store(
+                    bucket, js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE)
+                )
+            except nats.js.errors.BadRequestError:
+                return await self.js.object_store(bucket)
+
+    # --- publish ---------------------------------------------------------------------
+
+    async def publish(
+        self, subject: str, msg: Message, msg_id: str | None = None, headers: dict[str, str] | None = None
+    ) -> js_api.PubAck:
+        """Publish one message to a stream and wait for the server's ack (bounded by the timeout)."""
+        hdrs = telemetry.inject_headers(headers)
+        if msg_id is not None:
+            hdrs["Nats-Msg-Id"] = msg_id
+        return await self.js.publish(subject, msg.encode(), timeout=self.timeout, headers=hdrs)
+
+    async def publish_many(
+        self, items: Iterable[tuple[str, Message, str | None]], concurrency: int = 256
+    ) -> list[js_api.PubAck]:
+        """Publish many messages with bounded concurrency; raises if any publish failed.
+
+        `js.publish` (not `publish_async`): the async variant can hang when the server rejects
+        a message, so each publish waits for its own ack with a timeout.
+        """
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(subject: str, msg: Message, msg_id: str | None) -> js_api.PubAck:
+            async with sem:
+                return await self.publish(subject, msg, msg_id)
+
+        return list(await asyncio.gather(*(one(s, m, i) for s, m, i in items)))
+
+    async def dead_letter(self, stream: str, consumer: str, msg: Msg, reason: str) -> None:
+        meta = _metadata(msg)
+        letter = DeadLetter(
+            stream=stream,
+            subject=msg.subject,
+            consumer=consumer,
+            reason=reason[:4000],
+            data=msg.data,
+            headers={k: str(v) for k, v in (msg.headers or {}).items()},
+            delivered=meta.num_delivered if meta else 1,
+            stream_seq=meta.sequence.stream if meta else None,
+        )
+        msg_id = f"{stream}:{letter.stream_seq}" if letter.stream_seq is not None else None
+        await self.publish(subjects.dlq(stream), letter, msg_id)
+        log.warning("dead-lettered", stream=stream, subject=msg.subject, reason=letter.reason)
+
+    # --- request/reply ---------------------------------------------------------------
+
+    async def request(self, subject: str, msg: Message, timeout: float | None = None) -> Reply:
+        """Core NATS request expecting a `Reply`; raises TimeoutError when nobody answers."""
+        try:
+            resp = await self.nc.request(
+                subject, msg.encode(), timeout=timeout or self.timeout, headers=telemetry.inject_headers()
+            )
+        except nats.errors.NoRespondersError:
+            raise TimeoutError(f"no responders on {subject}") from None
+        except nats.errors.TimeoutError:
+            raise TimeoutError(f"request on {subject} timed out") from None
+        return Reply.decode(resp.data)
+
+    async def serve(
+        self, subject: str, queue: str, request_cls: type[M], handler: Callable[[M], Awaitable[Reply]]
+    ) -> Any:
+        """Answer requests on `subject` (queue group: replicas share); bad requests get a 400 reply."""
+
+        async def on_request(msg: Msg) -> None:
+            try:
+                req = request_cls.decode(msg.data)
+            except DecodeError as exc:
+                reply = Reply.fail(400, str(exc))
+            else:
+                try:
+                    with telemetry.span_from_headers(f"serve {subject}", msg.headers):
+                        reply = await handler(req)
+                except Exception as exc:  # a failing query must answer, not leave the caller hanging
+                    log.exception("request handler failed", subject=subject)
+                    reply = Reply.fail(500, f"{type(exc).__name__}: {exc}")
+            if msg.reply:
+                await msg.respond(reply.encode())
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_request)
+
+    async def close(self) -> None:
+        """Drain: finish in-flight callbacks and flush pending publishes, then disconnect."""
+        if self.nc.is_connected or self.nc.is_reconnecting:
+            try:
+                await asyncio.wait_for(self.nc.drain(), timeout=self.timeout)
+            except (asyncio.TimeoutError, nats.errors.Error):
+                await self.nc.close()
+
+
+def _metadata(msg: Msg) -> Any:
+    try:
+        return msg.metadata
+    except (nats.errors.NotJSMsgError, ValueError, AttributeError):
+        return None
+
+
+# --- consuming ---------------------------------------------------------------------------
+
+
+@dataclass
+class Delivery(Generic[M]):
+    """A decoded message plus what is needed to ack it or keep it alive."""
+
+    msg: Msg
+    value: M
+
+    @property
+    def delivered(self) -> int:
+        meta = _metadata(self.msg)
+        return meta.num_delivered if meta else 1
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.msg.headers or {})
+
+
+Handler = Callable[[list[Delivery[M]]], Awaitable[None]]
+
+
+class TransientError(Exception):
+    """Raised by a handler when the failure is outside the message (database down, timeout):
+    the messages are retried later and never counted toward poison."""
+
+
+@dataclass
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 10000
+    # Deliveries of one message before its handler failures make it poison (dead-lettered).
+    poison_after: int = 5
+    retry_delay_s: float = 1.0
+
+
+@dataclass
+class PullConsumer(Generic[M]):
+    """Fetch -> decode -> handle -> ack loop over one durable pull consumer.
+
+    `per_message=True` runs the handler on each message in its own task (long agent runs,
+    up to `max_in_flight` at once); otherwise the whole fetched batch goes to the handler at
+    once (bulk SQL writes), one batch at a time so effects are applied in order. While a
+    handler runs, every message it holds gets `in_progress()` so JetStream does not redeliver
+    work that is alive.
+    """
+
+    bus: Bus
+    spec: ConsumerSpec
+    model: type[M]
+    handler: Handler[M]
+    batch: int = 64
+    per_message: bool = False
+    max_in_flight: int = 64
+    fetch_timeout_s: float = 1.0
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _in_flight: int = 0
+    _freed: asyncio.Event = field(default_factory=asyncio.Event)
+    _batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def create(self) -> None:
+        await self.bus.js.add_consumer(
+            self.spec.stream,
+            js_api.ConsumerConfig(
+                durable_name=self.spec.durable,
+                filter_subject=self.spec.filter_subject,
+                ack_policy=js_api.AckPolicy.EXPLICIT,
+                ack_wait=self.spec.ack_wait_s,
+                max_deliver=-1,  # poison handling is ours: dead-letter with the reason
+                max_ack_pending=self.spec.max_ack_pending,
+                deliver_policy=js_api.DeliverPolicy.ALL,
+            ),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then wait for in-flight handlers (drain)."""
+        await self.create()
+        sub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        try:
+            while not stop.is_set():
+                free = self.max_in_flight - self._in_flight
+                if free <= 0:
+                    self._freed.clear()
+                    try:  # bounded wait so `stop` is noticed
+                        await asyncio.wait_for(self._freed.wait(), timeout=self.fetch_timeout_s)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                try:
+                    msgs = await sub.fetch(min(self.batch, free), timeout=self.fetch_timeout_s)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    break
+                except nats.errors.Error as exc:
+                    log.warning("fetch failed", durable=self.spec.durable, error=str(exc))
+                    await asyncio.sleep(0.5)
+                    continue
+                await self._dispatch(msgs)
+        finally:
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+
+    async def _dispatch(self, msgs: list[Msg]) -> None:
+        good: list[Delivery[M]] = []
+        for msg in msgs:
+            try:
+                good.append(Delivery(msg, self.model.decode(msg.data)))
+            except DecodeError as exc:
+                await self._dead_letter(msg, str(exc))
+        if not good:
+            return
+        self._in_flight += len(good)
+        for group in ([d] for d in good) if self.per_message else [good]:
+            task = asyncio.create_task(self._handle(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, deliveries: list[Delivery[M]]) -> None:
+        try:
+            if self.per_message:
+                await self._handle_with_retry(deliveries)
+            else:
+                async with self._batch_lock:
+                    await self._handle_with_retry(deliveries)
+        except Exception:  # acking/dead-lettering itself failed: JetStream redelivers after ack_wait
+            log.exception("delivery handling failed", durable=self.spec.durable)
+        finally:
+            self._in_flight -= len(deliveries)
+            self._freed.set()
+
+    async def _handle_with_retry(self, deliveries: list[Delivery[M]]) -> None:
+        try:
+            await self._call(deliveries)
+        except TransientError as exc:
+            log.warning("transient failure; will retry", durable=self.spec.durable, error=str(exc))
+            await asyncio.gather(*(d.msg.nak(delay=self.spec.retry_delay_s) for d in deliveries))
+            return
+        except Exception as exc:
+            if len(deliveries) == 1:
+                await self._failed(deliveries[0], exc)
+                return
+            # A batch failed: handle members alone so one poison message cannot block the rest.
+            log.warning("batch handler failed; isolating", durable=self.spec.durable, size=len(deliveries), error=str(exc))
+            for d in deliveries:
+                try:
+                    await self._call([d])
+                except TransientError:
+                    await d.msg.nak(delay=self.spec.retry_delay_s)
+                except Exception as one_exc:
+                    await self._failed(d, one_exc)
+                else:
+                    await d.msg.ack()
+            return
+        await asyncio.gather(*(d.msg.ack() for d in deliveries))
+
+    async def _call(self, deliveries: list[Delivery[M]]) -> None:
+        keepalive = asyncio.create_task(self._keep_alive(deliveries))
+        try:
+            await self.handler(deliveries)
+        finally:
+            keepalive.cancel()
+
+    async def _keep_alive(self, deliveries: list[Delivery[M]]) -> None:
+        period = max(self.spec.ack_wait_s / 3, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            for d in deliveries:
+                try:
+                    await d.msg.in_progress()
+                except nats.errors.Error:
+                    pass
+
+    async def _failed(self, delivery: Delivery[M], exc: Exception) -> None:
+        reason = f"handler failed {delivery.delivered}x: {type(exc).__name__}: {exc}"
+        if delivery.delivered >= self.spec.poison_after:
+            await self._dead_letter(delivery.msg, reason)
+        else:
+            log.warning("handler failed; will retry", durable=self.spec.durable, error=reason)
+            await delivery.msg.nak(delay=self.spec.retry_delay_s * delivery.delivered)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        await self.bus.dead_letter(self.spec.stream, self.spec.durable, msg, reason)
+        await msg.ack()
+
+
+async def wait_for_stop(stop: asyncio.Event, *tasks: Awaitable[Any]) -> None:
+    """Run `tasks` until `stop` is set or one of them ends; re-raise the first failure."""
+    running = [asyncio.ensure_future(t) for t in tasks]
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([*running, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    results = await asyncio.gather(*running, return_exceptions=True)
+    stopper.cancel()
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+            raise r
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set `stop` so the service drains instead of dying mid-write."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

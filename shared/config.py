@@ -1,0 +1,47 @@
+"""One settings model per service, read from the environment and from command-line flags.
+
+Every service subclasses `ServiceSettings`; `load(SettingsClass, argv)` parses
+`RELAYRL_*` environment variables and `--kebab-case` flags (flags win).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RELAYRL_",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="ignore",
+    )
+
+    nats_url: str = Field(
+        "nats://127.0.0.1:4222",
+        validation_alias=AliasChoices("NATS_URL", "nats_url"),
+        description="NATS server URL(s), comma separated",
+    )
+    nats_connect_timeout_s: float = 5.0
+    nats_connect_attempts: int = Field(30, ge=1)
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "info"
+    otlp_endpoint: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"),
+        description="OTLP/HTTP endpoint for traces; no export when unset",
+    )
+    request_timeout_s: float = Field(10.0, gt=0, description="timeout of every NATS request/publish")
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load(settings_cls: type[S], argv: list[str] | None = None) -> S:
+    """Build settings from env and `argv` flags (no flags parsed when argv is None)."""
+    if argv is None:
+        return settings_cls()
+    return settings_cls(_cli_parse_args=argv)

@@ -1,0 +1,310 @@
+"""Typed wire messages and their MessagePack encoding.
+
+Every message is a pydantic model with a `schema_version`. `encode()` packs it with
+MessagePack; `decode()` unpacks and validates, raising `DecodeError` with a reason a
+consumer can put in the dead-letter queue. Token ids, logprobs and per-token policy
+versions travel as packed little-endian arrays (`bytes`), never as Python lists: packing
+a numpy buffer is ~50x cheaper than a list of ints.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Self, Sequence
+
+import msgpack
+import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class DecodeError(ValueError):
+    """A payload that is not a valid message of the expected type; the text is the reason."""
+
+
+# --- packed arrays ---------------------------------------------------------------------
+
+_I32 = np.dtype("<i4")
+_F32 = np.dtype("<f4")
+
+
+def _check_packed(value: bytes) -> bytes:
+    if len(value) % 4:
+        raise ValueError(f"packed array length {len(value)} is not a multiple of 4 bytes")
+    return value
+
+
+Packed = Annotated[bytes, AfterValidator(_check_packed)]
+
+
+def pack_i32(values: Sequence[int] | np.ndarray) -> bytes:
+    return np.asarray(values, dtype=_I32).tobytes()
+
+
+def pack_f32(values: Sequence[float] | np.ndarray) -> bytes:
+    return np.asarray(values, dtype=_F32).tobytes()
+
+
+def unpack_i32(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=_I32)
+
+
+def unpack_f32(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=_F32)
+
+
+# --- base ------------------------------------------------------------------------------
+
+
+class Message(BaseModel):
+    """Base of every wire message: versioned, strict about unknown fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+
+    @model_validator(mode="after")
+    def _known_schema(self) -> Self:
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {self.schema_version} is not supported (this build speaks {SCHEMA_VERSION})"
+            )
+        return self
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.model_dump(), use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Self:
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise DecodeError(f"not MessagePack: {type(exc).__name__}: {exc}") from None
+        if not isinstance(obj, dict):
+            raise DecodeError(f"expected a map for {cls.__name__}, got {type(obj).__name__}")
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as exc:
+            raise DecodeError(f"invalid {cls.__name__}: {_short(exc)}") from None
+
+
+def _short(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+# --- tasks and rollouts ----------------------------------------------------------------
+
+
+class SamplingParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(32, ge=1, le=32768)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    seed: int | None = None
+
+
+class TaskSpec(BaseModel):
+    """One agent input: `group_size` rollouts of it form a GRPO group."""
+
+    model_config = ConfigDict(extra="forbid")
+    task_id: str = Field(min_length=1, max_length=128)
+    run_id: str
+    agent: str = Field(min_length=1, max_length=128)
+    input: dict[str, Any]
+    group_size: int = Field(1, ge=1, le=1024)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    timeout_s: float = Field(60.0, gt=0, le=86400)
+    created_at: float = Field(default_factory=time.time)
+
+    def group_id(self) -> str:
+        return self.task_id
+
+    def rollout_id(self, sample_index: int) -> str:
+        return f"{self.task_id}.{sample_index}"
+
+
+class RolloutRequest(Message):
+    """One task x sample index; published to TASKS."""
+
+    rollout_id: str
+    run_id: str
+    task_id: str
+    group_id: str
+    sample_index: int = Field(ge=0)
+    group_size: int = Field(ge=1)
+    agent: str
+    input: dict[str, Any]
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    timeout_s: float = Field(60.0, gt=0)
+    created_at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def for_task(cls, task: TaskSpec, sample_index: int) -> RolloutRequest:
+        return cls(
+            rollout_id=task.rollout_id(sample_index),
+            run_id=task.run_id,
+            task_id=task.task_id,
+            group_id=task.group_id(),
+            sample_index=sample_index,
+            group_size=task.group_size,
+            agent=task.agent,
+            input=task.input,
+            sampling=task.sampling,
+            timeout_s=task.timeout_s,
+        )
+
+
+class Transition(BaseModel):
+    """One LLM call: what the policy saw and what it sampled, token for token."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: str = "assistant"
+    prompt_ids: Packed = b""  # int32
+    response_ids: Packed = b""  # int32
+    response_logprobs: Packed = b""  # float32, one per response token
+    response_versions: Packed = b""  # int32, policy version that produced each response token
+    finish_reason: str = "stop"
+    latency_s: float = 0.0
+
+    @model_validator(mode="after")
+    def _aligned(self) -> Self:
+        n = len(self.response_ids)
+        if len(self.response_logprobs) != n or len(self.response_versions) != n:
+            raise ValueError(
+                "response_ids, response_logprobs and response_versions must have equal length "
+                f"(bytes: {n}, {len(self.response_logprobs)}, {len(self.response_versions)})"
+            )
+        return self
+
+
+class Reward(BaseModel):
+    """An intermediate reward, tied to a transition index or a named event."""
+
+    model_config = ConfigDict(extra="forbid")
+    value: float
+    transition: int | None = None
+    event: str | None = None
+
+
+TrajectoryStatus = Literal["ok", "error", "timeout"]
+
+
+class Trajectory(Message):
+    """What one rollout produced; published to TRAJECTORIES, stored by the store."""
+
+    rollout_id: str
+    run_id: str
+    task_id: str
+    group_id: str
+    sample_index: int = Field(ge=0)
+    group_size: int = Field(ge=1)
+    agent: str
+    status: TrajectoryStatus
+    error: str | None = None
+    reward: float
+    rewards: list[Reward] = Field(default_factory=list)
+    transitions: list[Transition] = Field(default_factory=list)
+    started_at: float
+    finished_at: float
+    worker_id: str
+    attempt: int = Field(1, ge=1)
+    trace_id: str | None = None
+
+    def msg_id(self) -> str:
+        return f"{self.rollout_id}:{self.attempt}"
+
+
+class Group(Message):
+    """All `group_size` members of a task, ok or failed; published to GROUPS."""
+
+    run_id: str
+    group_id: str
+    task_id: str
+    trajectories: list[Trajectory]
+    completed_at: float = Field(default_factory=time.time)
+
+
+class DeadLetter(Message):
+    """A message a consumer gave up on, with the reason; published to DLQ."""
+
+    stream: str
+    subject: str
+    consumer: str
+    reason: str
+    data: bytes
+    headers: dict[str, str] = Field(default_factory=dict)
+    delivered: int = 1
+    stream_seq: int | None = None
+    at: float = Field(default_factory=time.time)
+
+
+class AgentInfo(Message):
+    """A registered agent as advertised by a rollout worker (KV `relayrl-agents`)."""
+
+    name: str
+    description: str = ""
+    worker_id: str
+    registered_at: float = Field(default_factory=time.time)
+
+
+# --- store request/reply ---------------------------------------------------------------
+
+
+class PutTasks(Message):
+    tasks: list[TaskSpec]
+
+
+class GetById(Message):
+    id: str
+
+
+class Ping(Message):
+    pass
+
+
+class RolloutSummary(BaseModel):
+    rollout_id: str
+    sample_index: int
+    status: TrajectoryStatus
+    reward: float
+    attempt: int
+    worker_id: str
+    finished_at: float
+
+
+class TaskView(BaseModel):
+    task_id: str
+    run_id: str
+    agent: str
+    input: dict[str, Any]
+    group_size: int
+    created_at: float
+    status: Literal["pending", "running", "done"]
+    group_published: bool
+    rollouts: list[RolloutSummary]
+
+
+class Reply(Message):
+    """The store's answer to any request: `ok`, or an error with an HTTP-like code."""
+
+    ok: bool
+    code: int = 200
+    error: str | None = None
+    task: TaskView | None = None
+    trajectory: Trajectory | None = None
+    stored: int | None = None
+
+    @classmethod
+    def fail(cls, code: int, error: str) -> Reply:
+        return cls(ok=False, code=code, error=error)
+
+    @classmethod
+    def of(cls, **fields: Any) -> Reply:
+        return cls(ok=True, **fields)
+
