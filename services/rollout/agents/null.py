@@ -1,11 +1,13 @@
 """A synthetic agent that calls no model: it fabricates a trajectory of a requested size.
 
 Used by benchmarks to measure the pipeline itself. Input: `size_bytes` (approximate packed
-token payload, default 1024), `transitions` (default 1).
+token payload, default 1024), `transitions` (default 1), `sleep_s` (simulated agent work,
+default 0: lets tests kill a worker mid-task).
 """
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 
 import numpy as np
@@ -21,6 +23,8 @@ _BYTES_PER_RESPONSE_TOKEN = 12  # int32 id + float32 logprob + int32 version
 async def null_agent(ctx: AgentContext) -> float:
     size = int(ctx.input.get("size_bytes", 1024))
     count = max(1, int(ctx.input.get("transitions", 1)))
+    if sleep_s := float(ctx.input.get("sleep_s", 0)):
+        await asyncio.sleep(sleep_s)
     seed = zlib.crc32(ctx.request.rollout_id.encode())
     per_transition = max(1, size // count)
     prompt_len = max(1, per_transition // 4 // 4)  # a quarter of the bytes are prompt ids

@@ -1,0 +1,99 @@
+import math
+
+import msgpack
+import pytest
+
+from shared.messages import (
+    DecodeError,
+    Group,
+    RolloutRequest,
+    SamplingParams,
+    TaskSpec,
+    Trajectory,
+    Transition,
+    pack_f32,
+    pack_i32,
+    unpack_f32,
+    unpack_i32,
+)
+
+
+def make_trajectory(rollout_id: str = "t1.0", attempt: int = 1, n_tokens: int = 5) -> Trajectory:
+    return Trajectory(
+        rollout_id=rollout_id,
+        run_id="r",
+        task_id=rollout_id.split(".")[0],
+        group_id=rollout_id.split(".")[0],
+        sample_index=int(rollout_id.split(".")[1]),
+        group_size=2,
+        agent="copy",
+        status="ok",
+        reward=0.5,
+        transitions=[
+            Transition(
+                prompt_ids=pack_i32([1, 2, 3]),
+                response_ids=pack_i32(range(n_tokens)),
+                response_logprobs=pack_f32([-0.25] * n_tokens),
+                response_versions=pack_i32([7] * n_tokens),
+            )
+        ],
+        started_at=1.0,
+        finished_at=2.0,
+        worker_id="w",
+        attempt=attempt,
+    )
+
+
+def test_trajectory_roundtrip_keeps_packed_arrays():
+    t = make_trajectory()
+    back = Trajectory.decode(t.encode())
+    assert back == t
+    x = back.transitions[0]
+    assert unpack_i32(x.response_ids).tolist() == [0, 1, 2, 3, 4]
+    assert unpack_f32(x.response_logprobs).tolist() == [-0.25] * 5
+    assert unpack_i32(x.response_versions).tolist() == [7] * 5
+    # On the wire the arrays are MessagePack bin fields, not lists of numbers.
+    raw = msgpack.unpackb(t.encode())
+    assert isinstance(raw["transitions"][0]["response_ids"], bytes)
+
+
+def test_packing_is_little_endian():
+    assert pack_i32([1]) == b"\x01\x00\x00\x00"
+    assert unpack_f32(pack_f32([1.5])).tolist() == [1.5]
+
+
+def test_group_roundtrip():
+    g = Group(run_id="r", group_id="t1", task_id="t1", trajectories=[make_trajectory("t1.0"), make_trajectory("t1.1")])
+    assert Group.decode(g.encode()) == g
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"\xc1", "not MessagePack"),
+        (msgpack.packb([1, 2]), "expected a map"),
+        (msgpack.packb({"rollout_id": "x"}), "run_id: Field required"),
+        (msgpack.packb({**make_trajectory().model_dump(), "schema_version": 99}), "schema_version 99"),
+        (msgpack.packb({**make_trajectory().model_dump(), "surprise": 1}), "Extra inputs"),
+        (msgpack.packb({**make_trajectory().model_dump(), "status": "great"}), "status"),
+    ],
+)
+def test_decode_rejects_with_reason(payload, reason):
+    with pytest.raises(DecodeError, match=reason):
+        Trajectory.decode(payload)
+
+
+def test_misaligned_transition_is_rejected():
+    with pytest.raises(ValueError, match="equal length"):
+        Transition(response_ids=pack_i32([1, 2]), response_logprobs=pack_f32([0.0]), response_versions=pack_i32([0, 0]))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        Transition(prompt_ids=b"abc")
+
+
+def test_rollout_requests_for_a_task():
+    task = TaskSpec(task_id="abc", run_id="r1", agent="copy", input={"text": "hi"}, group_size=3,
+                    sampling=SamplingParams(temperature=0.7))
+    reqs = [RolloutRequest.for_task(task, i) for i in range(3)]
+    assert [r.rollout_id for r in reqs] == ["abc.0", "abc.1", "abc.2"]
+    assert all(r.group_id == "abc" and r.group_size == 3 and math.isclose(r.sampling.temperature, 0.7) for r in reqs)
+    assert RolloutRequest.decode(reqs[0].encode()) == reqs[0]
