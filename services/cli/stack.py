@@ -132,6 +132,7 @@ class Stack:
                 ["--port", str(port), "--model", c.model, "--model-dir", str(self.state_dir / "models")],
                 ready_url=f"{url}/readyz",
             )
+        # With no inference replica, workers run model-free agents only (e.g. `null`).
         store_args = ["--database-url", c.database_url or f"sqlite+aiosqlite:///{self.state_dir / 'relayrl.db'}"]
         self.add("store", "services.store", store_args, ready_line="store ready")
         # Store and inference first: gateway readiness needs the store; rollouts need inference.

@@ -1,0 +1,96 @@
+"""End to end through the real processes: nats-server, gateway, rollout workers, store, inference."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterator
+
+import msgpack
+import pytest
+
+from services.cli.client import GatewayClient
+from services.cli.stack import Stack, StackConfig
+
+pytestmark = pytest.mark.e2e
+
+
+def start_stack(tmp_path: Path, **kw) -> Stack:  # type: ignore[no-untyped-def]
+    return Stack(StackConfig(state_dir=tmp_path / "stack", gateway_port=0, log_format="console", **kw)).start()
+
+
+def stored_rollouts(stack: Stack) -> list[tuple[str, int, str]]:
+    with sqlite3.connect(stack.state_dir / "relayrl.db") as db:
+        return db.execute("SELECT rollout_id, attempt, worker_id FROM rollouts").fetchall()
+
+
+@pytest.fixture
+def null_stack(tmp_path: Path) -> Iterator[Stack]:
+    """Three rollout replicas and no inference: the null agent needs no model."""
+    stack = start_stack(tmp_path, rollout_replicas=3, inference_replicas=0, rollout_ack_wait_s=3.0)
+    yield stack
+    stack.stop()
+
+
+def test_three_replicas_share_300_requests_exactly_once(null_stack: Stack):
+    client = GatewayClient(null_stack.gateway_url)
+    accepted = client.submit([{"agent": "null", "input": {"size_bytes": 512}, "group_size": 3} for _ in range(100)])
+    views = client.wait([t["task_id"] for t in accepted], timeout_s=120)
+    assert all(v["status"] == "done" and len(v["rollouts"]) == 3 for v in views.values())
+    rows = stored_rollouts(null_stack)
+    ids = [r[0] for r in rows]
+    assert len(ids) == 300 and len(set(ids)) == 300
+    expected = {rid for t in accepted for rid in t["rollout_ids"]}
+    assert set(ids) == expected
+    workers = {r[2] for r in rows}
+    assert workers == {"rollout-1", "rollout-2", "rollout-3"}, "all replicas should take a share"
+    assert all(r[1] == 1 for r in rows)  # nobody died: first attempts only
+
+
+def test_worker_killed_mid_task_is_redelivered_and_completes_once(null_stack: Stack):
+    client = GatewayClient(null_stack.gateway_url)
+    # Stop two replicas so the long task surely lands on the one we kill.
+    for name in ("rollout-2", "rollout-3"):
+        null_stack.service(name).signal(signal.SIGTERM)
+        assert null_stack.service(name).wait(30)
+    (task,) = client.submit([{"agent": "null", "input": {"sleep_s": 2.0}, "task_id": "slow"}])
+    victim = null_stack.service("rollout-1")
+    deadline = time.monotonic() + 20
+    while b"slow" not in victim.log_path.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.signal(signal.SIGKILL)  # mid-task: it sleeps 2 s before publishing
+    victim.wait(10)
+    assert client.task("slow")["status"] == "pending"
+    null_stack.add_rollout("rollout-4")
+    view = client.wait(["slow"], timeout_s=60)["slow"]
+    assert view["status"] == "done"
+    (rollout,) = view["rollouts"]
+    assert rollout["attempt"] == 2 and rollout["worker_id"] == "rollout-4"
+    assert [r[0] for r in stored_rollouts(null_stack)] == ["slow.0"]
+
+
+def test_malformed_rollout_request_is_dead_lettered_and_workers_keep_serving(null_stack: Stack):
+    import asyncio
+
+    import nats
+
+    async def publish_garbage() -> None:
+        nc = await nats.connect(null_stack.nats_url)
+        js = nc.jetstream()
+        await js.publish("relayrl.tasks.default", msgpack.packb({"rollout_id": 1}))
+        await nc.close()
+
+    asyncio.run(publish_garbage())
+    client = GatewayClient(null_stack.gateway_url)
+    (task,) = client.submit([{"agent": "null", "input": {}, "task_id": "after-garbage"}])
+    assert client.wait(["after-garbage"], timeout_s=60)["after-garbage"]["status"] == "done"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with sqlite3.connect(null_stack.state_dir / "relayrl.db") as db:
+            rows = db.execute("SELECT stream, reason FROM dead_letters").fetchall()
+        if rows:
+            break
+        time.sleep(0.1)
+    assert rows and rows[0][0] == "TASKS" and "invalid RolloutRequest" in rows[0][1]
