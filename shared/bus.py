@@ -290,6 +290,9 @@ class PullConsumer(Generic[M]):
     _in_flight: int = 0
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
     _batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Deliveries whose handler is running (kept alive with in_progress()); ids of the live ones.
+    _held: list[Delivery[M]] = field(default_factory=list)
+    _alive: set[int] = field(default_factory=set)
 
     async def create(self) -> None:
         await self.bus.js.add_consumer(
@@ -309,6 +312,7 @@ class PullConsumer(Generic[M]):
         """Consume until `stop` is set, then wait for in-flight handlers (drain)."""
         await self.create()
         sub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        keepalive = asyncio.create_task(self._keep_alive())
         try:
             while not stop.is_set():
                 free = self.max_in_flight - self._in_flight
@@ -333,6 +337,7 @@ class PullConsumer(Generic[M]):
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            keepalive.cancel()
             try:
                 await sub.unsubscribe()
             except nats.errors.Error:
@@ -392,17 +397,22 @@ class PullConsumer(Generic[M]):
         await asyncio.gather(*(d.msg.ack() for d in deliveries))
 
     async def _call(self, deliveries: list[Delivery[M]]) -> None:
-        keepalive = asyncio.create_task(self._keep_alive(deliveries))
+        self._alive.update(id(d) for d in deliveries)
+        self._held.extend(deliveries)
         try:
             await self.handler(deliveries)
         finally:
-            keepalive.cancel()
+            self._alive.difference_update(id(d) for d in deliveries)
 
-    async def _keep_alive(self, deliveries: list[Delivery[M]]) -> None:
+    async def _keep_alive(self) -> None:
+        """One loop for all held messages: `in_progress()` every ack_wait/3 while a handler runs.
+
+        Runs until `run()` cancels it, after the last handler finished."""
         period = max(self.spec.ack_wait_s / 3, 0.05)
         while True:
             await asyncio.sleep(period)
-            for d in deliveries:
+            self._held = [d for d in self._held if id(d) in self._alive]
+            for d in self._held:
                 try:
                     await d.msg.in_progress()
                 except nats.errors.Error:

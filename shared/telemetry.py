@@ -31,6 +31,8 @@ def setup(service: str, settings: ServiceSettings) -> structlog.stdlib.BoundLogg
         _setup_logging(settings.log_format, settings.log_level)
         _setup_tracing(service, settings.otlp_endpoint)
         _configured = True
+        global _tracer
+        _tracer = None  # re-resolve against the provider just installed
     return structlog.get_logger(service).bind(service=service)
 
 
@@ -73,8 +75,15 @@ def _setup_tracing(service: str, endpoint: str | None) -> None:
     trace.set_tracer_provider(provider)
 
 
+_tracer: trace.Tracer | None = None
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("relayrl")
+    # Cached: get_tracer() compares instrumentation scopes on every call (hot in per-message paths).
+    global _tracer
+    if _tracer is None:
+        _tracer = trace.get_tracer("relayrl")
+    return _tracer
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sqlite3
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import msgpack
+import nats
 import pytest
 
 from services.cli.client import GatewayClient
@@ -24,6 +26,15 @@ def start_stack(tmp_path: Path, **kw) -> Stack:  # type: ignore[no-untyped-def]
 def stored_rollouts(stack: Stack) -> list[tuple[str, int, str]]:
     with sqlite3.connect(stack.state_dir / "relayrl.db") as db:
         return db.execute("SELECT rollout_id, attempt, worker_id FROM rollouts").fetchall()
+
+
+async def rollout_acks_pending(stack: Stack) -> int:
+    nc = await nats.connect(stack.nats_url)
+    try:
+        info = await nc.jetstream().consumer_info("TASKS", "rollout")
+        return info.num_ack_pending
+    finally:
+        await nc.close()
 
 
 @pytest.fixture
@@ -58,8 +69,8 @@ def test_worker_killed_mid_task_is_redelivered_and_completes_once(null_stack: St
     (task,) = client.submit([{"agent": "null", "input": {"sleep_s": 2.0}, "task_id": "slow"}])
     victim = null_stack.service("rollout-1")
     deadline = time.monotonic() + 20
-    while b"slow" not in victim.log_path.read_bytes() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while asyncio.run(rollout_acks_pending(null_stack)) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # wait until a worker holds the task
     victim.signal(signal.SIGKILL)  # mid-task: it sleeps 2 s before publishing
     victim.wait(10)
     assert client.task("slow")["status"] == "pending"
@@ -72,10 +83,6 @@ def test_worker_killed_mid_task_is_redelivered_and_completes_once(null_stack: St
 
 
 def test_malformed_rollout_request_is_dead_lettered_and_workers_keep_serving(null_stack: Stack):
-    import asyncio
-
-    import nats
-
     async def publish_garbage() -> None:
         nc = await nats.connect(null_stack.nats_url)
         js = nc.jetstream()

@@ -39,7 +39,7 @@ class Worker:
         (delivery,) = batch  # per-message consumer
         req = delivery.value
         structlog.contextvars.bind_contextvars(run_id=req.run_id, rollout_id=req.rollout_id)
-        log.info("rollout started", agent=req.agent, attempt=delivery.delivered)
+        log.debug("rollout started", agent=req.agent, attempt=delivery.delivered)
         try:
             with telemetry.span_from_headers("rollout", delivery.headers, rollout_id=req.rollout_id, agent=req.agent):
                 traj = await self.run_rollout(req, delivery.delivered)
