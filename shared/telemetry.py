@@ -22,6 +22,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from shared.config import ServiceSettings
 
 _configured = False
+_exporting = False  # spans are only worth creating when something exports them
 
 
 def setup(service: str, settings: ServiceSettings) -> structlog.stdlib.BoundLogger:
@@ -31,8 +32,9 @@ def setup(service: str, settings: ServiceSettings) -> structlog.stdlib.BoundLogg
         _setup_logging(settings.log_format, settings.log_level)
         _setup_tracing(service, settings.otlp_endpoint)
         _configured = True
-        global _tracer
+        global _tracer, _exporting
         _tracer = None  # re-resolve against the provider just installed
+        _exporting = bool(settings.otlp_endpoint)
     return structlog.get_logger(service).bind(service=service)
 
 
@@ -95,12 +97,19 @@ def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
 
 @contextmanager
 def span_from_headers(name: str, headers: Mapping[str, str] | None, **attributes: Any) -> Iterator[trace.Span]:
-    """Start a span that continues the trace whose context rides in NATS `headers`."""
+    """Continue the trace whose context rides in NATS `headers`.
+
+    With an exporter configured this starts a child span; without one it only attaches the
+    incoming context (a fraction of the cost per message) so logs and trajectories still
+    carry the trace id that the gateway started."""
     ctx = propagate.extract(dict(headers or {}))
     token = otel_context.attach(ctx)
     try:
-        with tracer().start_as_current_span(name, attributes=attributes) as span:
-            yield span
+        if _exporting:
+            with tracer().start_as_current_span(name, attributes=attributes) as span:
+                yield span
+        else:
+            yield trace.get_current_span()
     finally:
         otel_context.detach(token)
 

@@ -47,7 +47,7 @@ class Worker:
         finally:
             structlog.contextvars.unbind_contextvars("run_id", "rollout_id")
         self.completed += 1
-        log.info("rollout done", status=traj.status, reward=traj.reward, attempt=traj.attempt, error=traj.error)
+        log.debug("rollout done", status=traj.status, reward=traj.reward, attempt=traj.attempt, error=traj.error)
 
     async def run_rollout(self, req: RolloutRequest, attempt: int) -> Trajectory:
         started = time.time()
@@ -109,6 +109,20 @@ class Worker:
             max_in_flight=self.settings.concurrency,
         )
 
+    async def report(self, stop: asyncio.Event, every_s: float = 10.0) -> None:
+        """One info line per period instead of one per rollout (thousands per second)."""
+        last, last_t = self.completed, time.monotonic()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=every_s)
+            except asyncio.TimeoutError:
+                pass
+            now = time.monotonic()
+            if self.completed != last:
+                rate = (self.completed - last) / (now - last_t)
+                log.info("rollouts completed", total=self.completed, per_s=round(rate, 1))
+            last, last_t = self.completed, now
+
     async def run(self, stop: asyncio.Event) -> None:
         await self.register_agents()
-        await wait_for_stop(stop, self.consumer().run(stop))
+        await wait_for_stop(stop, self.consumer().run(stop), self.report(stop))
