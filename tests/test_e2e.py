@@ -101,3 +101,35 @@ def test_malformed_rollout_request_is_dead_lettered_and_workers_keep_serving(nul
             break
         time.sleep(0.1)
     assert rows and rows[0][0] == "TASKS" and "invalid RolloutRequest" in rows[0][1]
+
+
+@pytest.fixture
+def model_stack(tmp_path: Path) -> Iterator[Stack]:
+    """The whole pipeline with the tiny model: gateway, 2 rollout workers, store, inference."""
+    stack = start_stack(tmp_path, rollout_replicas=2, inference_replicas=1)
+    yield stack
+    stack.stop()
+
+
+def test_twenty_tasks_over_http_come_back_with_tokens_logprobs_versions_rewards(model_stack: Stack):
+    client = GatewayClient(model_stack.gateway_url)
+    words = ["apple", "river", "stone", "cloud", "maple", "ember", "frost", "grain", "heron", "ivory",
+             "jewel", "koala", "lemon", "mango", "noble", "ocean", "pearl", "quilt", "raven", "solar"]
+    accepted = client.submit(
+        [{"agent": "copy", "input": {"text": w}, "sampling": {"max_tokens": 8, "seed": i}} for i, w in enumerate(words)]
+    )
+    assert len(accepted) == 20
+    views = client.wait([t["task_id"] for t in accepted], timeout_s=240)
+    rollout_ids = [r["rollout_id"] for v in views.values() for r in v["rollouts"]]
+    assert len(rollout_ids) == 20
+    for rid in rollout_ids:
+        t = client.rollout(rid)
+        assert t["status"] == "ok", t["error"]
+        assert 0.0 <= t["reward"] <= 1.0
+        assert t["trace_id"] and len(t["trace_id"]) == 32
+        (x,) = t["transitions"]
+        assert len(x["prompt_ids"]) > 0 and len(x["response_ids"]) > 0
+        assert len(x["response_logprobs"]) == len(x["response_ids"]) == len(x["response_versions"])
+        assert all(lp <= 0.0 for lp in x["response_logprobs"])
+        assert set(x["response_versions"]) == {0}
+        assert x["finish_reason"] in ("stop", "length")
