@@ -1,0 +1,1 @@
+"""OpenAI-compatible inference service with a batching torch engine (`python -m services.inference`)."""

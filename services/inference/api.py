@@ -1,0 +1,395 @@
+"""FastAPI app: health, models, stats and the OpenAI-compatible completion endpoints.
+
+The model loads in a background thread after startup, so `/healthz` answers at once and
+`/readyz` turns 200 only when the engine is serving. Every response carries the token ids
+exactly as sampled, a logprob and a policy version per token, which is what an RL trainer
+needs and what re-tokenizing text can never give back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import structlog
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from services.inference.engine import (
+    EngineUnavailable,
+    Generation,
+    InvalidRequest,
+    TorchEngine,
+    check_engine_kind,
+    load_engine,
+)
+from services.inference.sampling import SamplingConfig
+from services.inference.schemas import ChatCompletionRequest, CompletionRequest, _Common
+from services.inference.settings import Settings
+from services.inference.text import TokenTexts
+
+# Unbound lazy logger: binding at import would freeze structlog's config before telemetry.setup.
+log = structlog.get_logger("inference.api")
+
+MAX_CHOICES = 256
+
+
+class Runtime:
+    """What the endpoints need: the engine once loaded, or why it is not."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.served_name = settings.served_model_name or settings.model
+        self.engine: TorchEngine | None = None
+        self.texts: TokenTexts | None = None
+        self.model_path: Path | None = None
+        self.error: str | None = None
+        self.created = int(time.time())
+
+    def load(self) -> None:
+        s = self.settings
+        try:
+            check_engine_kind(s.engine)
+            engine, path = load_engine(
+                s.model,
+                model_dir=s.model_dir,
+                device=s.device,
+                dtype=s.dtype,
+                max_batch_size=s.max_batch_size,
+                batch_wait_s=s.batch_wait_ms / 1000.0,
+                max_model_len=s.max_model_len,
+                version=s.initial_version,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported by /healthz and /readyz
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("model load failed", model=s.model)
+            return
+        self.texts = TokenTexts(engine.tokenizer)
+        self.model_path = path
+        self.engine = engine
+
+    def ready_engine(self) -> TorchEngine:
+        if self.engine is None:
+            raise EngineUnavailable(self.error or "the model is still loading")
+        return self.engine
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings)
+        app.state.runtime = runtime
+        loading = asyncio.create_task(asyncio.to_thread(runtime.load))
+        try:
+            yield
+        finally:
+            # uvicorn has already drained in-flight HTTP requests; now let the worker end.
+            await asyncio.wait({loading}, timeout=settings.graceful_timeout_s)
+            if runtime.engine is not None:
+                await asyncio.to_thread(runtime.engine.stop, settings.graceful_timeout_s)
+
+    app = FastAPI(title="relayrl inference", version="0.1.0", lifespan=lifespan)
+    app.include_router(_health_router())
+    app.include_router(_openai_router())
+    _install_error_handlers(app)
+    return app
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    # OpenAI's error shape, which OpenAI SDKs turn into readable exceptions.
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:5]:
+            loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+            parts.append(f"{loc}: {err.get('msg')}")
+        return _error(400, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(InvalidRequest)
+    async def _bad(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return _error(400, str(exc))
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
+        return _error(503, str(exc), "service_unavailable")
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
+
+
+# --- health, models, stats -------------------------------------------------------------------
+
+
+def _health_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz(request: Request) -> JSONResponse:
+        rt = _runtime(request)
+        failed = rt.error or (rt.engine is not None and not rt.engine.alive and f"engine stopped: {rt.engine.error}")
+        if failed:
+            return JSONResponse({"status": "failed", "error": failed}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        rt = _runtime(request)
+        if rt.engine is not None and rt.engine.alive:
+            return JSONResponse({"status": "ready", "model": rt.served_name, "policy_version": rt.engine.version})
+        status = "failed" if rt.error or rt.engine is not None else "loading"
+        return JSONResponse({"status": status, "error": rt.error}, status_code=503)
+
+    return router
+
+
+def _openai_router() -> APIRouter:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/models")
+    async def models(request: Request) -> dict[str, Any]:
+        rt = _runtime(request)
+        engine = rt.ready_engine()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": rt.served_name,
+                    "object": "model",
+                    "created": rt.created,
+                    "owned_by": "relayrl",
+                    "root": str(rt.model_path),
+                    "max_model_len": engine.max_model_len,
+                    "policy_version": engine.version,
+                }
+            ],
+        }
+
+    @router.get("/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        engine = _runtime(request).ready_engine()
+        return {
+            "policy_version": engine.version,
+            "active_rows": engine.active_rows,
+            "max_batch_size": engine.max_batch_size,
+            **engine.stats.snapshot(),
+        }
+
+    @router.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> dict[str, Any]:
+        return await _completions(_runtime(request), body)
+
+    @router.post("/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+        return await _chat(_runtime(request), body)
+
+    return router
+
+
+# --- completions -------------------------------------------------------------------------------
+
+
+async def _completions(rt: Runtime, req: CompletionRequest) -> dict[str, Any]:
+    engine = rt.ready_engine()
+    _reject_unsupported(req)
+    if req.echo:
+        raise InvalidRequest("echo is not supported")
+    prompts = _completion_prompts(engine, req.prompt)
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise InvalidRequest(f"at most {MAX_CHOICES} choices per request (prompts x n)")
+    jobs = []
+    for ids in prompts:
+        budget = req.max_tokens if req.max_tokens is not None else engine.max_model_len - len(ids)
+        for i in range(req.n):
+            cfg = _sampling(req, max(budget, 1), top_logprobs=req.logprobs or 0, choice=i)
+            engine.validate(ids, cfg)
+            jobs.append((ids, cfg))
+    gens = await _generate_all(engine, jobs)
+    assert rt.texts is not None
+    choices = []
+    for index, gen in enumerate(gens):
+        choice: dict[str, Any] = {
+            "index": index,
+            "text": gen.text,
+            "finish_reason": gen.finish_reason,
+            "logprobs": _completion_logprobs(rt.texts, gen) if req.logprobs is not None else None,
+            "token_versions": gen.versions,
+        }
+        if req.return_token_ids:
+            choice["token_ids"] = gen.token_ids
+            choice["prompt_token_ids"] = gen.prompt_ids
+        choices.append(choice)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": rt.served_name,
+        "choices": choices,
+        "usage": _usage(prompts, gens),
+        "policy_version": _policy_version(engine, gens),
+    }
+
+
+def _completion_prompts(engine: TorchEngine, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+    tokenizer = engine.tokenizer
+    if isinstance(prompt, str):
+        return [tokenizer(prompt)["input_ids"]]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+
+
+def _completion_logprobs(texts: TokenTexts, gen: Generation) -> dict[str, Any]:
+    tokens = [texts.text(t) for t in gen.token_ids]
+    offsets, at = [], 0
+    for tok in tokens:
+        offsets.append(at)
+        at += len(tok)
+    top: list[dict[str, float]] = []
+    for i, tid in enumerate(gen.token_ids):
+        alts = {texts.text(a): lp for a, lp in gen.top_logprobs[i]} if gen.top_logprobs else {}
+        alts.setdefault(tokens[i], gen.logprobs[i])
+        top.append(alts)
+    return {"tokens": tokens, "token_logprobs": gen.logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+# --- chat --------------------------------------------------------------------------------------
+
+
+async def _chat(rt: Runtime, req: ChatCompletionRequest) -> dict[str, Any]:
+    engine = rt.ready_engine()
+    _reject_unsupported(req)
+    prompt_ids = _chat_prompt(engine, req)
+    budget = req.token_budget()
+    if budget is None:
+        budget = max(engine.max_model_len - len(prompt_ids), 1)
+    top_k = (req.top_logprobs or 0) if req.logprobs else 0
+    jobs = []
+    for i in range(req.n):
+        cfg = _sampling(req, budget, top_logprobs=top_k, choice=i)
+        engine.validate(prompt_ids, cfg)
+        jobs.append((prompt_ids, cfg))
+    gens = await _generate_all(engine, jobs)
+    assert rt.texts is not None
+    choices = []
+    for index, gen in enumerate(gens):
+        choice: dict[str, Any] = {
+            "index": index,
+            "message": {"role": "assistant", "content": gen.text},
+            "finish_reason": gen.finish_reason,
+            "logprobs": {"content": _chat_logprobs(rt.texts, gen)} if req.logprobs else None,
+            "token_versions": gen.versions,
+        }
+        if req.return_token_ids:
+            choice["token_ids"] = gen.token_ids
+        choices.append(choice)
+    response: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": rt.served_name,
+        "choices": choices,
+        "usage": _usage([prompt_ids], gens),
+        "policy_version": _policy_version(engine, gens),
+    }
+    if req.return_token_ids:
+        response["prompt_token_ids"] = prompt_ids
+    return response
+
+
+def _chat_prompt(engine: TorchEngine, req: ChatCompletionRequest) -> list[int]:
+    """Render with the checkpoint's own chat template, then tokenize without extra specials
+    (the template already wrote any BOS it wants)."""
+    tokenizer = engine.tokenizer
+    try:
+        messages = [m.for_template() for m in req.messages]
+        text = tokenizer.apply_chat_template(
+            messages,
+            tools=req.tools,
+            add_generation_prompt=req.add_generation_prompt,
+            tokenize=False,
+            **(req.chat_template_kwargs or {}),
+        )
+    except (ValueError, TypeError, KeyError, jinja2.TemplateError) as exc:
+        raise InvalidRequest(f"cannot apply the chat template: {exc}") from None
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _chat_logprobs(texts: TokenTexts, gen: Generation) -> list[dict[str, Any]]:
+    content = []
+    for i, tid in enumerate(gen.token_ids):
+        alts = gen.top_logprobs[i] if gen.top_logprobs else []
+        content.append(
+            {
+                "token": texts.text(tid),
+                "logprob": gen.logprobs[i],
+                "bytes": texts.bytes(tid),
+                "top_logprobs": [{"token": texts.text(a), "logprob": lp, "bytes": texts.bytes(a)} for a, lp in alts],
+            }
+        )
+    return content
+
+
+# --- shared --------------------------------------------------------------------------------------
+
+
+def _reject_unsupported(req: _Common) -> None:
+    if req.stream:
+        raise InvalidRequest("stream=true is not supported by this server; send stream=false")
+
+
+def _sampling(req: _Common, max_tokens: int, *, top_logprobs: int, choice: int) -> SamplingConfig:
+    return SamplingConfig(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=req.stop_list(),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        # n > 1 with a seed: choice i uses seed + i, so each choice is reproducible alone.
+        seed=None if req.seed is None else req.seed + choice,
+        top_logprobs=top_logprobs,
+        ignore_eos=req.ignore_eos,
+    )
+
+
+async def _generate_all(engine: TorchEngine, jobs: list[tuple[list[int], SamplingConfig]]) -> list[Generation]:
+    # A TaskGroup cancels the siblings if one fails, so no orphaned rows keep decoding.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(engine.generate(ids, cfg)) for ids, cfg in jobs]
+    except ExceptionGroup as group_error:
+        raise group_error.exceptions[0] from None  # so the error handlers see the real error
+    return [t.result() for t in tasks]
+
+
+def _usage(prompts: list[list[int]], gens: list[Generation]) -> dict[str, int]:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(len(g.token_ids) for g in gens)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _policy_version(engine: TorchEngine, gens: list[Generation]) -> int:
+    return max((g.policy_version for g in gens), default=engine.version)

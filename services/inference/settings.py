@@ -1,0 +1,28 @@
+"""Settings of the inference service (`RELAYRL_*` env vars or `--kebab-case` flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from shared.config import ServiceSettings
+from shared.models import default_model_dir
+
+
+class Settings(ServiceSettings):
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    model: str = Field("tiny", description="'tiny' (built on first use) or a local Hugging Face checkpoint directory")
+    model_dir: Path = Field(default_factory=default_model_dir, description="where 'tiny' is created and cached")
+    served_model_name: str | None = Field(None, description="name reported by /v1/models; default: --model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    engine: Literal["torch", "vllm"] = "torch"
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long an idle engine waits to batch peers")
+    max_model_len: int | None = Field(None, ge=2, description="context limit; default: the model's")
+    initial_version: int = Field(0, ge=0, description="policy version of the weights loaded at start")
+    run_id: str = "default"
+    graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight requests")
