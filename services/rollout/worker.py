@@ -84,8 +84,9 @@ class Worker:
         if spec is None:
             return "error", fill, f"unknown agent {req.agent!r} on worker {self.settings.worker_id}"
         try:
-            value = await asyncio.wait_for(spec.fn(ctx), timeout=req.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(req.timeout_s):  # unlike wait_for, no extra task per rollout
+                value = await spec.fn(ctx)
+        except TimeoutError:
             return "timeout", fill, f"agent exceeded its timeout of {req.timeout_s}s"
         except Exception as exc:  # the agent's failure is data, not a worker crash
             return "error", fill, f"{type(exc).__name__}: {exc}"[:2000]

@@ -1,0 +1,122 @@
+"""The rollout worker in-process against a real nats-server: failures become data, never crashes."""
+
+import asyncio
+import math
+from typing import AsyncIterator
+
+import httpx
+import pytest
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config import ServiceSettings
+from shared.messages import AgentInfo, RolloutRequest, Trajectory
+from services.rollout import registry
+from services.rollout.agents.copy_task import copy_reward
+from services.rollout.context import AgentContext
+from services.rollout.settings import RolloutSettings
+from services.rollout.worker import Worker
+from tests.conftest import wait_until
+
+
+@registry.agent("test-raises")
+async def raises(ctx: AgentContext) -> float:
+    raise RuntimeError("tool exploded")
+
+
+@registry.agent("test-hangs")
+async def hangs(ctx: AgentContext) -> float:
+    await asyncio.sleep(60)
+    return 1.0
+
+
+@registry.agent("test-nan")
+async def nan(ctx: AgentContext) -> float:
+    return math.nan
+
+
+@registry.agent("test-string")
+async def string(ctx: AgentContext) -> float:
+    return "very good"  # type: ignore[return-value]
+
+
+@registry.agent("test-rewards")
+async def rewards(ctx: AgentContext) -> float:
+    ctx.reward(0.3, event="tool_success")
+    return 0.75
+
+
+@pytest.fixture
+async def worker(settings: ServiceSettings) -> AsyncIterator[Worker]:
+    registry.load_builtin_and()
+    ws = RolloutSettings(nats_url=settings.nats_url, worker_id="w-test", inference_urls="", failure_reward=-1.0)
+    bus = await Bus.connect(ws, "rollout")
+    await bus.ensure_topology()
+    async with httpx.AsyncClient() as http:
+        w = Worker(bus, ws, http)
+        stop = asyncio.Event()
+        task = asyncio.create_task(w.run(stop))
+        yield w
+        stop.set()
+        await task
+    await bus.close()
+
+
+async def run_one(bus: Bus, agent: str, timeout_s: float = 5.0, rollout_id: str = "t.0") -> Trajectory:
+    req = RolloutRequest(rollout_id=rollout_id, run_id="r", task_id="t", group_id="t", sample_index=0, group_size=1,
+                         agent=agent, input={}, timeout_s=timeout_s)
+    await bus.publish(subjects.tasks("r"), req, req.rollout_id)
+    sub = await bus.js.pull_subscribe(subjects.trajectories("r"), stream=subjects.STREAM_TRAJECTORIES)
+    try:
+        while True:  # earlier tests' trajectories are in the stream too: find ours
+            for msg in await sub.fetch(1, timeout=15):
+                t = Trajectory.decode(msg.data)
+                if t.rollout_id == rollout_id:
+                    return t
+    finally:
+        await sub.unsubscribe()
+
+
+@pytest.mark.parametrize(
+    "agent, status, reason",
+    [
+        ("test-raises", "error", "RuntimeError: tool exploded"),
+        ("test-nan", "error", "non-finite or non-numeric"),
+        ("test-string", "error", "non-finite or non-numeric"),
+        ("test-hangs", "timeout", "timeout of 0.5s"),
+    ],
+)
+async def test_agent_failures_become_failed_trajectories(worker: Worker, bus: Bus, agent, status, reason):
+    t = await run_one(bus, agent, timeout_s=0.5)
+    assert t.status == status and reason in t.error
+    assert t.reward == -1.0  # the configured failure reward
+    assert t.worker_id == "w-test" and t.attempt == 1
+    # The worker keeps serving after a failure.
+    ok = await run_one(bus, "null", rollout_id="t.1")
+    assert ok.status == "ok"
+
+
+async def test_intermediate_rewards_are_recorded(worker: Worker, bus: Bus):
+    t = await run_one(bus, "test-rewards")
+    assert t.status == "ok" and t.reward == 0.75
+    assert [(r.value, r.event) for r in t.rewards] == [(0.3, "tool_success")]
+
+
+async def test_worker_advertises_its_agents(worker: Worker, bus: Bus):
+    kv = await bus.kv(subjects.KV_AGENTS)
+
+    async def registered() -> bool:
+        try:
+            return AgentInfo.decode((await kv.get("null")).value).worker_id == "w-test"
+        except Exception:
+            return False
+
+    await wait_until(registered)
+
+
+def test_copy_reward():
+    assert copy_reward("abc", "abc") == 1.0
+    assert copy_reward("abc", " abc \n") == 1.0
+    assert copy_reward("abc", "abx") == pytest.approx(2 / 3)
+    assert copy_reward("abc", "abcdef") == pytest.approx(0.5)  # trailing text costs
+    assert copy_reward("abc", "") == 0.0
