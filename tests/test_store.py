@@ -144,3 +144,13 @@ async def test_malformed_trajectory_is_dead_lettered_and_persisted(store: Runnin
     async with store.store.repo.sessions() as s:
         row = (await s.execute(select(DeadLetterRow))).scalar_one()
     assert row.stream == "TRAJECTORIES" and "invalid Trajectory" in row.reason
+
+
+async def test_malformed_dead_letter_is_itself_dead_lettered_once(store: RunningStore, bus: Bus):
+    await bus.js.publish(subjects.dlq("TASKS"), b"\x00garbage")
+    await wait_until(lambda: store.count(DeadLetterRow), expect=1)
+    await asyncio.sleep(0.5)  # no loop: the wrapper is a valid DeadLetter and is stored once
+    assert await store.count(DeadLetterRow) == 1
+    async with store.store.repo.sessions() as s:
+        row = (await s.execute(select(DeadLetterRow))).scalar_one()
+    assert row.stream == "DLQ" and row.data == b"\x00garbage" and "not MessagePack" in row.reason

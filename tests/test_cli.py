@@ -1,0 +1,72 @@
+"""`relayrl up` / `relayrl submit` as a user runs them: real processes, stack.json, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.cli.client import read_tasks_file
+
+pytestmark = pytest.mark.e2e
+
+
+def relayrl(*args: str, **kw) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+    return subprocess.Popen([sys.executable, "-m", "services.cli", *args], **kw)
+
+
+def test_up_writes_stack_json_serves_and_stops_cleanly_on_sigterm(tmp_path: Path):
+    state = tmp_path / "state"
+    proc = relayrl("up", "--gateway-port", "0", "--rollout-replicas", "2", "--state-dir", str(state),
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stack_json = state / "stack.json"
+    deadline = time.monotonic() + 180
+    while not stack_json.exists():
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        assert time.monotonic() < deadline, "relayrl up did not become ready"
+        time.sleep(0.2)
+    info = json.loads(stack_json.read_text())
+    assert info["nats_url"].startswith("nats://127.0.0.1:")
+    assert {"gateway", "store", "inference", "rollout-1", "rollout-2", "nats"} <= set(info["pids"])
+    assert httpx.get(info["gateway_url"] + "/readyz", timeout=5).status_code == 200
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('# two tasks\n{"input": {"size_bytes": 100}}\n\n{"input": {}, "group_size": 2}\n')
+    submit = subprocess.run(
+        [sys.executable, "-m", "services.cli", "submit", "--agent", "null", "--file", str(tasks), "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    assert "submitted 2 task(s), 3 rollout(s)" in submit.stdout and "3 rollouts" in submit.stdout
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=90) == 0
+    for name, pid in info["pids"].items():
+        assert not _alive(pid), f"{name} (pid {pid}) still running after relayrl up stopped"
+    assert not stack_json.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as stopped.
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_tasks_file_errors_name_the_line(tmp_path: Path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"input": {}}\n{oops\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        read_tasks_file(f)
