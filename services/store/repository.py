@@ -47,8 +47,8 @@ class Repository:
                 new += len(result.all())
         return new
 
-    async def put_trajectories(self, trajectories: Sequence[Trajectory]) -> set[str]:
-        """Store trajectories once each (first attempt to arrive wins); returns the new rollout ids.
+    async def put_trajectories(self, trajectories: Sequence[Trajectory]) -> dict[str, Trajectory]:
+        """Store trajectories once each (first attempt to arrive wins); returns the new ones by id.
 
         Transitions and rewards are written only for rollouts this call inserted, so a late
         duplicate of another attempt can never mix its transitions into the stored one.
@@ -68,7 +68,7 @@ class Repository:
                 await s.execute(insert_ignore(self.engine, TransitionRow), chunk)
             for chunk in _chunks(rewards):
                 await s.execute(insert_ignore(self.engine, RewardRow), chunk)
-        return inserted
+        return {r: unique[r] for r in inserted}
 
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         rows = [
@@ -105,12 +105,28 @@ class Repository:
                 complete.extend((await s.execute(q)).scalars().all())
         return complete
 
-    async def load_trajectories(self, group_ids: Sequence[str]) -> dict[str, list[Trajectory]]:
-        """Every stored member of each group, ordered by sample index."""
+    async def load_trajectories(
+        self, group_ids: Sequence[str], known: dict[str, Trajectory] | None = None
+    ) -> dict[str, list[Trajectory]]:
+        """Every stored member of each group, ordered by sample index.
+
+        `known` holds trajectories exactly as this process just stored them; only the other
+        members are read back from SQL (blobs included), which keeps group assembly cheap when
+        a batch completes its own groups.
+        """
+        known = known or {}
         out: dict[str, list[Trajectory]] = defaultdict(list)
         async with self.sessions() as s:
+            missing: list[str] = []
             for chunk in _chunks(list(group_ids)):
-                rollouts = (await s.execute(select(RolloutRow).where(RolloutRow.group_id.in_(chunk)))).scalars().all()
+                q = select(RolloutRow.rollout_id, RolloutRow.group_id).where(RolloutRow.group_id.in_(chunk))
+                for rollout_id, group_id in (await s.execute(q)).all():
+                    if rollout_id in known:
+                        out[group_id].append(known[rollout_id])
+                    else:
+                        missing.append(rollout_id)
+            for chunk in _chunks(missing):
+                rollouts = (await s.execute(select(RolloutRow).where(RolloutRow.rollout_id.in_(chunk)))).scalars().all()
                 for traj in await self._assemble(s, rollouts):
                     out[traj.group_id].append(traj)
         for members in out.values():

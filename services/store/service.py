@@ -34,13 +34,13 @@ class Store:
             # crash between commit and publish must still publish the group.
             complete = await self.repo.complete_unpublished_groups(t.group_id for t in trajectories)
             if complete:
-                await self.publish_groups(complete)
+                await self.publish_groups(complete, known=inserted)
         except (OperationalError, DBAPIError, ConnectionError, OSError) as exc:
             raise TransientError(f"database unavailable: {exc}") from exc
         log.debug("stored trajectories", received=len(trajectories), new=len(inserted), groups=len(complete))
 
-    async def publish_groups(self, group_ids: list[str]) -> None:
-        members = await self.repo.load_trajectories(group_ids)
+    async def publish_groups(self, group_ids: list[str], known: dict[str, Trajectory] | None = None) -> None:
+        members = await self.repo.load_trajectories(group_ids, known)
         groups = [
             Group(run_id=m[0].run_id, group_id=g, task_id=m[0].task_id, trajectories=m) for g, m in members.items()
         ]
