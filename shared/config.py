@@ -6,7 +6,8 @@ Every service subclasses `ServiceSettings`; `load(SettingsClass, argv)` parses
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+import asyncio
+from typing import Any, Coroutine, Literal, TypeVar
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,3 +46,13 @@ def load(settings_cls: type[S], argv: list[str] | None = None) -> S:
     if argv is None:
         return settings_cls()
     return settings_cls(_cli_parse_args=argv)
+
+
+def run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine on uvloop where installed (a faster event loop), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)

@@ -9,7 +9,7 @@ import httpx
 
 from shared import telemetry
 from shared.bus import Bus, install_signal_handlers
-from shared.config import load
+from shared.config import load, run_service
 from services.rollout import registry
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
@@ -34,4 +34,4 @@ async def main(settings: RolloutSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(load(RolloutSettings, sys.argv[1:])))
+    run_service(main(load(RolloutSettings, sys.argv[1:])))

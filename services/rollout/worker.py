@@ -37,12 +37,12 @@ class Worker:
 
     async def on_request(self, batch: list[Delivery[RolloutRequest]]) -> None:
         (delivery,) = batch  # per-message consumer
-        req = delivery.value
+        req, attempt = delivery.value, delivery.delivered
         structlog.contextvars.bind_contextvars(run_id=req.run_id, rollout_id=req.rollout_id)
-        log.debug("rollout started", agent=req.agent, attempt=delivery.delivered)
+        log.debug("rollout started", agent=req.agent, attempt=attempt)
         try:
             with telemetry.span_from_headers("rollout", delivery.headers, rollout_id=req.rollout_id, agent=req.agent):
-                traj = await self.run_rollout(req, delivery.delivered)
+                traj = await self.run_rollout(req, attempt)
                 await self.bus.publish(subjects.trajectories(req.run_id), traj, traj.msg_id())
         finally:
             structlog.contextvars.unbind_contextvars("run_id", "rollout_id")

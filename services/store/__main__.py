@@ -7,7 +7,7 @@ import sys
 
 from shared import telemetry
 from shared.bus import Bus, install_signal_handlers
-from shared.config import load
+from shared.config import load, run_service
 from services.store.db import create_engine, create_schema
 from services.store.service import Store
 from services.store.settings import StoreSettings
@@ -31,4 +31,4 @@ async def main(settings: StoreSettings) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(load(StoreSettings, sys.argv[1:])))
+    run_service(main(load(StoreSettings, sys.argv[1:])))
