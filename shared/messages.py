@@ -129,8 +129,8 @@ class TaskSpec(BaseModel):
         return f"{self.task_id}.{sample_index}"
 
 
-class RolloutRequest(Message):
-    """One task x sample index; published to TASKS."""
+class RolloutKeys(Message):
+    """What identifies one rollout and its group; carried by the request and its trajectory."""
 
     rollout_id: str
     run_id: str
@@ -139,6 +139,14 @@ class RolloutRequest(Message):
     sample_index: int = Field(ge=0)
     group_size: int = Field(ge=1)
     agent: str
+
+    def keys(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RolloutKeys.model_fields if name != "schema_version"}
+
+
+class RolloutRequest(RolloutKeys):
+    """One task x sample index; published to TASKS."""
+
     input: dict[str, Any]
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     timeout_s: float = Field(60.0, gt=0)
@@ -195,16 +203,9 @@ class Reward(BaseModel):
 TrajectoryStatus = Literal["ok", "error", "timeout"]
 
 
-class Trajectory(Message):
+class Trajectory(RolloutKeys):
     """What one rollout produced; published to TRAJECTORIES, stored by the store."""
 
-    rollout_id: str
-    run_id: str
-    task_id: str
-    group_id: str
-    sample_index: int = Field(ge=0)
-    group_size: int = Field(ge=1)
-    agent: str
     status: TrajectoryStatus
     error: str | None = None
     reward: float

@@ -54,13 +54,7 @@ class Worker:
         ctx = AgentContext(request=req, client=self.client)
         status, reward, error = await self._run_agent(req, ctx, attempt)
         return Trajectory(
-            rollout_id=req.rollout_id,
-            run_id=req.run_id,
-            task_id=req.task_id,
-            group_id=req.group_id,
-            sample_index=req.sample_index,
-            group_size=req.group_size,
-            agent=req.agent,
+            **req.keys(),
             status=status,
             error=error,
             reward=reward,
