@@ -66,15 +66,7 @@ async def run_one(bus: Bus, agent: str, timeout_s: float = 5.0, rollout_id: str 
     req = RolloutRequest(rollout_id=rollout_id, run_id="r", task_id="t", group_id="t", sample_index=0, group_size=1,
                          agent=agent, input={}, timeout_s=timeout_s)
     await bus.publish(subjects.tasks("r"), req, req.rollout_id)
-    sub = await bus.js.pull_subscribe(subjects.trajectories("r"), stream=subjects.STREAM_TRAJECTORIES)
-    try:
-        while True:  # earlier tests' trajectories are in the stream too: find ours
-            for msg in await sub.fetch(1, timeout=15):
-                t = Trajectory.decode(msg.data)
-                if t.rollout_id == rollout_id:
-                    return t
-    finally:
-        await sub.unsubscribe()
+    return await run_one_existing(bus, rollout_id)
 
 
 @pytest.mark.parametrize(
@@ -120,3 +112,39 @@ def test_copy_reward():
     assert copy_reward("abc", "abx") == pytest.approx(2 / 3)
     assert copy_reward("abc", "abcdef") == pytest.approx(0.5)  # trailing text costs
     assert copy_reward("abc", "") == 0.0
+
+
+async def test_task_past_max_attempts_is_recorded_failed_so_its_group_completes(settings: ServiceSettings, bus: Bus):
+    registry.load_builtin_and()
+    ws = RolloutSettings(nats_url=settings.nats_url, worker_id="w2", inference_urls="", max_attempts=1, ack_wait_s=1.0)
+    async with httpx.AsyncClient() as http:
+        w = Worker(bus, ws, http)
+        await w.consumer().create()
+        req = RolloutRequest(rollout_id="d.0", run_id="r", task_id="d", group_id="d", sample_index=0, group_size=1,
+                             agent="null", input={})
+        await bus.publish(subjects.tasks("r"), req, req.rollout_id)
+        # A worker that takes the task and dies: it never acks, never sends in_progress().
+        dead = await bus.js.pull_subscribe_bind(durable=subjects.CONSUMER_ROLLOUT, stream=subjects.STREAM_TASKS)
+        assert len(await dead.fetch(1, timeout=5)) == 1
+        await dead.unsubscribe()
+        stop = asyncio.Event()
+        task = asyncio.create_task(w.run(stop))
+        try:
+            t = await run_one_existing(bus, "d.0")
+        finally:
+            stop.set()
+            await task
+    assert t.status == "error" and "gave up after 1 deliveries" in t.error and t.attempt == 2
+
+
+async def run_one_existing(bus: Bus, rollout_id: str) -> Trajectory:
+    """The trajectory of `rollout_id` (earlier tests' trajectories are in the stream too)."""
+    sub = await bus.js.pull_subscribe(subjects.trajectories("r"), stream=subjects.STREAM_TRAJECTORIES)
+    try:
+        while True:
+            for msg in await sub.fetch(1, timeout=15):
+                t = Trajectory.decode(msg.data)
+                if t.rollout_id == rollout_id:
+                    return t
+    finally:
+        await sub.unsubscribe()
