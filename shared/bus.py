@@ -290,9 +290,8 @@ class PullConsumer(Generic[M]):
     _in_flight: int = 0
     _freed: asyncio.Event = field(default_factory=asyncio.Event)
     _batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # Deliveries whose handler is running (kept alive with in_progress()); ids of the live ones.
-    _held: list[Delivery[M]] = field(default_factory=list)
-    _alive: set[int] = field(default_factory=set)
+    # Deliveries whose handler is running, kept alive with in_progress().
+    _held: dict[int, Delivery[M]] = field(default_factory=dict)
 
     async def create(self) -> None:
         await self.bus.js.add_consumer(
@@ -397,12 +396,12 @@ class PullConsumer(Generic[M]):
         await asyncio.gather(*(d.msg.ack() for d in deliveries))
 
     async def _call(self, deliveries: list[Delivery[M]]) -> None:
-        self._alive.update(id(d) for d in deliveries)
-        self._held.extend(deliveries)
+        self._held.update((id(d), d) for d in deliveries)
         try:
             await self.handler(deliveries)
         finally:
-            self._alive.difference_update(id(d) for d in deliveries)
+            for d in deliveries:
+                self._held.pop(id(d), None)
 
     async def _keep_alive(self) -> None:
         """One loop for all held messages: `in_progress()` every ack_wait/3 while a handler runs.
@@ -411,8 +410,7 @@ class PullConsumer(Generic[M]):
         period = max(self.spec.ack_wait_s / 3, 0.05)
         while True:
             await asyncio.sleep(period)
-            self._held = [d for d in self._held if id(d) in self._alive]
-            for d in self._held:
+            for d in list(self._held.values()):
                 try:
                     await d.msg.in_progress()
                 except nats.errors.Error:
