@@ -168,7 +168,7 @@ class Stack:
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = [s for s in self.services if s.alive or s.proc is None]
+        pending = list(self.services)  # a service that died since its start is reported, not skipped
         while pending:
             for svc in list(pending):
                 if not svc.alive:
@@ -202,11 +202,14 @@ class Stack:
     # --- state file --------------------------------------------------------------------
 
     def state(self) -> dict[str, object]:
+        pids = {s.name: s.proc.pid for s in self.services if s.proc}
+        if self.nats and self.nats.proc:
+            pids["nats"] = self.nats.proc.pid
         return {
             "nats_url": self.nats_url,
             "gateway_url": self.gateway_url,
             "inference_urls": self.inference_urls,
-            "pids": {s.name: s.proc.pid for s in self.services if s.proc} | ({"nats": self.nats.proc.pid} if self.nats and self.nats.proc else {}),
+            "pids": pids,
             "logs": str(self.logs),
         }
 
