@@ -93,6 +93,7 @@ class Bus:
             await self.ensure_stream(spec)
         await self.kv(subjects.KV_POLICY, history=8)
         await self.kv(subjects.KV_AGENTS, history=1)
+        await self.kv(subjects.KV_LEASES, history=1, ttl_s=subjects.LEASE_TTL_S)
         await self.object_store(subjects.OBJ_WEIGHTS)
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
@@ -110,13 +111,13 @@ class Bus:
             # Exists with another config (e.g. an older max_age): bring it to ours.
             await self.js.update_stream(config)
 
-    async def kv(self, bucket: str, history: int = 1) -> KeyValue:
+    async def kv(self, bucket: str, history: int = 1, ttl_s: float | None = None) -> KeyValue:
         try:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             try:
                 return await self.js.create_key_value(
-                    js_api.KeyValueConfig(bucket=bucket, history=history, storage=js_api.StorageType.FILE)
+                    js_api.KeyValueConfig(bucket=bucket, history=history, ttl=ttl_s, storage=js_api.StorageType.FILE)
                 )
             except nats.js.errors.BadRequestError:  # another service created it first
                 return await self.js.key_value(bucket)

@@ -291,6 +291,215 @@ class TaskView(BaseModel):
     rollouts: list[RolloutSummary]
 
 
+# --- training runs ---------------------------------------------------------------------
+
+# Policy losses relayrl offers; each name is a loss registered in verl's core_algos (the
+# trainer checks this at start). Kept here so the gateway validates without importing torch.
+POLICY_LOSSES = ("vanilla", "gspo", "cispo", "gpg", "clip_cov", "kl_cov", "geo_mean", "sapo")
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+KlPenalty = Literal["kl", "abs", "mse", "low_var_kl", "full"]
+
+
+class TrainingConfig(BaseModel):
+    """GRPO settings (the `training:` block users already write)."""
+
+    model_config = ConfigDict(extra="forbid")
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    batch_size: int = Field(8, ge=1, le=4096, description="groups per optimizer step")
+    group_size: int = Field(8, ge=1, le=1024, description="rollouts per task")
+    epochs: int = Field(1, ge=1, le=10000)
+    kl_coef: float = Field(0.0, ge=0)
+    kl_penalty: KlPenalty = "low_var_kl"
+    policy_loss: str = "vanilla"
+    loss_agg_mode: LossAggMode = "token-mean"
+    clip_ratio_low: float = Field(0.2, ge=0, le=1)
+    clip_ratio_high: float = Field(0.28, ge=0, le=10)
+    clip_ratio_c: float = Field(3.0, gt=1)
+    norm_adv_by_std: bool = True
+    drop_zero_variance: bool = True
+    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    micro_batch_tokens: int = Field(8192, ge=16, description="token budget of one forward/backward")
+    sync_every: int = Field(1, ge=1, description="publish weights every N steps")
+    checkpoint_every: int = Field(1, ge=1)
+    keep_versions: int = Field(4, ge=1, description="weight versions kept in the object store")
+    max_steps: int | None = Field(None, ge=1, description="stop after N steps; default: the dataset's epochs")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Self:
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy_loss {self.policy_loss!r}; choose one of {list(POLICY_LOSSES)}")
+        if self.group_size < 2 and self.norm_adv_by_std:
+            raise ValueError("group_size 1 has no group baseline: GRPO with std normalisation needs group_size >= 2")
+        return self
+
+
+class RuntimeConfig(BaseModel):
+    """The `runtime:` block; unknown keys are kept so users' configs load unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+    nworkers: int = Field(1, ge=1)
+    air_enabled: bool = False
+    air_rules: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class RunConfig(BaseModel):
+    """A training (or evaluation) run: what `POST /v1/runs` and `relayrl train` accept."""
+
+    model_config = ConfigDict(extra="forbid")
+    run_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    model: str = "tiny"
+    agent: str = Field(min_length=1, max_length=128)
+    algorithm: Literal["grpo"] = "grpo"
+    dataset: list[dict[str, Any]] = Field(default_factory=list, description="rows inline")
+    dataset_name: str | None = Field(None, description="a dataset stored with POST /v1/datasets")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    max_staleness: int = Field(1, ge=0, le=1000, description="eta: how many versions a trained sample may lag")
+    seed: int = 0
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    timeout_s: float = Field(60.0, gt=0, le=86400)
+    trained_roles: str = Field(".*", description="regex of agent roles whose calls are trained")
+    mode: Literal["train", "eval"] = "train"
+
+    @model_validator(mode="after")
+    def _has_data(self) -> Self:
+        if not self.dataset and not self.dataset_name:
+            raise ValueError("a run needs dataset rows inline (`dataset`) or a stored dataset (`dataset_name`)")
+        return self
+
+    def groups_per_epoch(self, rows: int) -> int:
+        return rows
+
+    def total_steps(self, rows: int) -> int:
+        """Optimizer steps the run takes: every group of every epoch, in batches (last one partial dropped)."""
+        steps = max(1, (rows * self.training.epochs) // self.training.batch_size)
+        return min(steps, self.training.max_steps) if self.training.max_steps else steps
+
+
+RunState = Literal["running", "paused", "cancelled", "finished", "failed"]
+
+
+class PaceCursor(BaseModel):
+    """How far the gateway got publishing a run's rollout requests (stored so a restart resumes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epoch: int = 0
+    row: int = 0
+    groups_published: int = 0
+    done: bool = False
+
+
+class RunView(BaseModel):
+    """A run as the store knows it, plus the trainer's progress where the caller merged it in."""
+
+    run_id: str
+    config: RunConfig
+    state: RunState
+    created_at: float
+    updated_at: float
+    cursor: PaceCursor
+    rows: int
+    total_steps: int
+    step: int = 0
+    version: int = 0
+    groups_consumed: int = 0
+    reward_mean: float | None = None
+    error: str | None = None
+
+
+class PolicyVersion(Message):
+    """The latest weights of a run (KV `relayrl-policy`, key `<run>`): trainer -> inference."""
+
+    run_id: str
+    version: int = Field(ge=0)
+    object: str
+    sha256: str
+    size: int = Field(ge=0)
+    format: Literal["safetensors"] = "safetensors"
+    step: int = Field(ge=0)
+    created_at: float = Field(default_factory=time.time)
+
+
+class TrainerProgress(Message):
+    """The trainer's progress (KV `relayrl-policy`, key `<run>.progress`): read by gateway pacing."""
+
+    run_id: str
+    step: int = Field(ge=0)
+    version: int = Field(ge=0)
+    groups_consumed: int = Field(0, ge=0, description="groups taken off GROUPS: trained + dropped")
+    groups_trained: int = Field(0, ge=0)
+    groups_dropped: int = Field(0, ge=0)
+    total_steps: int | None = None
+    finished: bool = False
+    trainer_id: str = ""
+    at: float = Field(default_factory=time.time)
+
+
+class StepMetrics(Message):
+    """One optimizer step (METRICS `relayrl.metrics.<run>`): trainer -> store, gateway."""
+
+    run_id: str
+    step: int = Field(ge=1)
+    version: int = Field(ge=0, description="policy version after this step")
+    group_ids: list[str] = Field(description="groups trained by this step, in the order consumed")
+    dropped: dict[str, str] = Field(default_factory=dict, description="group id -> why it was dropped")
+    values: dict[str, float] = Field(default_factory=dict)
+    staleness: dict[int, int] = Field(default_factory=dict, description="versions behind -> trained samples")
+    trainer_id: str = ""
+    at: float = Field(default_factory=time.time)
+
+
+# --- store request/reply: runs ---------------------------------------------------------
+
+
+class PutRun(Message):
+    config: RunConfig
+    rows: int
+
+
+class SetRunState(Message):
+    run_id: str
+    state: RunState
+    error: str | None = None
+    # Only a state change from one of these applies (e.g. resume only a paused run).
+    from_states: list[RunState] = Field(default_factory=list)
+
+
+class SaveCursor(Message):
+    run_id: str
+    cursor: PaceCursor
+
+
+class ListRuns(Message):
+    states: list[RunState] = Field(default_factory=list)
+    limit: int = Field(100, ge=1, le=10000)
+
+
+class GetMetrics(Message):
+    run_id: str
+    after_step: int = 0
+    limit: int = Field(10000, ge=1, le=100000)
+
+
+class ReplayRequest(Message):
+    """Re-publish a stored run's trained groups, in the order its trainer consumed them."""
+
+    run_id: str
+    into: str | None = Field(None, description="target run (default: the same run)")
+    versions: tuple[int, int] | None = Field(None, description="only steps whose version is in [A, B]")
+    min_reward: float | None = Field(None, description="only groups whose mean reward is at least this")
+
+
+class PutDataset(Message):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    rows: list[dict[str, Any]] = Field(min_length=1)
+
+
+# --- the store's one reply type --------------------------------------------------------
+
+
 class Reply(Message):
     """The store's answer to any request: `ok`, or an error with an HTTP-like code."""
 
@@ -300,6 +509,10 @@ class Reply(Message):
     task: TaskView | None = None
     trajectory: Trajectory | None = None
     stored: int | None = None
+    run: RunView | None = None
+    runs: list[RunView] | None = None
+    metrics: list[StepMetrics] | None = None
+    rows: list[dict[str, Any]] | None = None
 
     @classmethod
     def fail(cls, code: int, error: str) -> Reply:
@@ -308,4 +521,3 @@ class Reply(Message):
     @classmethod
     def of(cls, **fields: Any) -> Reply:
         return cls(ok=True, **fields)
-

@@ -25,11 +25,14 @@ STREAM_SUBJECTS: dict[str, str] = {
 CONSUMER_ROLLOUT = "rollout"  # TASKS: one shared durable, replicas compete
 CONSUMER_STORE_TRAJECTORIES = "store-trajectories"
 CONSUMER_STORE_DLQ = "store-dlq"
+CONSUMER_STORE_METRICS = "store-metrics"
 
 # Key-value and object buckets.
 KV_POLICY = "relayrl-policy"
 KV_AGENTS = "relayrl-agents"  # agent name -> AgentInfo, written by rollout workers
 OBJ_WEIGHTS = "relayrl-weights"
+KV_LEASES = "relayrl-leases"  # "<role>.<run>" -> holder id; entries expire unless renewed
+LEASE_TTL_S = 10.0
 
 # Core NATS request/reply (not JetStream): the store's query API; queue group so replicas share.
 STORE_RPC_QUEUE = "store"
@@ -69,3 +72,28 @@ def dlq(stream: str) -> str:
 
 def store_rpc(method: str) -> str:
     return f"{STORE_RPC_PREFIX}.{method}"
+
+
+def trainer_durable(run: str, replay: bool = False) -> str:
+    """The trainer's durable on GROUPS for one run: one trainer per run consumes it."""
+    return f"trainer-{check_token(run)}" + ("-replay" if replay else "")
+
+
+def policy_key(run: str) -> str:
+    """KV `relayrl-policy` key holding the run's latest PolicyVersion."""
+    return check_token(run)
+
+
+def progress_key(run: str) -> str:
+    """KV `relayrl-policy` key holding the run's TrainerProgress."""
+    return f"{check_token(run)}.progress"
+
+
+def weights_object(run: str, version: int) -> str:
+    """Object-store name of one weight version."""
+    return f"{check_token(run)}/{version}"
+
+
+def lease_key(role: str, run: str) -> str:
+    return f"{role}.{check_token(run)}"
+
