@@ -10,6 +10,7 @@ a numpy buffer is ~50x cheaper than a list of ints.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Annotated, Any, Literal, Self, Sequence
 
 import msgpack
@@ -348,7 +349,9 @@ class RunConfig(BaseModel):
     """A training (or evaluation) run: what `POST /v1/runs` and `relayrl train` accept."""
 
     model_config = ConfigDict(extra="forbid")
-    run_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    run_id: str = Field(
+        default_factory=lambda: f"run-{uuid.uuid4().hex[:8]}", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"
+    )
     model: str = "tiny"
     agent: str = Field(min_length=1, max_length=128)
     algorithm: Literal["grpo"] = "grpo"
@@ -361,7 +364,8 @@ class RunConfig(BaseModel):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     timeout_s: float = Field(60.0, gt=0, le=86400)
     trained_roles: str = Field(".*", description="regex of agent roles whose calls are trained")
-    mode: Literal["train", "eval"] = "train"
+    # "replay": trained only from groups the store re-publishes; the gateway publishes no tasks.
+    mode: Literal["train", "eval", "replay"] = "train"
 
     @model_validator(mode="after")
     def _has_data(self) -> Self:

@@ -12,3 +12,5 @@ class GatewaySettings(ServiceSettings):
     max_tasks_per_request: int = Field(10000, ge=1)
     store_timeout_s: float = Field(10.0, gt=0, description="timeout of each query to the store")
     agents_cache_s: float = Field(2.0, ge=0, description="how long the list of registered agents is cached")
+    pace_runs: bool = Field(True, description="publish training runs' rollout requests (one gateway per run holds a lease)")
+    pace_interval_s: float = Field(0.25, gt=0, description="how often pacing re-reads trainer progress")

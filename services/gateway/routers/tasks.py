@@ -4,12 +4,12 @@ import uuid
 
 from fastapi import APIRouter, Depends, HTTPException, status
 
-from shared import subjects, telemetry
 from shared.bus import Bus
-from shared.messages import GetById, PutTasks, RolloutRequest, TaskSpec, TaskView
+from shared.messages import GetById, TaskSpec, TaskView
 from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_settings, get_store
 from services.gateway.schemas import ErrorOut, TaskAccepted, TaskBatch, TaskIn, TasksAccepted, TasksBody
 from services.gateway.settings import GatewaySettings
+from services.gateway.submit import submit
 
 router = APIRouter(prefix="/v1", tags=["tasks"])
 
@@ -38,14 +38,7 @@ async def submit_tasks(
     specs = [_spec(t) for t in items]
     if len({s.task_id for s in specs}) != len(specs):
         raise HTTPException(422, "task_id values must be unique within a request")
-    # One trace per submission: its context rides in every request's headers to the workers.
-    with telemetry.tracer().start_as_current_span("submit_tasks", attributes={"tasks": len(specs)}):
-        await store.call("put_tasks", PutTasks(tasks=specs))
-        requests = [RolloutRequest.for_task(s, i) for s in specs for i in range(s.group_size)]
-        try:
-            await bus.publish_many((subjects.tasks(r.run_id), r, r.rollout_id) for r in requests)
-        except Exception as exc:  # stored but not all published: safe to retry with the same task ids
-            raise HTTPException(503, f"could not publish rollout requests ({exc}); retry with the same task_id values") from exc
+    await submit(bus, store, specs)
     return TasksAccepted(
         tasks=[
             TaskAccepted(

@@ -1,0 +1,178 @@
+"""Run pacing: publish each training run's rollout requests epoch by epoch, no faster than the
+staleness bound allows.
+
+The AReaL admission rule: groups published <= groups consumed by the trainer +
+(max_staleness + 1) x batch_size. A request published under that bound is sampled by a policy
+at most `max_staleness` versions behind the one that trains on it. The trainer's progress is
+read from the policy KV; the cursor (epoch, row, groups published) is stored through the
+store after every publication, so a restarted gateway resumes where it stopped. One gateway
+holds a run's pacing lease at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import nats.errors
+import nats.js.errors
+import structlog
+from fastapi import HTTPException
+
+from shared import subjects
+from shared.bus import Bus
+from shared.lease import Lease
+from shared.messages import (
+    GetById,
+    ListRuns,
+    PaceCursor,
+    RunConfig,
+    RunView,
+    SaveCursor,
+    TaskSpec,
+    TrainerProgress,
+)
+from services.gateway.deps import StoreClient
+from services.gateway.submit import submit
+
+log = structlog.get_logger("gateway.pacing")
+
+
+def task_id(run_id: str, epoch: int, row: int) -> str:
+    """Deterministic, so a republication after a crash is deduplicated by the store and the stream."""
+    return f"{run_id}-e{epoch}-r{row}"
+
+
+def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
+    """Row order of one epoch: a seeded shuffle, the same on every gateway and every restart."""
+    order = list(range(rows))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def allowance(config: RunConfig, cursor: PaceCursor, groups_consumed: int) -> int:
+    """How many more groups may be published now without breaking the staleness bound."""
+    window = (config.max_staleness + 1) * config.training.batch_size
+    return groups_consumed + window - cursor.groups_published
+
+
+def next_tasks(config: RunConfig, rows: list[dict], cursor: PaceCursor, n: int) -> tuple[PaceCursor, list[TaskSpec]]:
+    """The next `n` tasks after `cursor` (fewer at the end of the last epoch) and the cursor after them."""
+    epoch, row, published = cursor.epoch, cursor.row, cursor.groups_published
+    specs: list[TaskSpec] = []
+    while len(specs) < n and epoch < config.training.epochs:
+        order = epoch_order(len(rows), config.seed, epoch)
+        while len(specs) < n and row < len(order):
+            index = order[row]
+            specs.append(
+                TaskSpec(
+                    task_id=task_id(config.run_id, epoch, index),
+                    run_id=config.run_id,
+                    agent=config.agent,
+                    input=rows[index],
+                    group_size=config.training.group_size,
+                    sampling=config.sampling,
+                    timeout_s=config.timeout_s,
+                )
+            )
+            row += 1
+        if row >= len(order):
+            epoch, row = epoch + 1, 0
+    done = epoch >= config.training.epochs
+    return PaceCursor(epoch=epoch, row=row, groups_published=published + len(specs), done=done), specs
+
+
+async def read_progress(bus: Bus, run_id: str) -> TrainerProgress | None:
+    kv = await bus.kv(subjects.KV_POLICY)
+    try:
+        entry = await kv.get(subjects.progress_key(run_id))
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        return None
+    return TrainerProgress.decode(entry.value) if entry.value else None
+
+
+async def purge_tasks(bus: Bus, run_id: str) -> None:
+    """Drop a finished or cancelled run's queued requests so workers do not run them for nothing."""
+    await bus.js.purge_stream(subjects.STREAM_TASKS, subject=subjects.tasks(run_id))
+
+
+@dataclass
+class Pacer:
+    bus: Bus
+    store: StoreClient
+    interval_s: float = 0.25
+    holder: str = field(default_factory=lambda: f"gateway-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _leases: dict[str, Lease] = field(default_factory=dict)
+    _renewed: dict[str, float] = field(default_factory=dict)
+    _rows: dict[str, list[dict]] = field(default_factory=dict)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except (HTTPException, TimeoutError, nats.errors.Error) as exc:
+                log.warning("pacing tick failed; retrying", error=getattr(exc, "detail", str(exc)))
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+        for lease in self._leases.values():
+            await lease.release()
+
+    async def tick(self) -> None:
+        reply = await self.store.call("list_runs", ListRuns(states=["running", "paused"], limit=1000))
+        live = {r.run_id: r for r in reply.runs or [] if r.config.mode == "train"}
+        for run_id in list(self._leases):
+            if run_id not in live:  # finished or cancelled since the last tick
+                await self._forget(run_id)
+        for run in live.values():
+            if run.state == "running" and not run.cursor.done:
+                await self.pace(run)
+
+    async def pace(self, run: RunView) -> None:
+        if not await self._hold(run.run_id):
+            return
+        progress = await read_progress(self.bus, run.run_id)
+        n = allowance(run.config, run.cursor, progress.groups_consumed if progress else 0)
+        if n <= 0:
+            return
+        rows = await self._dataset(run)
+        cursor, specs = next_tasks(run.config, rows, run.cursor, n)
+        if specs:
+            await submit(self.bus, self.store, specs)
+        await self.store.call("save_cursor", SaveCursor(run_id=run.run_id, cursor=cursor))
+        log.info("published", run_id=run.run_id, groups=len(specs), published=cursor.groups_published, done=cursor.done)
+
+    async def _hold(self, run_id: str) -> bool:
+        lease = self._leases.get(run_id)
+        if lease is None:
+            lease = self._leases[run_id] = await Lease.open(self.bus, "pace", run_id, self.holder)
+        # Renew well inside the TTL; a lease we hold and renewed recently needs no KV write.
+        if lease.held and time.monotonic() - self._renewed.get(run_id, 0.0) < subjects.LEASE_TTL_S / 4:
+            return True
+        held = await lease.renew()
+        if held:
+            self._renewed[run_id] = time.monotonic()
+        return held
+
+    async def _dataset(self, run: RunView) -> list[dict]:
+        if run.config.dataset:
+            return run.config.dataset
+        name = run.config.dataset_name or ""
+        if name not in self._rows:
+            self._rows[name] = (await self.store.call("get_dataset", GetById(id=name))).rows or []
+        return self._rows[name]
+
+    async def _forget(self, run_id: str) -> None:
+        lease = self._leases.pop(run_id)
+        if lease.held:
+            await purge_tasks(self.bus, run_id)
+            await lease.release()
+        self._renewed.pop(run_id, None)

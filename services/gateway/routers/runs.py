@@ -1,0 +1,181 @@
+"""Training runs: create, inspect, follow metrics, pause / resume / cancel, replay; datasets."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import (
+    GetById,
+    GetMetrics,
+    ListRuns,
+    PutDataset,
+    PutRun,
+    ReplayRequest,
+    RunConfig,
+    RunState,
+    RunView,
+    SetRunState,
+    StepMetrics,
+)
+from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_store
+from services.gateway.pacing import purge_tasks, read_progress
+from services.gateway.schemas import ErrorOut
+
+router = APIRouter(prefix="/v1", tags=["runs"])
+ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 503: {"model": ErrorOut}}
+
+
+class DatasetIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    rows: list[dict] = Field(min_length=1)
+
+
+class DatasetOut(BaseModel):
+    name: str
+    rows: int
+
+
+class ReplayIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    into: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    versions: tuple[int, int] | None = None
+    min_reward: float | None = None
+
+
+class ReplayOut(BaseModel):
+    run_id: str
+    into: str
+    groups: int
+
+
+@router.post("/datasets", status_code=status.HTTP_201_CREATED, responses=ERRORS)
+async def put_dataset(body: DatasetIn, store: StoreClient = Depends(get_store)) -> DatasetOut:
+    """Store dataset rows under a name; runs refer to it with `dataset_name`."""
+    reply = await store.call("put_dataset", PutDataset(name=body.name, rows=body.rows))
+    return DatasetOut(name=body.name, rows=reply.stored or 0)
+
+
+@router.post("/runs", status_code=status.HTTP_201_CREATED, responses=ERRORS)
+async def create_run(
+    config: RunConfig,
+    request: Request,
+    store: StoreClient = Depends(get_store),
+    agents: AgentCatalog = Depends(get_agents),
+) -> RunView:
+    """Create a training run. The gateway then publishes its rollout requests, paced by `max_staleness`.
+
+    Creating the same run again with the same config returns it; another config under an
+    existing `run_id` is refused with 409.
+    """
+    await agents.require({config.agent})
+    rows = len(config.dataset) if config.dataset else await _dataset_size(store, config.dataset_name or "")
+    reply = await store.call("put_run", PutRun(config=config, rows=rows))
+    request.app.state.pacer.wake.set()
+    assert reply.run is not None
+    return reply.run
+
+
+@router.get("/runs", responses=ERRORS)
+async def list_runs(
+    state: list[RunState] = Query(default_factory=list),
+    limit: int = Query(100, ge=1, le=10000),
+    store: StoreClient = Depends(get_store),
+) -> list[RunView]:
+    """Runs, newest first; `?state=running&state=paused` filters."""
+    reply = await store.call("list_runs", ListRuns(states=state, limit=limit))
+    return reply.runs or []
+
+
+@router.get("/runs/{run_id}", responses=ERRORS)
+async def get_run(run_id: str, store: StoreClient = Depends(get_store), bus: Bus = Depends(get_bus)) -> RunView:
+    """A run: state, pacing cursor, and the trainer's live step, version and groups consumed."""
+    return await _run_with_progress(run_id, store, bus)
+
+
+@router.get("/runs/{run_id}/metrics", responses=ERRORS)
+async def get_metrics(
+    run_id: str,
+    after_step: int = Query(0, ge=0),
+    limit: int = Query(10000, ge=1, le=100000),
+    store: StoreClient = Depends(get_store),
+) -> list[StepMetrics]:
+    """Per-step training metrics (reward, loss, clip fraction, KL, entropy, staleness, ...)."""
+    await _require_run(run_id, store)
+    reply = await store.call("get_metrics", GetMetrics(run_id=run_id, after_step=after_step, limit=limit))
+    return reply.metrics or []
+
+
+@router.post("/runs/{run_id}/replay", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)
+async def replay(run_id: str, body: ReplayIn, store: StoreClient = Depends(get_store)) -> ReplayOut:
+    """Re-publish a run's trained groups, in the order its trainer consumed them, to a trainer.
+
+    With `into`, a new run in `replay` mode is created from the source config (no rollouts are
+    published for it); a trainer started for it trains on exactly the stored groups.
+    """
+    source = await _require_run(run_id, store)
+    into = body.into or run_id
+    if into != run_id:
+        config = source.config.model_copy(update={"run_id": into, "mode": "replay"})
+        await store.call("put_run", PutRun(config=config, rows=source.rows))
+    reply = await store.call(
+        "replay", ReplayRequest(run_id=run_id, into=into, versions=body.versions, min_reward=body.min_reward)
+    )
+    return ReplayOut(run_id=run_id, into=into, groups=reply.stored or 0)
+
+
+_TRANSITIONS: dict[str, tuple[RunState, list[RunState]]] = {
+    "pause": ("paused", ["running"]),
+    "resume": ("running", ["paused"]),
+    "cancel": ("cancelled", ["running", "paused"]),
+}
+
+
+@router.post("/runs/{run_id}/{action}", responses=ERRORS)
+async def change_state(
+    run_id: str,
+    action: Literal["pause", "resume", "cancel"],
+    request: Request,
+    store: StoreClient = Depends(get_store),
+    bus: Bus = Depends(get_bus),
+) -> RunView:
+    """`pause` stops publishing new requests (in-flight work finishes and is trained);
+    `resume` continues; `cancel` ends the run and drops its queued requests."""
+    target, from_states = _TRANSITIONS[action]
+    await store.call("set_run_state", SetRunState(run_id=run_id, state=target, from_states=from_states))
+    if action == "cancel":
+        await purge_tasks(bus, run_id)
+    request.app.state.pacer.wake.set()
+    return await _run_with_progress(run_id, store, bus)
+
+
+async def _dataset_size(store: StoreClient, name: str) -> int:
+    try:
+        reply = await store.call("get_dataset", GetById(id=name))
+    except HTTPException as exc:
+        if exc.status_code == 404:
+            raise HTTPException(400, f"unknown dataset {name!r}; store it first with POST /v1/datasets") from None
+        raise
+    return len(reply.rows or [])
+
+
+async def _require_run(run_id: str, store: StoreClient) -> RunView:
+    reply = await store.call("get_run", GetById(id=run_id))
+    assert reply.run is not None
+    return reply.run
+
+
+async def _run_with_progress(run_id: str, store: StoreClient, bus: Bus) -> RunView:
+    run = await _require_run(run_id, store)
+    subjects.check_token(run_id)
+    progress = await read_progress(bus, run_id)
+    if progress is not None and progress.step >= run.step:
+        run = run.model_copy(
+            update={"step": progress.step, "version": progress.version, "groups_consumed": progress.groups_consumed}
+        )
+    return run
