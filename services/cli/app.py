@@ -15,7 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from services.cli.client import GatewayClient, gateway_url, read_tasks_file
+from services.cli.client import GatewayClient, GatewayError, gateway_url, read_tasks_file
+from services.cli.follow import RunFollower, follow
+from services.cli.report import plot_rewards, write_csv
 from services.cli.stack import Stack, StackConfig
 
 app = typer.Typer(help="relayrl: train LLM agents with GRPO over NATS JetStream.", no_args_is_help=True)
@@ -180,6 +182,125 @@ def _print_sample(client: GatewayClient, views: dict[str, dict[str, Any]], stack
     console.print(f"  response ids {x['response_ids'][:12]}…")
     console.print(f"  logprobs {[round(v, 2) for v in x['response_logprobs'][:12]]}…")
     console.print(f"  policy versions {sorted(set(x['response_versions']))}, finish {x['finish_reason']}")
+
+
+def load_run_config(path: Path) -> dict[str, Any]:
+    """A run config in YAML (or JSON); `dataset: file.jsonl` is read relative to the config."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise typer.BadParameter(f"{path} must hold a mapping (model, agent, training, ...)")
+    if isinstance(config.get("dataset"), str):
+        try:
+            config["dataset"] = read_tasks_file((path.parent / config["dataset"]).resolve())
+        except (OSError, ValueError) as exc:
+            raise typer.BadParameter(f"dataset: {exc}") from None
+    return config
+
+
+@app.command()
+def train(
+    config_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="run config (YAML)"),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="overrides run_id in the file"),
+    wait: bool = typer.Option(True, "--follow/--no-follow", help="show live progress until the run ends"),
+    timeout_s: float = typer.Option(24 * 3600.0, "--timeout"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write metrics.csv and reward.png here at the end"),
+    gateway: Optional[str] = typer.Option(None, "--gateway", help="gateway URL (default: from stack.json)"),
+    state_dir: Path = StateDir,
+) -> None:
+    """Start a training run on a running stack (`relayrl up`) and follow it."""
+    config = load_run_config(config_file)
+    if run_id:
+        config["run_id"] = run_id
+    client = GatewayClient(gateway_url(gateway, state_dir))
+    try:
+        run = client.create_run(config)
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    console.print(f"run [bold]{run['run_id']}[/bold]: {run['rows']} rows x {run['config']['training']['epochs']} epoch(s), "
+                  f"~{run['total_steps']} steps, max_staleness {run['config']['max_staleness']}")
+    if wait:
+        follower = follow(client, run["run_id"], console, timeout_s)
+        _summarise(follower, out)
+
+
+def _summarise(follower: RunFollower, out: Optional[Path]) -> None:
+    steps = follower.steps
+    if not steps:
+        console.print("no training steps recorded")
+        return
+    rewards = [s["values"].get("reward_mean", 0.0) for s in steps]
+    window = max(1, len(rewards) // 10)
+    console.print(f"{len(steps)} steps: mean reward {sum(rewards[:window]) / window:.3f} (first {window}) -> "
+                  f"{sum(rewards[-window:]) / window:.3f} (last {window})")
+    if out is not None:
+        csv_path = write_csv(steps, out / "metrics.csv")
+        png = plot_rewards(steps, out / "reward.png", f"run {follower.run_id}")
+        console.print(f"metrics: {csv_path}\nreward curve: {png}")
+
+
+@app.command()
+def status(
+    run_id: Optional[str] = typer.Argument(None, help="a run id; without it, list runs"),
+    gateway: Optional[str] = typer.Option(None, "--gateway"),
+    state_dir: Path = StateDir,
+) -> None:
+    """Show a run (state, version, step, reward, last metrics) or the list of runs."""
+    client = GatewayClient(gateway_url(gateway, state_dir))
+    try:
+        if run_id is None:
+            table = Table(title="runs")
+            for col in ("run", "agent", "state", "step", "version", "reward"):
+                table.add_column(col)
+            for r in client.runs():
+                reward = "-" if r.get("reward_mean") is None else f"{r['reward_mean']:.3f}"
+                table.add_row(r["run_id"], r["config"]["agent"], r["state"], f"{r['step']}/{r['total_steps']}", str(r["version"]), reward)
+            console.print(table)
+            return
+        run = client.run(run_id)
+        metrics = client.metrics(run_id, after_step=max(run["step"] - 1, 0))
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"run {run_id}", show_header=False)
+    for key in ("state", "step", "total_steps", "version", "groups_consumed", "rows", "reward_mean", "error"):
+        table.add_row(key, str(run.get(key)))
+    table.add_row("published groups", str(run["cursor"]["groups_published"]))
+    if metrics:
+        for key, value in sorted(metrics[-1]["values"].items()):
+            table.add_row(f"  {key}", f"{value:.4g}")
+    console.print(table)
+
+
+@app.command()
+def replay(
+    run_id: str = typer.Argument(..., help="the run whose stored groups are re-published"),
+    into: Optional[str] = typer.Option(None, "--into", help="train a new run on them (default: the same run)"),
+    versions: Optional[str] = typer.Option(None, "--versions", help="A:B, only steps whose version is in [A, B]"),
+    min_reward: Optional[float] = typer.Option(None, "--min-reward", help="only groups with at least this mean reward"),
+    gateway: Optional[str] = typer.Option(None, "--gateway"),
+    state_dir: Path = StateDir,
+) -> None:
+    """Re-publish a run's stored groups, in the order its trainer consumed them."""
+    body: dict[str, Any] = {"into": into, "min_reward": min_reward}
+    if versions:
+        try:
+            a, b = (int(x) for x in versions.split(":"))
+        except ValueError:
+            raise typer.BadParameter("--versions takes A:B, e.g. 0:20") from None
+        body["versions"] = [a, b]
+    client = GatewayClient(gateway_url(gateway, state_dir))
+    try:
+        result = client.replay(run_id, body)
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    console.print(f"re-published {result['groups']} groups of {run_id} into {result['into']}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ def read_tasks_file(path: Path) -> list[dict[str, Any]]:
     return tasks
 
 
+class GatewayError(RuntimeError):
+    """The gateway answered with an error; the text carries its reason."""
+
+
+def _detail(r: httpx.Response) -> str:
+    try:
+        return json.dumps(r.json().get("detail"))
+    except (ValueError, AttributeError):
+        return r.text
+
+
 class GatewayClient:
     def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
         self.http = httpx.Client(base_url=base_url, timeout=timeout_s)
@@ -86,6 +97,31 @@ class GatewayClient:
                     raise TimeoutError(f"{len(pending)} task(s) not done after {timeout_s}s")
                 time.sleep(poll_s)
         return views
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def _json(self, r: httpx.Response, what: str) -> Any:
+        if r.status_code >= 400:
+            raise GatewayError(f"{what}: {r.status_code} {_detail(r)}")
+        return r.json()
+
+    def create_run(self, config: dict[str, Any]) -> dict[str, Any]:
+        return self._json(self.http.post("/v1/runs", json=config), "gateway refused the run")
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        return self._json(self.http.get(f"/v1/runs/{run_id}"), f"run {run_id}")
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self._json(self.http.get("/v1/runs"), "runs")
+
+    def metrics(self, run_id: str, after_step: int = 0) -> list[dict[str, Any]]:
+        return self._json(self.http.get(f"/v1/runs/{run_id}/metrics", params={"after_step": after_step}), "metrics")
+
+    def run_action(self, run_id: str, action: str) -> dict[str, Any]:
+        return self._json(self.http.post(f"/v1/runs/{run_id}/{action}"), f"{action} {run_id}")
+
+    def replay(self, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json(self.http.post(f"/v1/runs/{run_id}/replay", json=body), f"replay {run_id}")
 
     def close(self) -> None:
         self.http.close()

@@ -88,6 +88,8 @@ class StackConfig:
     rollout_concurrency: int = 64
     rollout_ack_wait_s: float = 30.0
     inference_replicas: int = 1
+    trainers: int = 1  # trainer processes; each claims one running run at a time
+    trainer_device: str = "auto"
     model: str = "tiny"
     database_url: str | None = None
     log_format: str = "json"
@@ -139,6 +141,8 @@ class Stack:
         self._wait_ready(timeout_s)
         for i in range(c.rollout_replicas):
             self.add_rollout(f"rollout-{i + 1}")
+        for i in range(c.trainers):
+            self.add_trainer(f"trainer-{i + 1}" if c.trainers > 1 else "trainer")
         gw_port = c.gateway_port or free_port()
         self.gateway_url = f"http://127.0.0.1:{gw_port}"
         self.add("gateway", "services.gateway", ["--port", str(gw_port)], ready_url=f"{self.gateway_url}/readyz")
@@ -165,6 +169,15 @@ class Stack:
             "--ack-wait-s", str(c.rollout_ack_wait_s),
         ]  # fmt: skip
         return self.add(name, "services.rollout", args, ready_line="rollout worker ready")
+
+    def add_trainer(self, name: str) -> Service:
+        args = [
+            "--trainer-id", name,
+            "--device", self.config.trainer_device,
+            "--model-dir", str(self.state_dir / "models"),
+            "--checkpoint-dir", str(self.state_dir / "checkpoints"),
+        ]  # fmt: skip
+        return self.add(name, "services.trainer", args, ready_line="trainer ready")
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -1,0 +1,30 @@
+"""`python -m services.trainer [--run-id RUN]`: GRPO training of runs, one at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from shared import telemetry
+from shared.bus import Bus, install_signal_handlers
+from shared.config import load, run_service
+from services.trainer.service import Trainer
+from services.trainer.settings import TrainerSettings
+
+
+async def main(settings: TrainerSettings) -> None:
+    log = telemetry.setup("trainer", settings)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    bus = await Bus.connect(settings, "trainer")
+    await bus.ensure_topology()
+    log.info("trainer ready", trainer_id=settings.trainer_id, run_id=settings.run_id, device=settings.device)
+    try:
+        await Trainer(bus, settings).run(stop)
+    finally:
+        await bus.close()
+        log.info("trainer stopped")
+
+
+if __name__ == "__main__":
+    run_service(main(load(TrainerSettings, sys.argv[1:])))
