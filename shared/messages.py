@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Self, Sequence
 
 import msgpack
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -453,6 +453,11 @@ class StepMetrics(Message):
     staleness: dict[int, int] = Field(default_factory=dict, description="versions behind -> trained samples")
     trainer_id: str = ""
     at: float = Field(default_factory=time.time)
+
+    @field_serializer("staleness")
+    def _text_keys(self, staleness: dict[int, int]) -> dict[str, int]:
+        # decode() accepts only text map keys (msgpack strict_map_key); validation makes them ints again.
+        return {str(k): v for k, v in staleness.items()}
 
 
 # --- store request/reply: runs ---------------------------------------------------------

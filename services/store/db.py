@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.sql import Insert
 
@@ -39,6 +40,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
 async def create_schema(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(_add_missing_columns)
+
+
+def _add_missing_columns(conn: Connection) -> None:
+    """`create_all` never alters an existing table: add the columns this version introduced to
+    a database an older version created. Only nullable or server-defaulted columns are ever
+    added to a table, so existing rows stay valid."""
+    inspector = inspect(conn)
+    prep = conn.dialect.identifier_preparer
+    guard = " IF NOT EXISTS" if conn.dialect.name == "postgresql" else ""  # two stores starting at once
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not (column.nullable or column.server_default is not None):
+                raise RuntimeError(f"cannot add required column {table.name}.{column.name} to an existing table")
+            ddl = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.execute(text(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN{guard} {ddl}"))
 
 
 def sessions(engine: AsyncEngine) -> async_sessionmaker:
@@ -49,3 +69,15 @@ def insert_ignore(engine: AsyncEngine, table: Any) -> Insert:
     """`INSERT ... ON CONFLICT DO NOTHING` for the engine's dialect: the idempotent upsert."""
     dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
     return dialect.insert(table).on_conflict_do_nothing()
+
+
+def upsert(engine: AsyncEngine, table: Any, keys: Sequence[str], newer: str | None = None) -> Insert:
+    """`INSERT ... ON CONFLICT (keys) DO UPDATE` every other column: the incoming row replaces
+    the stored one. With `newer`, only when the incoming row's `newer` column is >= the stored
+    one, so an older message arriving late cannot undo a newer write."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(table)
+    columns = table.__table__.c
+    update = {c.name: stmt.excluded[c.name] for c in columns if c.name not in keys}
+    where = columns[newer] <= stmt.excluded[newer] if newer else None
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_=update, where=where)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
-from shared.messages import Reward, TaskSpec, Trajectory, Transition
-from services.store.tables import RewardRow, RolloutRow, TaskRow, TransitionRow
+from shared.messages import PaceCursor, Reward, RunConfig, RunView, StepMetrics, TaskSpec, Trajectory, Transition
+from services.store.tables import MetricRow, RewardRow, RolloutRow, RunRow, TaskRow, TransitionRow
 
 
 def task_row(task: TaskSpec) -> dict[str, Any]:
@@ -109,4 +111,95 @@ def task_spec_from_row(row: TaskRow) -> TaskSpec:
         sampling=row.sampling,
         timeout_s=row.timeout_s,
         created_at=row.created_at,
+    )
+
+
+# --- runs, datasets, metrics -------------------------------------------------------------
+
+
+def json_safe(value: Any) -> Any:
+    """`value` as it reads back from a JSON column; ValueError when JSON cannot hold it.
+
+    NaN and infinities are refused: SQLite would store them but PostgreSQL rejects the document.
+    Comparing what was stored with what is asked for goes through this, so tuples and lists
+    (and int vs float keys) compare the way they will read back.
+    """
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"not storable as JSON: {exc}") from None
+
+
+def run_row(config: RunConfig, rows: int, now: float) -> dict[str, Any]:
+    cursor = PaceCursor()
+    return {
+        "run_id": config.run_id,
+        "created_at": now,
+        "updated_at": now,
+        "config": json_safe(config.model_dump(mode="json")),
+        "state": "running",
+        "cursor": cursor.model_dump(),
+        "groups_published": cursor.groups_published,
+        "rows": rows,
+        "error": None,
+    }
+
+
+def run_view(row: RunRow, latest: MetricRow | None) -> RunView:
+    """A stored run plus what its latest stored step says (groups_consumed is the caller's)."""
+    config = RunConfig.model_validate(row.config)
+    reward = latest.values.get("reward_mean") if latest else None
+    return RunView(
+        run_id=row.run_id,
+        config=config,
+        state=row.state,  # type: ignore[arg-type]
+        created_at=row.created_at,
+        updated_at=row.updated_at or row.created_at,
+        cursor=PaceCursor.model_validate(row.cursor or {}),
+        rows=row.rows,
+        total_steps=config.total_steps(row.rows),
+        step=latest.step if latest else 0,
+        version=latest.version if latest else 0,
+        reward_mean=_finite_or_none(reward),
+        error=row.error,
+    )
+
+
+def _finite_or_none(x: float | str | None) -> float | None:
+    value = float(x) if x is not None else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _finite_or_text(x: float) -> float | str:
+    # A NaN loss is worth keeping (training diverged) but JSON has no NaN: store its text;
+    # pydantic parses "nan"/"inf" back into floats.
+    return x if math.isfinite(x) else str(x)
+
+
+def metric_row(m: StepMetrics, seq: int) -> dict[str, Any]:
+    return {
+        "run_id": m.run_id,
+        "step": m.step,
+        "version": m.version,
+        "values": {k: _finite_or_text(v) for k, v in m.values.items()},
+        "staleness": {str(k): v for k, v in m.staleness.items()},
+        "dropped": m.dropped,
+        "group_ids": m.group_ids,
+        "trainer_id": m.trainer_id,
+        "at": m.at,
+        "seq": seq,
+    }
+
+
+def step_metrics(row: MetricRow) -> StepMetrics:
+    return StepMetrics(
+        run_id=row.run_id,
+        step=row.step,
+        version=row.version,
+        group_ids=row.group_ids,
+        dropped=row.dropped,
+        values=row.values,  # type: ignore[arg-type]  # "nan" text parses back to float
+        staleness=row.staleness,  # type: ignore[arg-type]  # JSON keys are text; pydantic makes them ints
+        trainer_id=row.trainer_id,
+        at=row.at,
     )

@@ -185,6 +185,19 @@ class Repository:
                 return None
             return (await self._assemble(s, [row]))[0]
 
+    async def group_rewards(self, group_ids: Sequence[str]) -> dict[str, float]:
+        """Mean final reward of each stored group's members (failed members count as stored)."""
+        out: dict[str, float] = {}
+        async with self.sessions() as s:
+            for chunk in _chunks(list(group_ids)):
+                q = (
+                    select(RolloutRow.group_id, func.avg(RolloutRow.reward))
+                    .where(RolloutRow.group_id.in_(chunk))
+                    .group_by(RolloutRow.group_id)
+                )
+                out.update((g, float(r)) for g, r in (await s.execute(q)).all())
+        return out
+
     async def count_rollouts(self, run_id: str | None = None) -> int:
         async with self.sessions() as s:
             q = select(func.count()).select_from(RolloutRow)

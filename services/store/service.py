@@ -1,26 +1,59 @@
-"""The store process: consumes TRAJECTORIES and DLQ, publishes complete groups, answers queries."""
+"""The store process: consumes TRAJECTORIES, METRICS and DLQ, publishes complete groups,
+answers queries, and replays a run's trained groups."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
+import msgpack
 import structlog
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import subjects
 from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, TransientError, wait_for_stop
-from shared.messages import DeadLetter, GetById, Group, Ping, PutTasks, Reply, Trajectory
+from shared.messages import (
+    DeadLetter,
+    GetById,
+    GetMetrics,
+    Group,
+    ListRuns,
+    Message,
+    Ping,
+    PutDataset,
+    PutRun,
+    PutTasks,
+    ReplayRequest,
+    Reply,
+    SaveCursor,
+    SetRunState,
+    StepMetrics,
+    Trajectory,
+)
 from services.store.repository import Repository
+from services.store.runs import Refused, RunRepository
 from services.store.settings import StoreSettings
 
 log = structlog.get_logger("store")
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T", bound=BaseModel)
+
+# Failures outside the message: retried later, never counted toward poison.
+_TRANSIENT = (OperationalError, DBAPIError, ConnectionError, OSError)
+# Room left in a reply for everything but its list (error text, field names, envelope).
+_REPLY_HEADROOM = 64 * 1024
+# Groups loaded from SQL at once while replaying (bounds memory, not order).
+_REPLAY_CHUNK = 64
 
 
 class Store:
     def __init__(self, bus: Bus, engine: AsyncEngine, settings: StoreSettings) -> None:
         self.bus = bus
         self.repo = Repository(engine)
+        self.runs = RunRepository(engine)
         self.settings = settings
 
     # --- trajectories -> SQL -> groups -------------------------------------------------
@@ -35,7 +68,7 @@ class Store:
             complete = await self.repo.complete_unpublished_groups(t.group_id for t in trajectories)
             if complete:
                 await self.publish_groups(complete, known=inserted)
-        except (OperationalError, DBAPIError, ConnectionError, OSError) as exc:
+        except _TRANSIENT as exc:
             raise TransientError(f"database unavailable: {exc}") from exc
         log.debug("stored trajectories", received=len(trajectories), new=len(inserted), groups=len(complete))
 
@@ -50,6 +83,13 @@ class Store:
         await self.repo.mark_published([(g.group_id, g.run_id, g.task_id, len(g.trajectories)) for g in groups])
         for g in groups:
             log.info("group complete", run_id=g.run_id, group_id=g.group_id, size=len(g.trajectories))
+
+    async def on_metrics(self, batch: list[Delivery[StepMetrics]]) -> None:
+        """Store trainer steps; a re-sent step replaces the stored one (see RunRepository.put_metrics)."""
+        try:
+            await self.runs.put_metrics([(d.value, d.msg.metadata.sequence.stream) for d in batch])
+        except _TRANSIENT as exc:
+            raise TransientError(f"database unavailable: {exc}") from exc
 
     async def on_dead_letters(self, batch: list[Delivery[DeadLetter]]) -> None:
         await self.repo.put_dead_letters([d.value for d in batch])
@@ -74,12 +114,109 @@ class Store:
         await self.repo.count_rollouts("__ping__")  # proves the database answers, not just the process
         return Reply.of()
 
+    # --- runs, datasets, metrics ------------------------------------------------------
+
+    async def rpc_put_run(self, req: PutRun) -> Reply:
+        return Reply.of(run=await self.runs.put_run(req.config, req.rows))
+
+    async def rpc_get_run(self, req: GetById) -> Reply:
+        run = await self.runs.get_run(req.id)
+        return Reply.of(run=run) if run else Reply.fail(404, f"run {req.id!r} not found")
+
+    async def rpc_list_runs(self, req: ListRuns) -> Reply:
+        runs = await self.runs.list_runs(req.states, req.limit)
+        return Reply.of(runs=self._fit(runs, "runs"))
+
+    async def rpc_set_run_state(self, req: SetRunState) -> Reply:
+        return Reply.of(run=await self.runs.set_state(req.run_id, req.state, req.error, req.from_states))
+
+    async def rpc_save_cursor(self, req: SaveCursor) -> Reply:
+        """`stored` is 1 when the cursor was applied, 0 when a further one was already stored."""
+        return Reply.of(stored=int(await self.runs.save_cursor(req.run_id, req.cursor)))
+
+    async def rpc_put_dataset(self, req: PutDataset) -> Reply:
+        await self.runs.put_dataset(req.name, req.rows)
+        return Reply.of(stored=len(req.rows))
+
+    async def rpc_get_dataset(self, req: GetById) -> Reply:
+        rows = await self.runs.get_dataset(req.id)
+        return Reply.of(rows=rows) if rows is not None else Reply.fail(404, f"dataset {req.id!r} not found")
+
+    async def rpc_get_metrics(self, req: GetMetrics) -> Reply:
+        """Steps after `after_step`, oldest first; fewer than `limit` when the reply would not
+        fit in one NATS message (page on with after_step = the last step returned)."""
+        metrics = await self.runs.get_metrics(req.run_id, req.after_step, req.limit)
+        return Reply.of(metrics=self._fit(metrics, "metrics"))
+
+    def _fit(self, items: list[T], what: str) -> list[T]:
+        """The longest prefix of `items` that fits in one reply (at least one item)."""
+        budget = self.bus.nc.max_payload - _REPLY_HEADROOM
+        size = 0
+        for n, item in enumerate(items):
+            size += len(msgpack.packb(item.model_dump(), use_bin_type=True))
+            if size > budget and n > 0:
+                log.warning("reply trimmed to fit max_payload", what=what, kept=n, asked=len(items))
+                return items[:n]
+        return items
+
+    # --- replay ------------------------------------------------------------------------
+
+    async def rpc_replay(self, req: ReplayRequest) -> Reply:
+        """Re-publish the groups run `run_id` trained, in the order its trainer consumed them,
+        to `groups(into, replay=True)`. `stored` counts groups the stream took as new: a
+        replay repeated within the duplicate window publishes nothing twice."""
+        into = req.into or req.run_id
+        try:
+            subjects.check_token(into)
+        except ValueError as exc:
+            return Reply.fail(400, f"into: {exc}")
+        order = await self.runs.trained_groups(req.run_id, req.versions)
+        if order is None:
+            return Reply.fail(404, f"run {req.run_id!r} has no stored training steps to replay")
+        if into != req.run_id:
+            await self.runs.copy_run(req.run_id, into)
+        published = 0
+        for chunk in _chunks(order, _REPLAY_CHUNK):
+            published += await self._replay_chunk(chunk, into, req.min_reward)
+        log.info("replayed", run_id=req.run_id, into=into, groups=len(order), published=published)
+        return Reply.of(stored=published)
+
+    async def _replay_chunk(self, group_ids: list[str], into: str, min_reward: float | None) -> int:
+        if min_reward is not None:
+            rewards = await self.repo.group_rewards(group_ids)
+            group_ids = [g for g in group_ids if rewards.get(g, float("-inf")) >= min_reward]
+        members = await self.repo.load_trajectories(group_ids)
+        published = 0
+        for g in group_ids:
+            if g not in members:  # trained but not stored here (e.g. groups from another store)
+                log.warning("replay: group not stored; skipped", group_id=g)
+                continue
+            group = Group(run_id=into, group_id=g, task_id=members[g][0].task_id, trajectories=members[g])
+            # One at a time, each waiting for its ack: the stream order must be the trained order.
+            acks = await self.bus.publish_many([(subjects.groups(into, replay=True), group, f"replay:{into}:{g}")])
+            published += sum(not a.duplicate for a in acks)
+        return published
+
+    # --- serving -----------------------------------------------------------------------
+
     async def serve(self) -> None:
-        q = subjects.STORE_RPC_QUEUE
-        await self.bus.serve(subjects.store_rpc("put_tasks"), q, PutTasks, self.rpc_put_tasks)
-        await self.bus.serve(subjects.store_rpc("get_task"), q, GetById, self.rpc_get_task)
-        await self.bus.serve(subjects.store_rpc("get_rollout"), q, GetById, self.rpc_get_rollout)
-        await self.bus.serve(subjects.store_rpc("ping"), q, Ping, self.rpc_ping)
+        rpcs: list[tuple[str, type[Any], Callable[[Any], Awaitable[Reply]]]] = [
+            ("put_tasks", PutTasks, self.rpc_put_tasks),
+            ("get_task", GetById, self.rpc_get_task),
+            ("get_rollout", GetById, self.rpc_get_rollout),
+            ("ping", Ping, self.rpc_ping),
+            ("put_run", PutRun, self.rpc_put_run),
+            ("get_run", GetById, self.rpc_get_run),
+            ("list_runs", ListRuns, self.rpc_list_runs),
+            ("set_run_state", SetRunState, self.rpc_set_run_state),
+            ("save_cursor", SaveCursor, self.rpc_save_cursor),
+            ("put_dataset", PutDataset, self.rpc_put_dataset),
+            ("get_dataset", GetById, self.rpc_get_dataset),
+            ("get_metrics", GetMetrics, self.rpc_get_metrics),
+            ("replay", ReplayRequest, self.rpc_replay),
+        ]
+        for method, request_cls, handler in rpcs:
+            await self.bus.serve(subjects.store_rpc(method), subjects.STORE_RPC_QUEUE, request_cls, _refusals(handler))
 
     def consumers(self) -> list[PullConsumer]:  # type: ignore[type-arg]
         trajectories = PullConsumer(
@@ -107,8 +244,36 @@ class Store:
             handler=self.on_dead_letters,
             batch=64,
         )
-        return [trajectories, dead_letters]
+        metrics = PullConsumer(
+            bus=self.bus,
+            spec=ConsumerSpec(
+                stream=subjects.STREAM_METRICS,
+                durable=subjects.CONSUMER_STORE_METRICS,
+                filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_METRICS],
+            ),
+            model=StepMetrics,
+            handler=self.on_metrics,
+            batch=64,
+        )
+        return [trajectories, metrics, dead_letters]
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.serve()
         await wait_for_stop(stop, *(c.run(stop) for c in self.consumers()))
+
+
+def _refusals(handler: Callable[[M], Awaitable[Reply]]) -> Callable[[M], Awaitable[Reply]]:
+    """Answer a `Refused` with its code instead of the bus's generic 500."""
+
+    async def answer(req: M) -> Reply:
+        try:
+            return await handler(req)
+        except Refused as exc:
+            return Reply.fail(exc.code, exc.reason)
+
+    return answer
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

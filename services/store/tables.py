@@ -1,4 +1,5 @@
-"""The SQL schema: runs, tasks, rollouts (trajectories), transitions, rewards, groups, dead letters.
+"""The SQL schema: runs, datasets, step metrics, tasks, rollouts (trajectories), transitions,
+rewards, groups, dead letters.
 
 Token arrays are stored as the same packed little-endian blobs that travel on the wire.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -16,10 +17,51 @@ class Base(DeclarativeBase):
 
 
 class RunRow(Base):
+    """A run. `state` NULL marks an ad-hoc bucket of tasks made by `put_tasks` (no config, no
+    lifecycle): run queries skip it, and `put_run` for its id turns it into a real run.
+
+    Columns added after the first schema are nullable or server-defaulted, so `create_schema`
+    can add them to a database an older version created.
+    """
+
     __tablename__ = "runs"
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     created_at: Mapped[float] = mapped_column(Float)
-    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # RunConfig dump
+    state: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    updated_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cursor: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # PaceCursor dump
+    # cursor.groups_published again, as a column: lets save_cursor compare-and-set in one UPDATE.
+    groups_published: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    rows: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # dataset size
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class DatasetRow(Base):
+    """Named dataset rows, immutable once stored (runs refer to them by name)."""
+
+    __tablename__ = "datasets"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    rows: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class MetricRow(Base):
+    """One optimizer step of a run (StepMetrics); a re-trained step replaces its row."""
+
+    __tablename__ = "metrics"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    values: Mapped[dict[str, Any]] = mapped_column(JSON)
+    staleness: Mapped[dict[str, int]] = mapped_column(JSON)
+    dropped: Mapped[dict[str, str]] = mapped_column(JSON)
+    group_ids: Mapped[list[str]] = mapped_column(JSON)  # in the order the trainer consumed them
+    trainer_id: Mapped[str] = mapped_column(String(128))
+    at: Mapped[float] = mapped_column(Float)
+    # METRICS stream sequence of the stored message: a redelivered older message never
+    # overwrites a newer one (wall clocks of restarted trainers are not comparable).
+    seq: Mapped[int] = mapped_column(BigInteger)
 
 
 class TaskRow(Base):

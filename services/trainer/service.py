@@ -16,7 +16,6 @@ import asyncio
 import math
 import re
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ from services.trainer import checkpoint
 from services.trainer.feed import GroupFeed
 from services.trainer.grpo import is_zero_variance
 from services.trainer.learner import Learner
-from services.trainer.progress import get_run, publish_metrics, put_progress, runs_to_train, set_state
+from services.trainer.progress import StoreError, get_run, publish_metrics, put_progress, runs_to_train, set_state
 from services.trainer.samples import group_min_version
 from services.trainer.settings import TrainerSettings
 
@@ -77,7 +76,6 @@ class Batch:
     kept: list[Group] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     rewards: list[float] = field(default_factory=list)  # every consumed trajectory: the policy's score
-    staleness: Counter[int] = field(default_factory=Counter)
 
 
 class RunTrainer:
@@ -122,6 +120,9 @@ class RunTrainer:
                     await self.feed.ack_held()
                     await self._put_progress(force=True)
             if self._finished() and not self.stop.is_set():
+                if self.counters.version != self.counters.step:  # the last steps fell between syncs
+                    self.counters.version = self.counters.step
+                    await self._publish_weights(self.counters.step)
                 await self._put_progress(force=True, finished=True)
                 await set_state(self.bus, self.run.run_id, "finished", self.settings.store_timeout_s)
                 log.info("run finished", run_id=self.run.run_id, step=self.counters.step)
@@ -130,7 +131,9 @@ class RunTrainer:
 
     def _load(self) -> None:
         path = resolve_model(self.cfg.model, self.settings.model_dir)
-        self.learner = Learner(path, self.train_cfg, seed=self.cfg.seed, device=self.settings.device, trained_roles=self.roles)
+        self.learner = Learner.from_pretrained(
+            path, self.train_cfg, seed=self.cfg.seed, device=self.settings.device, trained_roles=self.roles
+        )
         found = checkpoint.latest_checkpoint(self.ckpt_dir)
         if found is not None:
             step, state, extra = found
@@ -190,17 +193,13 @@ class RunTrainer:
             batch.dropped[group.group_id] = reason
             return
         batch.kept.append(group)
-        for traj in group.trajectories:
-            v = group_min_version(group.model_copy(update={"trajectories": [traj]}), self.roles)
-            if v is not None:
-                batch.staleness[c.version - v] += 1
 
     def _drop_reason(self, group: Group) -> str | None:
         oldest = group_min_version(group, self.roles)
         if oldest is None:
             return "no trainable tokens"
-        if not self.replay and self.counters.version - oldest > self.cfg.max_staleness:
-            return f"stale: sampled by version {oldest}, trainer at {self.counters.version}, max_staleness {self.cfg.max_staleness}"
+        if not self.replay and self.counters.step - oldest > self.cfg.max_staleness:
+            return f"stale: sampled by version {oldest}, trainer at step {self.counters.step}, max_staleness {self.cfg.max_staleness}"
         if self.train_cfg.drop_zero_variance and is_zero_variance(group):
             return "zero variance: every member has the same reward"
         return None
@@ -235,7 +234,8 @@ class RunTrainer:
             group_ids=[g.group_id for g in batch.kept],
             dropped=batch.dropped,
             values=self._values(result, batch, elapsed),
-            staleness=dict(batch.staleness),
+            # Steps between the policy that sampled each sample and the weights that trained it.
+            staleness=result.staleness(c.step - 1),
             trainer_id=self.settings.trainer_id,
         )
         c.forget_old()
@@ -322,7 +322,11 @@ class Trainer:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            claimed = await self._claim()
+            try:
+                claimed = await self._claim()
+            except (TimeoutError, StoreError) as exc:  # the store restarting: look again shortly
+                log.warning("cannot list runs; retrying", error=str(exc))
+                claimed = None
             if claimed is None:
                 await _sleep(stop, self.settings.poll_s)
                 continue

@@ -1,0 +1,236 @@
+"""SQL for training runs: run lifecycle and pacing cursor, named datasets, step metrics, and the
+order in which a run's trainer consumed its groups (what replay re-publishes)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shared.messages import PaceCursor, RunConfig, RunState, RunView, StepMetrics
+from services.store import records
+from services.store.db import insert_ignore, sessions, upsert
+from services.store.tables import DatasetRow, MetricRow, RunRow
+
+_ROWS_PER_STATEMENT = 500
+
+
+class Refused(Exception):
+    """A request the store will not apply; `code` is HTTP-like (404 missing, 409 conflict)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class RunRepository:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sessions = sessions(engine)
+
+    # --- runs --------------------------------------------------------------------------
+
+    async def put_run(self, config: RunConfig, rows: int) -> RunView:
+        """Create a run in state "running"; the same config again returns the stored run.
+
+        Raises Refused(409) when the run exists with another config, Refused(400) when the
+        config cannot be stored as JSON."""
+        try:
+            row = records.run_row(config, rows, time.time())
+        except ValueError as exc:
+            raise Refused(400, f"run config: {exc}") from None
+        async with self.sessions.begin() as s:
+            created = (await s.execute(insert_ignore(self.engine, RunRow).values(row).returning(RunRow.run_id))).first()
+            if created is None and not await self._adopt(s, row):
+                _check_same(await s.get(RunRow, config.run_id), row)
+        view = await self.get_run(config.run_id)
+        assert view is not None
+        return view
+
+    async def _adopt(self, s: Any, row: dict[str, Any]) -> bool:
+        """Turn an ad-hoc task bucket of the same id into this run (tasks submitted before it)."""
+        result = await s.execute(
+            update(RunRow)
+            .where(RunRow.run_id == row["run_id"], RunRow.state.is_(None))
+            .values(row)
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount > 0
+
+    async def get_run(self, run_id: str) -> RunView | None:
+        """A configured run; None for an unknown id or an ad-hoc task bucket."""
+        async with self.sessions() as s:
+            row = await s.get(RunRow, run_id)
+            if row is None or row.state is None:
+                return None
+            latest = await _latest_metrics(s, [run_id])
+        return records.run_view(row, latest.get(run_id))
+
+    async def list_runs(self, states: Sequence[RunState], limit: int) -> list[RunView]:
+        """Configured runs, newest first, optionally only those in `states`."""
+        q = select(RunRow).where(RunRow.state.is_not(None))
+        if states:
+            q = q.where(RunRow.state.in_(list(states)))
+        q = q.order_by(RunRow.created_at.desc(), RunRow.run_id).limit(limit)
+        async with self.sessions() as s:
+            rows = (await s.execute(q)).scalars().all()
+            latest = await _latest_metrics(s, [r.run_id for r in rows])
+        return [records.run_view(r, latest.get(r.run_id)) for r in rows]
+
+    async def set_state(
+        self, run_id: str, state: RunState, error: str | None, from_states: Sequence[RunState]
+    ) -> RunView:
+        """Compare-and-set the state in one UPDATE, so two gateways cannot both win a transition."""
+        stmt = (
+            update(RunRow)
+            .where(RunRow.run_id == run_id, RunRow.state.is_not(None))
+            .values(state=state, error=error, updated_at=time.time())
+            .execution_options(synchronize_session=False)
+        )
+        if from_states:
+            stmt = stmt.where(RunRow.state.in_(list(from_states)))
+        async with self.sessions.begin() as s:
+            if (await s.execute(stmt)).rowcount == 0:
+                current = await s.get(RunRow, run_id)
+                if current is None or current.state is None:
+                    raise Refused(404, f"run {run_id!r} not found")
+                allowed = " or ".join(from_states)
+                raise Refused(409, f"run {run_id!r} is {current.state}; only a {allowed} run can become {state}")
+        view = await self.get_run(run_id)
+        assert view is not None
+        return view
+
+    async def save_cursor(self, run_id: str, cursor: PaceCursor) -> bool:
+        """Store the pacing cursor unless a further one is stored; returns whether it was applied.
+
+        A cursor never moves back: a stale writer (a gateway that lost its lease mid-tick)
+        must not make the next one republish groups."""
+        stmt = (
+            update(RunRow)
+            .where(
+                RunRow.run_id == run_id,
+                RunRow.state.is_not(None),
+                RunRow.groups_published <= cursor.groups_published,
+            )
+            .values(cursor=cursor.model_dump(), groups_published=cursor.groups_published, updated_at=time.time())
+            .execution_options(synchronize_session=False)
+        )
+        async with self.sessions.begin() as s:
+            if (await s.execute(stmt)).rowcount > 0:
+                return True
+            current = await s.get(RunRow, run_id)
+        if current is None or current.state is None:
+            raise Refused(404, f"run {run_id!r} not found")
+        return False
+
+    async def copy_run(self, source: str, into: str) -> None:
+        """Create run `into` from `source`'s config in "replay" mode, unless it exists: its
+        groups come only from replay (the gateway publishes no rollouts for such a run), the
+        same run the gateway's replay endpoint creates before calling replay."""
+        async with self.sessions() as s:
+            if await s.get(RunRow, into) is not None:
+                return
+            src = await s.get(RunRow, source)
+        if src is None or src.state is None:
+            raise Refused(404, f"run {source!r} has no stored config to create run {into!r} from")
+        config = RunConfig.model_validate({**src.config, "run_id": into, "mode": "replay"})
+        try:
+            await self.put_run(config, src.rows)
+        except Refused as exc:
+            if exc.code != 409:  # 409: created concurrently (by the gateway or another replay); fine
+                raise
+
+    # --- datasets ----------------------------------------------------------------------
+
+    async def put_dataset(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Store rows under `name` once; the same rows again is a no-op, others are refused."""
+        try:
+            stored = records.json_safe(rows)
+        except ValueError as exc:
+            raise Refused(400, f"dataset {name!r}: {exc}") from None
+        async with self.sessions.begin() as s:
+            new = {"name": name, "rows": stored, "created_at": time.time()}
+            if (await s.execute(insert_ignore(self.engine, DatasetRow).values(new).returning(DatasetRow.name))).first():
+                return
+            existing = await s.get(DatasetRow, name)
+        if existing is not None and existing.rows != stored:
+            raise Refused(409, f"dataset {name!r} already exists with different rows ({len(existing.rows)} rows)")
+
+    async def get_dataset(self, name: str) -> list[dict[str, Any]] | None:
+        async with self.sessions() as s:
+            row = await s.get(DatasetRow, name)
+        return row.rows if row else None
+
+    # --- metrics -----------------------------------------------------------------------
+
+    async def put_metrics(self, items: Sequence[tuple[StepMetrics, int]]) -> None:
+        """Upsert steps by (run, step); `int` is the stream sequence, and the highest wins, so
+        a re-trained step (trainer restarted from a checkpoint) replaces the stored one."""
+        latest: dict[tuple[str, int], dict[str, Any]] = {}
+        for m, seq in items:
+            key = (m.run_id, m.step)
+            # One statement may not touch a row twice (PostgreSQL): keep one row per key.
+            if key not in latest or seq >= latest[key]["seq"]:
+                latest[key] = records.metric_row(m, seq)
+        rows = list(latest.values())
+        async with self.sessions.begin() as s:
+            for i in range(0, len(rows), _ROWS_PER_STATEMENT):
+                stmt = upsert(self.engine, MetricRow, ["run_id", "step"], newer="seq")
+                await s.execute(stmt, rows[i : i + _ROWS_PER_STATEMENT])
+
+    async def get_metrics(self, run_id: str, after_step: int, limit: int) -> list[StepMetrics]:
+        q = (
+            select(MetricRow)
+            .where(MetricRow.run_id == run_id, MetricRow.step > after_step)
+            .order_by(MetricRow.step)
+            .limit(limit)
+        )
+        async with self.sessions() as s:
+            return [records.step_metrics(r) for r in (await s.execute(q)).scalars()]
+
+    async def trained_groups(self, run_id: str, versions: tuple[int, int] | None) -> list[str] | None:
+        """Group ids the run's trainer trained, in the order it consumed them (step, then
+        position in the step), each once; None when the run has no stored metrics at all."""
+        q = select(MetricRow.step, MetricRow.version, MetricRow.group_ids).where(MetricRow.run_id == run_id)
+        async with self.sessions() as s:
+            steps = (await s.execute(q.order_by(MetricRow.step))).all()
+        if not steps:
+            return None
+        low, high = versions if versions else (None, None)
+        ordered: dict[str, None] = {}  # insertion-ordered set: a group trained twice goes once, first
+        for _, version, group_ids in steps:
+            if low is None or low <= version <= high:  # type: ignore[operator]
+                ordered.update(dict.fromkeys(group_ids))
+        return list(ordered)
+
+
+def _check_same(existing: RunRow | None, wanted: dict[str, Any]) -> None:
+    """Refuse (409) a put_run whose config or dataset size differs from the stored run's."""
+    assert existing is not None  # the insert conflicted, so the row exists (runs are never deleted)
+    # Re-validated, so fields a newer RunConfig added (with defaults) do not count as changes.
+    stored = records.json_safe(RunConfig.model_validate(existing.config).model_dump(mode="json"))
+    new = wanted["config"]
+    differs = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k))
+    if existing.rows != wanted["rows"]:
+        differs.append("rows")
+    if differs:
+        raise Refused(
+            409, f"run {wanted['run_id']!r} already exists with a different config (differs in: {', '.join(differs)})"
+        )
+
+
+async def _latest_metrics(s: Any, run_ids: list[str]) -> dict[str, MetricRow]:
+    """The highest stored step of each run."""
+    if not run_ids:
+        return {}
+    top = (
+        select(MetricRow.run_id, func.max(MetricRow.step).label("step"))
+        .where(MetricRow.run_id.in_(run_ids))
+        .group_by(MetricRow.run_id)
+        .subquery()
+    )
+    q = select(MetricRow).join(top, and_(MetricRow.run_id == top.c.run_id, MetricRow.step == top.c.step))
+    return {r.run_id: r for r in (await s.execute(q)).scalars()}

@@ -1,0 +1,195 @@
+"""The trainer service as a real process against a real nats-server and store.
+
+Trajectories are published the way rollout workers publish them; the store assembles groups;
+the trainer (`python -m services.trainer`) trains them. Covered: drops, SIGKILL + restart
+(no group trained twice, none lost), and replay reproducing the final weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator
+
+import numpy as np
+import pytest
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config import ServiceSettings
+from shared.messages import (
+    GetById,
+    GetMetrics,
+    PutRun,
+    ReplayRequest,
+    RunConfig,
+    RunView,
+    StepMetrics,
+    Trajectory,
+    Transition,
+    pack_f32,
+    pack_i32,
+)
+from shared.weights import latest_policy
+from services.store.settings import StoreSettings
+from tests.test_store import RunningStore
+
+GROUP_SIZE = 4
+
+
+@pytest.fixture
+async def store(settings: ServiceSettings, sqlite_url: str) -> AsyncIterator[RunningStore]:
+    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=sqlite_url)).start()
+    yield st
+    if not st.task.done():
+        await st.stop()
+    await st.engine.dispose()
+
+
+class TrainerProcess:
+    def __init__(self, nats_url: str, tmp: Path, run_id: str, *extra: str) -> None:
+        self.log = tmp / f"trainer-{run_id}.log"
+        args = [
+            sys.executable, "-m", "services.trainer", "--run-id", run_id, "--exit-when-done", "--device", "cpu",
+            "--model-dir", str(tmp / "models"), "--checkpoint-dir", str(tmp / "checkpoints"),
+            "--ack-wait-s", "2", "--poll-s", "0.2", "--log-format", "console", *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "NATS_URL": nats_url, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env)
+
+    async def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(self.proc.wait, 10)
+
+    async def wait(self, timeout_s: float) -> int:
+        """Wait off the event loop: the store under test runs in this loop."""
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"trainer did not finish in {timeout_s}s:\n{self.log.read_text()[-3000:]}") from None
+
+
+def run_config(run_id: str, rows: int, **training: object) -> RunConfig:
+    base: dict[str, object] = dict(batch_size=2, group_size=GROUP_SIZE, learning_rate=1e-3, epochs=1)
+    base.update(training)
+    return RunConfig(
+        run_id=run_id, agent="copy", dataset=[{"i": i} for i in range(rows)], training=base, max_staleness=1000, seed=7
+    )
+
+
+async def rpc(bus: Bus, method: str, msg) -> object:  # type: ignore[no-untyped-def]
+    reply = await bus.request(subjects.store_rpc(method), msg, timeout=10)
+    assert reply.ok, reply.error
+    return reply
+
+
+def trajectories(run_id: str, task: int, rewards: list[float]) -> list[Trajectory]:
+    """One group: a shared prompt, a different 6-token response per member, versions 0."""
+    rng = np.random.default_rng(task)
+    prompt = rng.integers(3, 500, size=10)
+    out = []
+    for i, reward in enumerate(rewards):
+        response = rng.integers(3, 500, size=6)
+        out.append(
+            Trajectory(
+                rollout_id=f"{run_id}-t{task}.{i}", run_id=run_id, task_id=f"{run_id}-t{task}", group_id=f"{run_id}-t{task}",
+                sample_index=i, group_size=len(rewards), agent="copy", status="ok", reward=reward,
+                transitions=[Transition(
+                    prompt_ids=pack_i32(prompt), response_ids=pack_i32(response),
+                    response_logprobs=pack_f32(np.full(6, -6.0)), response_versions=pack_i32(np.zeros(6)),
+                )],
+                started_at=time.time(), finished_at=time.time(), worker_id="test",
+            )
+        )  # fmt: skip
+    return out
+
+
+def rewards_for(task: int) -> list[float]:
+    # Every fifth group has zero variance: the trainer must drop it and count it.
+    return [0.5] * GROUP_SIZE if task % 5 == 4 else [float((task + i) % 2) for i in range(GROUP_SIZE)]
+
+
+async def publish_groups(bus: Bus, run_id: str, tasks: range) -> None:
+    for task in tasks:
+        for t in trajectories(run_id, task, rewards_for(task)):
+            await bus.publish(subjects.trajectories(run_id), t, t.msg_id())
+
+
+async def metrics(bus: Bus, run_id: str) -> list[StepMetrics]:
+    return (await rpc(bus, "get_metrics", GetMetrics(run_id=run_id))).metrics or []  # type: ignore[attr-defined]
+
+
+async def run_view(bus: Bus, run_id: str) -> RunView:
+    return (await rpc(bus, "get_run", GetById(id=run_id))).run  # type: ignore[attr-defined]
+
+
+async def wait_for(pred, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not await pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)
+
+
+def trained_ids(steps: list[StepMetrics]) -> list[str]:
+    return [g for m in steps for g in m.group_ids]
+
+
+async def test_trainer_survives_sigkill_without_retraining_or_losing_groups(
+    store: RunningStore, bus: Bus, nats_url: str, tmp_path: Path
+) -> None:
+    run_id, rows = "killed", 15
+    await rpc(bus, "put_run", PutRun(config=run_config(run_id, rows, batch_size=3), rows=rows))
+    trainer = TrainerProcess(nats_url, tmp_path, run_id)
+    await publish_groups(bus, run_id, range(0, 8))  # 2 full steps + held groups of a partial third
+
+    async def two_steps() -> bool:
+        return len(await metrics(bus, run_id)) >= 2
+
+    await wait_for(two_steps, 120, "two steps before the kill")
+    await asyncio.sleep(0.5)  # let it take the remaining groups into its next (partial) batch
+    await trainer.kill()
+    await publish_groups(bus, run_id, range(8, rows))
+    assert await TrainerProcess(nats_url, tmp_path, run_id).wait(120) == 0
+
+    steps = await metrics(bus, run_id)
+    ids = trained_ids(steps)
+    expected = {f"{run_id}-t{t}" for t in range(rows) if t % 5 != 4}
+    assert len(ids) == len(set(ids)), "a group was trained twice"
+    assert set(ids) == expected, f"lost: {expected - set(ids)}"
+    dropped = {g for m in steps for g in m.dropped}
+    assert dropped <= {f"{run_id}-t{t}" for t in range(rows) if t % 5 == 4}
+    assert [m.step for m in steps] == list(range(1, len(steps) + 1))
+    assert (await run_view(bus, run_id)).state == "finished"
+    assert "resumed from checkpoint" in (tmp_path / f"trainer-{run_id}.log").read_text()
+
+
+async def test_replay_into_a_fresh_trainer_reproduces_the_final_weights_bit_for_bit(
+    store: RunningStore, bus: Bus, nats_url: str, tmp_path: Path
+) -> None:
+    run_id, rows = "original", 10
+    config = run_config(run_id, rows)
+    await rpc(bus, "put_run", PutRun(config=config, rows=rows))
+    await publish_groups(bus, run_id, range(rows))
+    assert await TrainerProcess(nats_url, tmp_path, run_id).wait(120) == 0
+    original = await metrics(bus, run_id)
+    assert original and (await run_view(bus, run_id)).state == "finished"
+
+    replay = config.model_copy(update={"run_id": "replayed", "mode": "replay"})
+    await rpc(bus, "put_run", PutRun(config=replay, rows=rows))
+    reply = await rpc(bus, "replay", ReplayRequest(run_id=run_id, into="replayed"))
+    assert reply.stored == len(trained_ids(original))  # type: ignore[attr-defined]
+    assert await TrainerProcess(nats_url, tmp_path, "replayed", "--replay-idle-s", "2").wait(120) == 0
+
+    replayed = await metrics(bus, "replayed")
+    assert [m.group_ids for m in replayed] == [m.group_ids for m in original]
+    a, b = await latest_policy(bus, run_id), await latest_policy(bus, "replayed")
+    assert a is not None and b is not None and a.version == b.version == len(original)
+    assert a.sha256 == b.sha256
+    # The weights did change: the final version differs from the initial one.
+    assert original[-1].values["grad_norm"] > 0
