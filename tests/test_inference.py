@@ -47,7 +47,8 @@ def tokenizer(model_path: Path) -> Any:
 
 def _settings(model_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
-        model=str(model_path), device="cpu", dtype="float32", batch_wait_ms=20.0, log_format="console"
+        model=str(model_path), device="cpu", dtype="float32", batch_wait_ms=20.0, log_format="console",
+        watch_policy=False,  # these tests run without NATS; tests/test_weight_sync.py covers the watcher
     )
     values.update(overrides)
     return Settings(**values)
@@ -420,7 +421,8 @@ def _free_port() -> int:
 def test_process_serves_and_drains_on_sigterm(model_path: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.inference", "--port", str(port), "--model", str(model_path), "--device", "cpu"],
+        [sys.executable, "-m", "services.inference", "--port", str(port), "--model", str(model_path), "--device", "cpu",
+         "--no-watch-policy"],
         cwd=ROOT,
         env={**os.environ, "RELAYRL_LOG_FORMAT": "console"},
         stdout=subprocess.PIPE,

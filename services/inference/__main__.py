@@ -18,14 +18,24 @@ def main(argv: list[str] | None = None) -> int:
     settings = load(Settings, sys.argv[1:] if argv is None else argv)
     log = setup("inference", settings)
     # Context vars reach every logger, including the engine's worker thread (it copies them).
-    structlog.contextvars.bind_contextvars(service="inference", run_id=settings.run_id)
+    structlog.contextvars.bind_contextvars(service="inference")
+    if settings.run_id:  # following the latest run: no one run id; weight-load lines name theirs
+        structlog.contextvars.bind_contextvars(run_id=settings.run_id)
     try:
         check_engine_kind(settings.engine)
     except (RuntimeError, ValueError) as exc:
         log.error("cannot start", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    log.info("starting", host=settings.host, port=settings.port, model=settings.model, engine=settings.engine)
+    log.info(
+        "starting",
+        host=settings.host,
+        port=settings.port,
+        model=settings.model,
+        engine=settings.engine,
+        watch_policy=settings.watch_policy,
+        follows=(settings.run_id or "latest run") if settings.watch_policy else None,
+    )
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
@@ -35,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         access_log=False,
     )
     # uvicorn handles SIGTERM/SIGINT: stop accepting, finish in-flight requests, run shutdown.
+    # A failed startup (NATS unreachable while watch_policy is on) exits with status 3.
     uvicorn.Server(config).run()
     return 0
 

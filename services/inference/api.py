@@ -1,9 +1,10 @@
 """FastAPI app: health, models, stats and the OpenAI-compatible completion endpoints.
 
 The model loads in a background thread after startup, so `/healthz` answers at once and
-`/readyz` turns 200 only when the engine is serving. Every response carries the token ids
-exactly as sampled, a logprob and a policy version per token, which is what an RL trainer
-needs and what re-tokenizing text can never give back.
+`/readyz` turns 200 only when the engine is serving and, when the replica follows the
+trainer's weights (`watch_policy`), has loaded the latest published version. Every response
+carries the token ids exactly as sampled, a logprob and a policy version per token, which is
+what an RL trainer needs and what re-tokenizing text can never give back.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from services.inference.engine import (
     check_engine_kind,
     load_engine,
 )
+from services.inference.policy import PolicySyncError, PolicyWatcher
 from services.inference.sampling import SamplingConfig
 from services.inference.schemas import ChatCompletionRequest, CompletionRequest, _Common
 from services.inference.settings import Settings
@@ -52,6 +54,7 @@ class Runtime:
         self.model_path: Path | None = None
         self.error: str | None = None
         self.created = int(time.time())
+        self.watcher: PolicyWatcher | None = None
 
     def load(self) -> None:
         s = self.settings
@@ -80,16 +83,39 @@ class Runtime:
             raise EngineUnavailable(self.error or "the model is still loading")
         return self.engine
 
+    def failure(self) -> str | None:
+        """Why this replica cannot do its job, if it cannot (what /healthz reports)."""
+        if self.error:
+            return self.error
+        if self.engine is not None and not self.engine.alive:
+            return f"engine stopped: {self.engine.error}"
+        if self.watcher is not None and self.watcher.error:
+            return self.watcher.error
+        return None
+
+    def policy(self) -> dict[str, Any]:
+        return self.watcher.status() if self.watcher is not None else {"policy_run_id": None, "policy_synced": None}
+
 
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings)
         app.state.runtime = runtime
+        runtime.watcher = await _connect_watcher(settings)
         loading = asyncio.create_task(asyncio.to_thread(runtime.load))
+
+        async def loaded_engine() -> TorchEngine | None:
+            await asyncio.shield(loading)  # shielded: stopping the watcher must not cancel the load
+            return runtime.engine
+
+        if runtime.watcher is not None:
+            runtime.watcher.start(loaded_engine)
         try:
             yield
         finally:
+            if runtime.watcher is not None:
+                await runtime.watcher.close()
             # uvicorn has already drained in-flight HTTP requests; now let the worker end.
             await asyncio.wait({loading}, timeout=settings.graceful_timeout_s)
             if runtime.engine is not None:
@@ -100,6 +126,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(_openai_router())
     _install_error_handlers(app)
     return app
+
+
+async def _connect_watcher(settings: Settings) -> PolicyWatcher | None:
+    """Connect the policy watcher, or fail startup: a replica that was asked to follow the
+    trainer must not quietly serve stale weights because NATS is unreachable."""
+    if not settings.watch_policy:
+        return None
+    watcher = PolicyWatcher(settings, settings.run_id, initial_version=settings.initial_version)
+    try:
+        await watcher.connect()
+    except PolicySyncError as exc:
+        log.error("cannot start", error=str(exc))
+        raise
+    return watcher
 
 
 def _runtime(request: Request) -> Runtime:
@@ -145,8 +185,7 @@ def _health_router() -> APIRouter:
 
     @router.get("/healthz")
     async def healthz(request: Request) -> JSONResponse:
-        rt = _runtime(request)
-        failed = rt.error or (rt.engine is not None and not rt.engine.alive and f"engine stopped: {rt.engine.error}")
+        failed = _runtime(request).failure()
         if failed:
             return JSONResponse({"status": "failed", "error": failed}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -154,10 +193,16 @@ def _health_router() -> APIRouter:
     @router.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
         rt = _runtime(request)
-        if rt.engine is not None and rt.engine.alive:
-            return JSONResponse({"status": "ready", "model": rt.served_name, "policy_version": rt.engine.version})
-        status = "failed" if rt.error or rt.engine is not None else "loading"
-        return JSONResponse({"status": status, "error": rt.error}, status_code=503)
+        failed = rt.failure()
+        body = {"model": rt.served_name, "policy_version": rt.engine.version if rt.engine else None, **rt.policy()}
+        if failed:
+            return JSONResponse({"status": "failed", "error": failed, **body}, status_code=503)
+        if rt.engine is None:
+            return JSONResponse({"status": "loading", "error": None, **body}, status_code=503)
+        if rt.watcher is not None and not rt.watcher.synced:
+            # A replica started after a publish serves only once it has the latest weights.
+            return JSONResponse({"status": "syncing", "error": None, **body}, status_code=503)
+        return JSONResponse({"status": "ready", **body})
 
     return router
 
@@ -186,9 +231,11 @@ def _openai_router() -> APIRouter:
 
     @router.get("/stats")
     async def stats(request: Request) -> dict[str, Any]:
-        engine = _runtime(request).ready_engine()
+        rt = _runtime(request)
+        engine = rt.ready_engine()
         return {
             "policy_version": engine.version,
+            **rt.policy(),
             "active_rows": engine.active_rows,
             "max_batch_size": engine.max_batch_size,
             **engine.stats.snapshot(),

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from shared.config import ServiceSettings
 from shared.models import default_model_dir
+from shared.subjects import check_token
 
 
 class Settings(ServiceSettings):
@@ -24,5 +25,20 @@ class Settings(ServiceSettings):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long an idle engine waits to batch peers")
     max_model_len: int | None = Field(None, ge=2, description="context limit; default: the model's")
     initial_version: int = Field(0, ge=0, description="policy version of the weights loaded at start")
-    run_id: str = "default"
+    watch_policy: bool = Field(
+        True,
+        description="follow the trainer's weights through NATS (KV relayrl-policy + object store); "
+        "off: serve the loaded weights and never connect to NATS",
+    )
+    run_id: str | None = Field(
+        None, description="run whose weights to follow; unset: follow whichever run published weights last"
+    )
     graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight requests")
+
+    @field_validator("run_id", mode="before")
+    @classmethod
+    def _run_or_follow(cls, value: object) -> object:
+        # An empty RELAYRL_RUN_ID means "follow", like leaving it unset.
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return check_token(str(value).strip())

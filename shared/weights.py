@@ -1,0 +1,451 @@
+"""The weight-transfer protocol between the trainer and inference replicas.
+
+The trainer serializes a state dict with safetensors, streams it into the object store
+`relayrl-weights` as `<run>/<version>`, then puts a `PolicyVersion` (sha256, size) into the
+KV `relayrl-policy` under `<run>`; replicas watch that key, stream the object back and check
+size and sha256 before loading it.
+
+Both directions bypass nats-py's `ObjectStore` data paths (bench/weight_sync.py, 1 GiB:
+its put 1.9x and its streamed read 2.7x slower than these): its `put` waits for one ack per
+128 KiB chunk before sending the next, and its `get()` grows an immutable `bytes` per chunk
+(quadratic) or hops to a thread per chunk (`writeinto`). Here the writer pipelines 1 MiB chunks with a bounded window of outstanding
+acks, and the reader drains an ordered consumer into a list of chunks while sha256 runs in a
+worker thread. The layout on the wire (chunk and meta subjects, `ObjectInfo` JSON, digest)
+is the object store's own, so `nats object get`, nats-py's `ObjectStore.get/list/delete`
+and other clients still read and manage what this module writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Mapping
+
+import nats.errors
+import nats.js.errors
+import structlog
+import torch
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+from nats.js.kv import MSG_ROLLUP_SUBJECT
+from nats.js.object_store import (
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_DIGEST_TEMPLATE,
+    OBJ_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+    ObjectStore,
+)
+from nats.nuid import NUID
+
+from shared import subjects
+from shared.bus import Bus
+from shared.messages import DecodeError, PolicyVersion
+
+log = structlog.get_logger("weights")
+
+# 1 MiB fits the default nats-server max_payload (1 MB = 1 MiB); capped by the server's own limit.
+CHUNK_SIZE = 1 << 20
+# Outstanding chunk acks while writing: 32 MiB in flight keeps loopback and LAN links busy
+# without letting one publisher swamp the server.
+PUT_WINDOW = 32
+# Hash in a worker thread in batches of this many bytes: fewer thread hops, same overlap.
+_HASH_BATCH = 8 << 20
+_nuid = NUID()
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be stored or used: missing, truncated, wrong sha256, unreadable."""
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """What `put_weight_bytes` wrote: the object name and the digest of its bytes."""
+
+    name: str
+    sha256: str
+    size: int
+    chunks: int
+
+
+# --- serialization ---------------------------------------------------------------------
+
+
+def serialize_state_dict(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """safetensors bytes of `state_dict`; tied tensors (one storage, several names) are written
+    once, under the name registered first, because safetensors refuses shared storage and the
+    engine loads one name of a tied group into all of them."""
+    seen: set[tuple[int, int]] = set()
+    flat: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        t = tensor.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        flat[name] = t.to("cpu").contiguous()
+    from safetensors.torch import save
+
+    return save(flat, metadata=dict(metadata) if metadata else None)
+
+
+def load_state_dict(data: bytes | bytearray | memoryview) -> dict[str, torch.Tensor]:
+    """Tensors (on CPU) from safetensors bytes; raises `WeightsError` when they do not parse."""
+    from safetensors.torch import load
+
+    try:
+        return load(data if isinstance(data, bytes) else bytes(data))
+    except Exception as exc:  # safetensors raises its own error types, and ValueError/TypeError
+        raise WeightsError(f"not a safetensors file: {type(exc).__name__}: {exc}") from None
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+async def publish_weights(
+    bus: Bus,
+    run_id: str,
+    version: int,
+    step: int,
+    state_dict: Mapping[str, torch.Tensor],
+    keep: int = 2,
+) -> PolicyVersion:
+    """Store `state_dict` as version `version` of `run_id` and make it the run's latest.
+
+    Order matters for readers: the object is complete (all chunks acked, meta written)
+    before the KV entry that points at it, so a replica never sees a version it cannot read.
+    Then versions beyond the newest `keep` are deleted (`keep=1` keeps only this one).
+    """
+    if keep < 1:
+        raise ValueError("keep must be >= 1: the version just published is always kept")
+    # One metadata key: safetensors writes the header's metadata map in hash order, so two
+    # keys would make equal weights hash differently from process to process. No run id either:
+    # equal weights give an equal sha256 in any run (replay checks this).
+    meta = {"relayrl": json.dumps({"version": version, "step": step})}
+    data = await asyncio.to_thread(serialize_state_dict, state_dict, meta)
+    stored = await put_weight_bytes(bus, run_id, version, data)
+    pv = PolicyVersion(
+        run_id=run_id, version=version, object=stored.name, sha256=stored.sha256, size=stored.size, step=step
+    )
+    kv = await bus.kv(subjects.KV_POLICY)
+    await kv.put(subjects.policy_key(run_id), pv.encode())
+    log.info("weights published", run_id=run_id, version=version, step=step, size=stored.size, chunks=stored.chunks)
+    await prune_weights(bus, run_id, keep=keep, current=version)
+    return pv
+
+
+async def put_weight_bytes(
+    bus: Bus,
+    run_id: str,
+    version: int,
+    data: bytes,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    window: int = PUT_WINDOW,
+) -> StoredWeights:
+    """Stream `data` into the weights bucket as `<run>/<version>` (replacing one of that name).
+
+    Chunks go out in order on this one connection (so the stream stores them in order) with
+    up to `window` acks outstanding; every ack is awaited with the bus timeout. sha256 runs
+    in a thread meanwhile. On any failure the chunks written so far are purged.
+    """
+    name = subjects.weights_object(run_id, version)
+    store = await bus.object_store(subjects.OBJ_WEIGHTS)
+    previous = await _object_info(store, name)
+    chunk_size = max(1, min(chunk_size, bus.nc.max_payload))
+    digest = asyncio.ensure_future(asyncio.to_thread(_sha256, data))
+    nuid = _nuid.next().decode()
+    chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=subjects.OBJ_WEIGHTS, obj=nuid)
+    try:
+        chunks = await _publish_chunks(bus.nc, chunk_subject, data, chunk_size, window, bus.timeout)
+        sha = await digest
+        info = js_api.ObjectInfo(
+            name=name,
+            bucket=subjects.OBJ_WEIGHTS,
+            nuid=nuid,
+            size=len(data),
+            chunks=chunks,
+            mtime=datetime.now(timezone.utc).isoformat(),
+            digest=OBJ_DIGEST_TEMPLATE.format(digest=base64.urlsafe_b64encode(sha).decode()),
+            options=js_api.ObjectMetaOptions(max_chunk_size=chunk_size),
+        )
+        await bus.js.publish(
+            _meta_subject(name),
+            json.dumps(info.as_dict()).encode(),
+            headers={js_api.Header.ROLLUP: MSG_ROLLUP_SUBJECT},
+            timeout=bus.timeout,
+        )
+    except BaseException:
+        digest.cancel()
+        await _purge_quietly(bus, chunk_subject)
+        raise
+    if previous is not None and not previous.deleted and previous.nuid:
+        # Same name written again (a trainer resumed and re-published): drop the old chunks.
+        await _purge_quietly(bus, OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=subjects.OBJ_WEIGHTS, obj=previous.nuid))
+    return StoredWeights(name=name, sha256=sha.hex(), size=len(data), chunks=chunks)
+
+
+async def _publish_chunks(nc: NATS, subject: str, data: bytes, chunk_size: int, window: int, timeout: float) -> int:
+    """Publish `data` in chunks with a bounded window of JetStream acks; returns the chunk count."""
+    loop = asyncio.get_running_loop()
+    inbox = nc.new_inbox()
+    acks: dict[int, asyncio.Future[Msg]] = {}
+
+    async def on_ack(msg: Msg) -> None:
+        fut = acks.pop(int(msg.subject.rsplit(".", 1)[1]), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
+    in_flight: deque[tuple[int, asyncio.Future[Msg]]] = deque()
+    view = memoryview(data)
+    count = 0
+    try:
+        for offset in range(0, len(data), chunk_size):
+            fut = acks[count] = loop.create_future()
+            # Awaited in sequence: the connection sends chunks in this order, the stream keeps it.
+            await nc.publish(subject, bytes(view[offset : offset + chunk_size]), reply=f"{inbox}.{count}")
+            in_flight.append((count, fut))
+            count += 1
+            if len(in_flight) >= window:
+                await _chunk_acked(*in_flight.popleft(), timeout)
+        while in_flight:
+            await _chunk_acked(*in_flight.popleft(), timeout)
+    finally:
+        view.release()
+        await sub.unsubscribe()
+    return count
+
+
+async def _chunk_acked(index: int, fut: asyncio.Future[Msg], timeout: float) -> None:
+    try:
+        msg = await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        raise WeightsError(f"chunk {index}: no JetStream ack within {timeout}s") from None
+    status = (msg.headers or {}).get("Status")
+    if status:  # e.g. 503: no stream captures the chunk subject
+        raise WeightsError(f"chunk {index}: server answered status {status} {(msg.headers or {}).get('Description', '')}")
+    try:
+        ack = json.loads(msg.data)
+    except ValueError:
+        raise WeightsError(f"chunk {index}: unreadable ack {msg.data[:200]!r}") from None
+    if "error" in ack:
+        raise WeightsError(f"chunk {index}: rejected: {ack['error']}")
+
+
+async def prune_weights(bus: Bus, run_id: str, keep: int, current: int | None = None) -> list[str]:
+    """Delete this run's weight objects except the newest `keep`; returns the names deleted.
+
+    With `current`, that version always survives and "newest" counts only versions up to it:
+    versions above it came from a timeline the trainer abandoned (it resumed from an older
+    checkpoint), nothing points at them any more, and they are deleted too.
+    """
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    store = await bus.object_store(subjects.OBJ_WEIGHTS)
+    versions = await _run_versions(store, run_id)
+    if not versions:
+        return []
+    newest = versions[-1] if current is None else current
+    older = [v for v in versions if v < newest]
+    kept = (older[-(keep - 1) :] if keep > 1 else []) + [newest]
+    doomed = [subjects.weights_object(run_id, v) for v in versions if v not in kept]
+    for name in doomed:
+        try:
+            await store.delete(name)
+        except nats.js.errors.NotFoundError:
+            pass  # another pruner got there first
+    if doomed:
+        log.info("old weights deleted", run_id=run_id, deleted=len(doomed), kept=kept)
+    return doomed
+
+
+async def _run_versions(store: ObjectStore, run_id: str) -> list[int]:
+    """Sorted versions of `run_id` present (not deleted) in the weights bucket."""
+    try:
+        infos = await store.list(ignore_deletes=True)
+    except nats.js.errors.NotFoundError:
+        return []
+    prefix = subjects.weights_object(run_id, 0)[: -len("0")]
+    versions = []
+    for info in infos:
+        if info.deleted or not info.name.startswith(prefix):
+            continue
+        tail = info.name[len(prefix) :]
+        if tail.isdigit():
+            versions.append(int(tail))
+    return sorted(versions)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+async def latest_policy(bus: Bus, run_id: str) -> PolicyVersion | None:
+    """The run's latest PolicyVersion, or None when it has published none."""
+    kv = await bus.kv(subjects.KV_POLICY)
+    try:
+        entry = await kv.get(subjects.policy_key(run_id))
+    except nats.js.errors.NotFoundError:  # also KeyDeletedError
+        return None
+    if not entry.value:
+        return None
+    try:
+        return PolicyVersion.decode(entry.value)
+    except DecodeError as exc:
+        raise WeightsError(f"KV {subjects.KV_POLICY}/{entry.key} holds no PolicyVersion: {exc}") from None
+
+
+async def read_weights(bus: Bus, pv: PolicyVersion, *, chunk_timeout_s: float | None = None) -> bytes:
+    """Stream the object `pv` names and return its bytes, checked against `pv.size` and `pv.sha256`.
+
+    Chunks come through an ordered consumer (nats-py resets it on a gap) and are kept as a
+    list, joined once at the end, so the cost is linear in size. Reads on one connection run
+    one at a time (see `_read_locks`); separate connections read in parallel. Each chunk must
+    arrive within `chunk_timeout_s` (the bus timeout by default). Raises `WeightsError` on
+    anything that makes the bytes unusable.
+    """
+    started = time.monotonic()
+    store = await bus.object_store(subjects.OBJ_WEIGHTS)
+    info = await _object_info(store, pv.object)
+    if info is None or info.deleted:
+        raise WeightsError(f"weights object {pv.object!r} not found (deleted by pruning or never written)")
+    if info.size != pv.size:
+        raise WeightsError(f"weights object {pv.object!r} has {info.size} bytes, the PolicyVersion says {pv.size}")
+    async with _read_lock(bus.nc):
+        chunks = await _read_chunks(bus, info, chunk_timeout_s or bus.timeout)
+    sha, data = await asyncio.gather(chunks.digest.hexdigest(), asyncio.to_thread(b"".join, chunks.parts))
+    if len(data) != pv.size:
+        raise WeightsError(f"weights object {pv.object!r}: read {len(data)} bytes, expected {pv.size}")
+    if sha != pv.sha256:
+        raise WeightsError(f"weights object {pv.object!r}: sha256 {sha} does not match the PolicyVersion's {pv.sha256}")
+    log.debug("weights read", object=pv.object, size=pv.size, read_s=round(time.monotonic() - started, 3))
+    return data
+
+
+# One object read at a time per connection: each ordered consumer may have a flow-control
+# window of data in flight, and two at once overran the server's per-client max_pending
+# (64 MB), which makes the server drop the whole connection as a slow consumer (measured).
+_read_locks: weakref.WeakKeyDictionary[NATS, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _read_lock(nc: NATS) -> asyncio.Lock:
+    lock = _read_locks.get(nc)
+    if lock is None:
+        lock = _read_locks[nc] = asyncio.Lock()
+    return lock
+
+
+@dataclass
+class _Chunks:
+    parts: list[bytes]
+    digest: _ThreadedSha256
+
+
+async def _read_chunks(bus: Bus, info: js_api.ObjectInfo, chunk_timeout_s: float) -> _Chunks:
+    size = info.size or 0
+    chunks = _Chunks(parts=[], digest=_ThreadedSha256())
+    if size == 0:
+        return chunks
+    subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=subjects.OBJ_WEIGHTS, obj=info.nuid)
+    stream = OBJ_STREAM_TEMPLATE.format(bucket=subjects.OBJ_WEIGHTS)
+    sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True)
+    received = 0
+    try:
+        while received < size:
+            try:
+                msg = await sub.next_msg(timeout=chunk_timeout_s)
+            except nats.errors.TimeoutError:
+                raise WeightsError(
+                    f"weights object {info.name!r}: stalled after {received} of {size} bytes "
+                    f"(no chunk within {chunk_timeout_s}s; deleted while reading?)"
+                ) from None
+            chunks.parts.append(msg.data)
+            chunks.digest.update(msg.data)
+            received += len(msg.data)
+    except BaseException:
+        chunks.digest.cancel()
+        raise
+    finally:
+        await sub.unsubscribe()
+    if received != size:
+        chunks.digest.cancel()
+        raise WeightsError(f"weights object {info.name!r}: chunks hold {received} bytes, its meta says {size}")
+    return chunks
+
+
+class _ThreadedSha256:
+    """sha256 over chunks as they arrive, hashed in a worker thread in ordered batches.
+
+    hashlib drops the GIL on large buffers, so hashing overlaps the network reads and the
+    event loop never spends a millisecond per chunk on it."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._batch: list[bytes] = []
+        self._batched = 0
+        self._job: asyncio.Future[None] | None = None
+
+    def update(self, chunk: bytes) -> None:
+        self._batch.append(chunk)
+        self._batched += len(chunk)
+        if self._batched >= _HASH_BATCH and (self._job is None or self._job.done()):
+            self._flush()
+
+    async def hexdigest(self) -> str:
+        self._flush()
+        if self._job is not None:
+            await self._job
+        return self._hash.hexdigest()
+
+    def cancel(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+
+    def _flush(self) -> None:
+        batch, self._batch, self._batched = self._batch, [], 0
+        if batch:
+            self._job = asyncio.ensure_future(self._hash_after(self._job, batch))
+
+    async def _hash_after(self, previous: asyncio.Future[None] | None, batch: list[bytes]) -> None:
+        if previous is not None:
+            await previous  # updates must run in chunk order
+        await asyncio.to_thread(self._update_all, batch)
+
+    def _update_all(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self._hash.update(chunk)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _meta_subject(name: str) -> str:
+    return OBJ_META_PRE_TEMPLATE.format(
+        bucket=subjects.OBJ_WEIGHTS, obj=base64.urlsafe_b64encode(name.encode()).decode()
+    )
+
+
+async def _object_info(store: ObjectStore, name: str) -> js_api.ObjectInfo | None:
+    try:
+        return await store.get_info(name, show_deleted=True)
+    except nats.js.errors.NotFoundError:  # ObjectNotFoundError is one
+        return None
+
+
+async def _purge_quietly(bus: Bus, subject: str) -> None:
+    try:
+        await bus.js.purge_stream(OBJ_STREAM_TEMPLATE.format(bucket=subjects.OBJ_WEIGHTS), subject=subject)
+    except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        log.warning("could not purge weight chunks", subject=subject, error=str(exc))
+
