@@ -361,6 +361,7 @@ class RunConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     max_staleness: int = Field(1, ge=0, le=1000, description="eta: how many versions a trained sample may lag")
     seed: int = 0
+    shuffle: bool = Field(True, description="shuffle rows each epoch (seeded); false keeps the dataset order")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     timeout_s: float = Field(60.0, gt=0, le=86400)
     trained_roles: str = Field(".*", description="regex of agent roles whose calls are trained")

@@ -39,8 +39,13 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+# "tiny" starts from a wider init (0.05 instead of Llama's 0.02): a from-scratch policy then
+# learns the demo's echo-digit task with GRPO in ~50 steps instead of ~65+ (measured).
+PRESETS: dict[str, dict[str, int | float]] = {
+    "tiny": {
+        "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "initializer_range": 0.05,
+    },  # fmt: skip
     "small": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4},
 }
 TINY_VOCAB_SIZE = 512

@@ -32,6 +32,7 @@ def test_epoch_order_is_a_seeded_permutation() -> None:
     assert sorted(a) == list(range(10))
     assert a == epoch_order(10, seed=3, epoch=0)
     assert a != epoch_order(10, seed=3, epoch=1)
+    assert epoch_order(10, seed=3, epoch=1, shuffle=False) == list(range(10))
 
 
 def test_next_tasks_walks_every_row_of_every_epoch_once() -> None:

@@ -48,10 +48,11 @@ def task_id(run_id: str, epoch: int, row: int) -> str:
     return f"{run_id}-e{epoch}-r{row}"
 
 
-def epoch_order(rows: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(rows: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
     """Row order of one epoch: a seeded shuffle, the same on every gateway and every restart."""
     order = list(range(rows))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
     return order
 
 
@@ -66,7 +67,7 @@ def next_tasks(config: RunConfig, rows: list[dict], cursor: PaceCursor, n: int) 
     epoch, row, published = cursor.epoch, cursor.row, cursor.groups_published
     specs: list[TaskSpec] = []
     while len(specs) < n and epoch < config.training.epochs:
-        order = epoch_order(len(rows), config.seed, epoch)
+        order = epoch_order(len(rows), config.seed, epoch, config.shuffle)
         while len(specs) < n and row < len(order):
             index = order[row]
             specs.append(
