@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
-import string
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -135,53 +133,50 @@ def _print_results(views: dict[str, dict[str, Any]], limit: int = 20) -> None:
         console.print(f"{len(rewards)} rollouts, mean reward {sum(rewards) / len(rewards):.3f}")
 
 
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "echo_digit" / "train.yaml"
+
+
 @app.command()
 def demo(
-    tasks: int = typer.Option(20, "--tasks", min=1),
-    group_size: int = typer.Option(4, "--group-size", min=1),
-    rollout_replicas: int = typer.Option(2, "--rollout-replicas", min=1),
+    config_file: Path = typer.Option(DEMO_CONFIG, "--config", help="the run to train"),
+    rollout_replicas: int = typer.Option(1, "--rollout-replicas", min=1),
+    timeout_s: float = typer.Option(1200.0, "--timeout"),
     state_dir: Path = typer.Option(Path(".relayrl/demo"), "--state-dir"),
 ) -> None:
-    """Start the embedded stack, run the toy copy task through it, print what happened, stop."""
+    """Start the embedded stack and train the tiny model from scratch on the toy task, live.
+
+    Saves the per-step metrics (CSV) and the reward curve (PNG) under STATE_DIR/results.
+    """
+    config = load_run_config(config_file)
+    config["run_id"] = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     stack = _start(StackConfig(state_dir=state_dir, gateway_port=0, rollout_replicas=rollout_replicas, log_format="json"))
     try:
         client = GatewayClient(stack.gateway_url)
-        rng = random.Random(0)
-        words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6))) for _ in range(tasks)]
         started = time.monotonic()
-        accepted = client.submit(
-            [{"agent": "copy", "input": {"text": w}, "group_size": group_size, "sampling": {"max_tokens": 12}} for w in words]
-        )
-        console.print(f"submitted {len(accepted)} copy tasks x {group_size} samples over HTTP to {stack.gateway_url}")
-        views = _follow(client, [t["task_id"] for t in accepted], timeout_s=600)
-        elapsed = time.monotonic() - started
-        _print_results(views)
-        _print_sample(client, views, stack)
-        n = sum(len(v["rollouts"]) for v in views.values())
-        console.print(f"[bold green]{n} trajectories stored in {elapsed:.1f}s ({n / elapsed:.1f}/s); "
-                      f"logs in {stack.logs}")
+        run = client.create_run(config)
+        console.print(f"training run [bold]{run['run_id']}[/bold]: agent {config['agent']}, model {config['model']}, "
+                      f"{run['rows']} rows, group size {config['training']['group_size']}, "
+                      f"{config['training']['batch_size']} groups per step, max_staleness {config['max_staleness']}")
+        follower = follow(client, run["run_id"], console, timeout_s)
+        _summarise(follower, state_dir / "results")
+        reached = _time_to(follower.steps, 0.8)
+        took = time.monotonic() - started
+        if reached is not None:
+            console.print(f"[bold green]mean reward reached 0.8 at step {reached[0]}, {reached[1] / 60:.1f} min "
+                          f"after the run started[/bold green] (whole run {took / 60:.1f} min); logs in {stack.logs}")
+        else:
+            console.print(f"[yellow]mean reward did not reach 0.8 in {took / 60:.1f} min; logs in {stack.logs}")
     finally:
         stack.stop()
 
 
-def _print_sample(client: GatewayClient, views: dict[str, dict[str, Any]], stack: Stack) -> None:
-    first = next(iter(views.values()))
-    rollout = client.rollout(first["rollouts"][0]["rollout_id"])
-    x = rollout["transitions"][0]
-    try:
-        from shared.models import load_tokenizer, resolve_model
-
-        tok = load_tokenizer(resolve_model("tiny", stack.state_dir / "models"))
-        prompt, response = tok.decode(x["prompt_ids"]), tok.decode(x["response_ids"])
-    except Exception as exc:  # the demo still shows ids when the tokenizer cannot be loaded
-        prompt, response = f"<{exc}>", ""
-    console.print(f"\n[bold]one trajectory[/bold] {rollout['rollout_id']} (worker {rollout['worker_id']}, "
-                  f"reward {rollout['reward']:.3f}, status {rollout['status']})")
-    console.print(f"  prompt ({len(x['prompt_ids'])} tokens): {prompt!r}")
-    console.print(f"  response ({len(x['response_ids'])} tokens): {response!r}")
-    console.print(f"  response ids {x['response_ids'][:12]}…")
-    console.print(f"  logprobs {[round(v, 2) for v in x['response_logprobs'][:12]]}…")
-    console.print(f"  policy versions {sorted(set(x['response_versions']))}, finish {x['finish_reason']}")
+def _time_to(steps: list[dict[str, Any]], target: float, window: int = 3) -> tuple[int, float] | None:
+    """(step, seconds) where the mean reward over the last `window` steps first reached `target`."""
+    rewards = [s["values"].get("reward_mean", 0.0) for s in steps]
+    for i in range(window - 1, len(rewards)):
+        if sum(rewards[i - window + 1 : i + 1]) / window >= target:
+            return steps[i]["step"], steps[i].get("elapsed_s", 0.0)
+    return None
 
 
 def load_run_config(path: Path) -> dict[str, Any]:

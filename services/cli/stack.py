@@ -90,6 +90,9 @@ class StackConfig:
     inference_replicas: int = 1
     trainers: int = 1  # trainer processes; each claims one running run at a time
     trainer_device: str = "auto"
+    # torch CPU threads of inference and trainer: together no more than the cores (oversubscribed
+    # OpenMP threads spin against each other; measured several times slower on 2 cores).
+    torch_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) // 2))
     model: str = "tiny"
     database_url: str | None = None
     log_format: str = "json"
@@ -131,7 +134,8 @@ class Stack:
             self.add(
                 f"inference-{i + 1}" if c.inference_replicas > 1 else "inference",
                 "services.inference",
-                ["--port", str(port), "--model", c.model, "--model-dir", str(self.state_dir / "models")],
+                ["--port", str(port), "--model", c.model, "--model-dir", str(self.state_dir / "models"),
+                 "--threads", str(c.torch_threads)],  # fmt: skip
                 ready_url=f"{url}/readyz",
             )
         # With no inference replica, workers run model-free agents only (e.g. `null`).
@@ -174,6 +178,7 @@ class Stack:
         args = [
             "--trainer-id", name,
             "--device", self.config.trainer_device,
+            "--threads", str(self.config.torch_threads),
             "--model-dir", str(self.state_dir / "models"),
             "--checkpoint-dir", str(self.state_dir / "checkpoints"),
         ]  # fmt: skip

@@ -17,6 +17,10 @@ from shared.telemetry import setup
 def main(argv: list[str] | None = None) -> int:
     settings = load(Settings, sys.argv[1:] if argv is None else argv)
     log = setup("inference", settings)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     # Context vars reach every logger, including the engine's worker thread (it copies them).
     structlog.contextvars.bind_contextvars(service="inference")
     if settings.run_id:  # following the latest run: no one run id; weight-load lines name theirs

@@ -22,6 +22,7 @@ class RolloutSettings(ServiceSettings):
     max_attempts: int = Field(3, ge=1, description="deliveries before a task is recorded as failed")
     inference_timeout_s: float = Field(120.0, gt=0)
     inference_retries: int = Field(2, ge=0)
+    http_connections: int = Field(16, ge=1, description="HTTP connections to inference, shared by all agent runs")
     failure_reward: float = Field(0.0, description="reward given to failed/timed-out rollouts")
     agent_modules: str = Field("", description="comma-separated modules to import that register more agents")
 

@@ -14,6 +14,10 @@ from services.trainer.settings import TrainerSettings
 
 async def main(settings: TrainerSettings) -> None:
     log = telemetry.setup("trainer", settings)
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     stop = asyncio.Event()
     install_signal_handlers(stop)
     bus = await Bus.connect(settings, "trainer")

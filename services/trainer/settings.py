@@ -17,6 +17,7 @@ class TrainerSettings(ServiceSettings):
     run_id: str | None = Field(None, description="train this run; default: claim any running run that has no trainer")
     trainer_id: str = Field(default_factory=lambda: f"trainer-{socket.gethostname()}-{os.getpid()}")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's (all cores)")
     model_dir: Path = Field(default_factory=default_model_dir, description="where 'tiny' models are created and cached")
     checkpoint_dir: Path = Field(Path(".relayrl/checkpoints"), description="one sub-directory per run")
     keep_checkpoints: int = Field(2, ge=1)
