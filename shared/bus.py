@@ -70,13 +70,18 @@ class Bus:
         last: Exception | None = None
         for attempt in range(1, settings.nats_connect_attempts + 1):
             try:
-                nc = await nats.connect(
-                    servers,
-                    name=name,
-                    connect_timeout=settings.nats_connect_timeout_s,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    allow_reconnect=True,
+                # Bounded per attempt: with unlimited reconnects nats-py keeps retrying the first
+                # connect forever inside one call, which would make the attempt count meaningless.
+                nc = await asyncio.wait_for(
+                    nats.connect(
+                        servers,
+                        name=name,
+                        connect_timeout=settings.nats_connect_timeout_s,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,
+                        allow_reconnect=True,
+                    ),
+                    timeout=settings.nats_connect_timeout_s + 1.0,
                 )
                 return cls(nc, settings)
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:

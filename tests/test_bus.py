@@ -8,6 +8,7 @@ import pytest
 
 from shared import subjects
 from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, TransientError
+from shared.config import ServiceSettings
 from shared.messages import DeadLetter, Ping, Reply
 from tests.conftest import wait_until
 from tests.test_messages import make_trajectory
@@ -150,3 +151,15 @@ async def test_request_reply_bad_request_gets_400(bus: Bus):
     assert reply.code == 400 and "MessagePack" in reply.error
     with pytest.raises(TimeoutError):
         await bus.request("relayrl.rpc.nobody", Ping(), timeout=0.5)
+
+
+async def test_connect_gives_up_after_its_attempts() -> None:
+    import time
+
+    from services.cli.nats_server import free_port
+
+    cfg = ServiceSettings(nats_url=f"nats://127.0.0.1:{free_port()}", nats_connect_attempts=2, nats_connect_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(ConnectionError, match="could not connect"):
+        await Bus.connect(cfg, "test")
+    assert time.monotonic() - started < 10

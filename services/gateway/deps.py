@@ -32,9 +32,9 @@ class StoreClient:
         self.bus = bus
         self.timeout_s = timeout_s
 
-    async def call(self, method: str, msg: Message) -> Reply:
+    async def call(self, method: str, msg: Message, timeout_s: float | None = None) -> Reply:
         try:
-            reply = await self.bus.request(subjects.store_rpc(method), msg, timeout=self.timeout_s)
+            reply = await self.bus.request(subjects.store_rpc(method), msg, timeout=timeout_s or self.timeout_s)
         except TimeoutError as exc:
             raise HTTPException(503, f"store unavailable: {exc}") from None
         if not reply.ok:

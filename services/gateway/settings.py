@@ -14,3 +14,4 @@ class GatewaySettings(ServiceSettings):
     agents_cache_s: float = Field(2.0, ge=0, description="how long the list of registered agents is cached")
     pace_runs: bool = Field(True, description="publish training runs' rollout requests (one gateway per run holds a lease)")
     pace_interval_s: float = Field(0.25, gt=0, description="how often pacing re-reads trainer progress")
+    replay_timeout_s: float = Field(600.0, gt=0, description="how long POST /v1/runs/{id}/replay waits for the store")

@@ -22,9 +22,10 @@ from shared.messages import (
     SetRunState,
     StepMetrics,
 )
-from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_store
+from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_settings, get_store
 from services.gateway.pacing import purge_tasks, read_progress
 from services.gateway.schemas import ErrorOut
+from services.gateway.settings import GatewaySettings
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 503: {"model": ErrorOut}}
@@ -112,7 +113,12 @@ async def get_metrics(
 
 
 @router.post("/runs/{run_id}/replay", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)
-async def replay(run_id: str, body: ReplayIn, store: StoreClient = Depends(get_store)) -> ReplayOut:
+async def replay(
+    run_id: str,
+    body: ReplayIn,
+    store: StoreClient = Depends(get_store),
+    settings: GatewaySettings = Depends(get_settings),
+) -> ReplayOut:
     """Re-publish a run's trained groups, in the order its trainer consumed them, to a trainer.
 
     With `into`, a new run in `replay` mode is created from the source config (no rollouts are
@@ -123,8 +129,11 @@ async def replay(run_id: str, body: ReplayIn, store: StoreClient = Depends(get_s
     if into != run_id:
         config = source.config.model_copy(update={"run_id": into, "mode": "replay"})
         await store.call("put_run", PutRun(config=config, rows=source.rows))
+    # The store answers after the last group is published: allow for long runs (~500 groups/s).
     reply = await store.call(
-        "replay", ReplayRequest(run_id=run_id, into=into, versions=body.versions, min_reward=body.min_reward)
+        "replay",
+        ReplayRequest(run_id=run_id, into=into, versions=body.versions, min_reward=body.min_reward),
+        timeout_s=settings.replay_timeout_s,
     )
     return ReplayOut(run_id=run_id, into=into, groups=reply.stored or 0)
 
