@@ -9,13 +9,23 @@ a numpy buffer is ~50x cheaper than a list of ints.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, Literal, Self, Sequence
 
 import msgpack
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -299,6 +309,8 @@ class TaskView(BaseModel):
 POLICY_LOSSES = ("vanilla", "gspo", "cispo", "gpg", "clip_cov", "kl_cov", "geo_mean", "sapo")
 LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 KlPenalty = Literal["kl", "abs", "mse", "low_var_kl", "full"]
+# Credit assignment over a trajectory's calls; see services/trainer/credit.py.
+CreditMode = Literal["equal", "last", "discounted"]
 
 
 class TrainingConfig(BaseModel):
@@ -326,6 +338,12 @@ class TrainingConfig(BaseModel):
     checkpoint_every: int = Field(1, ge=1)
     keep_versions: int = Field(4, ge=1, description="weight versions kept in the object store")
     max_steps: int | None = Field(None, ge=1, description="stop after N steps; default: the dataset's epochs")
+    credit: CreditMode = Field(
+        "equal",
+        description="how a trajectory's advantage is spread over its calls: equal (every call), last (the last"
+        " trained call only), discounted (plus the discounted intermediate rewards that follow each call)",
+    )
+    discount: float = Field(1.0, gt=0, le=1, description="gamma of `credit: discounted`")
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
@@ -336,13 +354,42 @@ class TrainingConfig(BaseModel):
         return self
 
 
+class AirRule(BaseModel):
+    """An AIR (intermediate reward) rule: every reward recorded for event `on` is worth `reward`."""
+
+    model_config = ConfigDict(extra="forbid")
+    on: str = Field(min_length=1, max_length=128, description="event name, as in ctx.reward(v, event=...)")
+    reward: float = Field(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 (PyYAML's safe_load) reads a bare `on:` key as the boolean True.
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+
 class RuntimeConfig(BaseModel):
     """The `runtime:` block; unknown keys are kept so users' configs load unchanged."""
 
     model_config = ConfigDict(extra="allow")
     nworkers: int = Field(1, ge=1)
     air_enabled: bool = False
-    air_rules: list[dict[str, Any]] = Field(default_factory=list)
+    air_rules: list[AirRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_rule_per_event(self) -> Self:
+        seen: list[str] = []
+        for rule in self.air_rules:
+            if rule.on in seen:
+                raise ValueError(f"air_rules has two rules for event {rule.on!r}")
+            seen.append(rule.on)
+        return self
+
+    def air_values(self) -> dict[str, float] | None:
+        """Event -> reward of the AIR rules, or None when AIR is off (event rewards then do not count)."""
+        return {r.on: r.reward for r in self.air_rules} if self.air_enabled else None
 
 
 class RunConfig(BaseModel):
@@ -364,9 +411,32 @@ class RunConfig(BaseModel):
     shuffle: bool = Field(True, description="shuffle rows each epoch (seeded); false keeps the dataset order")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     timeout_s: float = Field(60.0, gt=0, le=86400)
-    trained_roles: str = Field(".*", description="regex of agent roles whose calls are trained")
+    trained_roles: str = Field(
+        ".*", description="regex (full match) of agent roles whose calls are trained; alias: trained_agents"
+    )
     # "replay": trained only from groups the store re-publishes; the gateway publishes no tasks.
     mode: Literal["train", "eval", "replay"] = "train"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trained_agents_alias(cls, data: Any) -> Any:
+        # `trained_agents: "write|rewrite"` is what users write; it is stored as trained_roles.
+        if isinstance(data, dict) and "trained_agents" in data:
+            data = dict(data)
+            agents = data.pop("trained_agents")
+            if "trained_roles" in data and data["trained_roles"] != agents:
+                raise ValueError("trained_agents and trained_roles are the same setting: give one of them")
+            data["trained_roles"] = agents
+        return data
+
+    @field_validator("trained_roles")
+    @classmethod
+    def _regex_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"trained_roles is not a valid regular expression: {exc}") from None
+        return value
 
     @model_validator(mode="after")
     def _has_data(self) -> Self:

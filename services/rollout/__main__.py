@@ -10,7 +10,7 @@ import httpx
 from shared import telemetry
 from shared.bus import Bus, install_signal_handlers
 from shared.config import load, run_service
-from services.rollout import registry
+from services.rollout import proxy, registry
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
 
@@ -28,9 +28,11 @@ async def main(settings: RolloutSettings) -> None:
     limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
     async with httpx.AsyncClient(timeout=settings.inference_timeout_s, limits=limits) as http:
         worker = Worker(bus, settings, http)
-        log.info("rollout worker ready", worker_id=settings.worker_id, agents=sorted(agents))
         try:
-            await worker.run(stop)
+            # Agents' OpenAI base URLs (ctx.base_url) point here; calls are captured as transitions.
+            async with proxy.serve(worker.proxy, settings.proxy_host, settings.proxy_port) as proxy_url:
+                log.info("rollout worker ready", worker_id=settings.worker_id, agents=sorted(agents), proxy=proxy_url)
+                await worker.run(stop)
         finally:
             await bus.close()
             log.info("rollout worker stopped", worker_id=settings.worker_id, completed=worker.completed)

@@ -3,11 +3,15 @@
 It always asks for token ids, logprobs and per-token policy versions, so the trainer gets the
 exact tokens the policy sampled (never re-tokenized text). One rollout sticks to one inference
 replica so the replica's prefix cache is reused across its turns.
+
+This is the single recording path: `AgentContext.chat` and the worker's HTTP capture proxy
+(`services.rollout.proxy`, what OpenAI-SDK agents talk to) both go through `CaptureClient.capture`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import zlib
 from dataclasses import dataclass
@@ -17,9 +21,27 @@ import httpx
 
 from shared.messages import Transition, pack_f32, pack_i32
 
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+MODELS = "/v1/models"
+MODEL = "policy"  # inference serves one model and ignores the requested name
+
+_RETRY_STATUS = 429  # and every 5xx
+
+
+def error_body(status: int, message: str, kind: str) -> bytes:
+    """OpenAI's error shape, which OpenAI SDKs turn into readable exceptions."""
+    return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
+
 
 class InferenceError(RuntimeError):
-    pass
+    """Inference refused or failed a call. `status` and `body` are what an HTTP caller is told:
+    inference's own answer for a 4xx, a relayrl error (502/503) once retries are spent."""
+
+    def __init__(self, message: str, status: int = 502, body: bytes | None = None, kind: str = "inference_error"):
+        super().__init__(message)
+        self.status = status
+        self.body = body if body is not None else error_body(status, message, kind)
 
 
 @dataclass
@@ -31,16 +53,97 @@ class Completion:
     finish_reason: str
 
 
+def force_capture(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The request as sent to inference: token ids and logprobs always on (nothing else changes)."""
+    out = dict(body)
+    out["return_token_ids"] = True
+    if path == CHAT:
+        out["logprobs"] = True
+    else:  # completions: logprobs is the number of alternatives; 0 still returns the sampled ones
+        lp = out.get("logprobs")
+        out["logprobs"] = int(lp) if isinstance(lp, (int, float)) and lp > 0 else 0
+    return out
+
+
+def transitions_from(path: str, data: dict[str, Any], role: str, latency_s: float) -> list[Transition]:
+    """One transition per choice, exactly the ids/logprobs/versions inference returned."""
+    try:
+        out = []
+        for choice in data["choices"]:
+            ids = [int(t) for t in choice["token_ids"]]
+            if path == CHAT:
+                prompt = data["prompt_token_ids"]
+                lps = [float(c["logprob"]) for c in (choice.get("logprobs") or {}).get("content") or []]
+            else:
+                prompt = choice["prompt_token_ids"]
+                lps = [float(x) for x in (choice.get("logprobs") or {}).get("token_logprobs") or []]
+            versions = choice.get("token_versions")
+            if versions is None:
+                versions = [int(data.get("policy_version", 0))] * len(ids)
+            out.append(
+                Transition(
+                    role=role,
+                    prompt_ids=pack_i32([int(t) for t in prompt]),
+                    response_ids=pack_i32(ids),
+                    response_logprobs=pack_f32(lps),
+                    response_versions=pack_i32([int(v) for v in versions]),
+                    finish_reason=choice.get("finish_reason") or "stop",
+                    latency_s=latency_s,
+                )
+            )
+        return out
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: the Transition's alignment check
+        raise InferenceError(
+            f"inference answered without aligned token ids/logprobs/versions, so the call cannot be captured: "
+            f"{type(exc).__name__}: {exc}",
+            status=502,
+        ) from None
+
+
+def completion_from(data: dict[str, Any]) -> Completion:
+    choice = data["choices"][0]
+    content = (choice.get("logprobs") or {}).get("content") or []
+    ids = list(choice["token_ids"])
+    return Completion(
+        text=(choice.get("message") or {}).get("content") or "",
+        token_ids=ids,
+        logprobs=[float(c["logprob"]) for c in content],
+        versions=list(choice.get("token_versions") or [data.get("policy_version", 0)] * len(ids)),
+        finish_reason=choice.get("finish_reason") or "stop",
+    )
+
+
 class CaptureClient:
-    def __init__(self, http: httpx.AsyncClient, base_urls: list[str], retries: int) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_urls: list[str],
+        retries: int,
+        backoff_s: float = 0.25,
+        backoff_max_s: float = 4.0,
+    ) -> None:
         if not base_urls:
             raise ValueError("no inference URLs configured")
         self.http = http
         self.base_urls = base_urls
         self.retries = retries
+        self.backoff_s = backoff_s
+        self.backoff_max_s = backoff_max_s
 
     def replica_for(self, rollout_id: str) -> str:
         return self.base_urls[zlib.crc32(rollout_id.encode()) % len(self.base_urls)]
+
+    async def capture(
+        self, base_url: str, path: str, body: dict[str, Any], role: str
+    ) -> tuple[dict[str, Any], list[Transition]]:
+        """Send one completion request (capture forced on); the response and its transitions."""
+        start = time.perf_counter()
+        resp = await self.request("POST", base_url + path, force_capture(path, body))
+        try:
+            data = resp.json()
+        except ValueError:
+            raise InferenceError(f"inference answered {resp.status_code} with a non-JSON body", status=502) from None
+        return data, transitions_from(path, data, role, time.perf_counter() - start)
 
     async def chat(
         self,
@@ -50,50 +153,44 @@ class CaptureClient:
         role: str,
         transitions: list[Transition],
     ) -> Completion:
-        body = {
-            "model": "policy",
-            "messages": messages,
-            **sampling,
-            "logprobs": True,
-            "return_token_ids": True,
-            "n": 1,
-        }
-        start = time.perf_counter()
-        data = await self._post(base_url + "/v1/chat/completions", body)
-        choice = data["choices"][0]
-        content = (choice.get("logprobs") or {}).get("content") or []
-        completion = Completion(
-            text=choice["message"].get("content") or "",
-            token_ids=list(choice["token_ids"]),
-            logprobs=[float(c["logprob"]) for c in content],
-            versions=list(choice.get("token_versions") or [data.get("policy_version", 0)] * len(choice["token_ids"])),
-            finish_reason=choice.get("finish_reason") or "stop",
-        )
-        transitions.append(
-            Transition(
-                role=role,
-                prompt_ids=pack_i32(data["prompt_token_ids"]),
-                response_ids=pack_i32(completion.token_ids),
-                response_logprobs=pack_f32(completion.logprobs),
-                response_versions=pack_i32(completion.versions),
-                finish_reason=completion.finish_reason,
-                latency_s=time.perf_counter() - start,
-            )
-        )
-        return completion
+        body = {"model": MODEL, "messages": messages, **sampling, "n": 1}
+        data, recorded = await self.capture(base_url, CHAT, body, role)
+        transitions.extend(recorded)
+        return completion_from(data)
 
-    async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        last: Exception | None = None
+    async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        """With bounded retries and exponential backoff on 429, 5xx and connection errors.
+        A 4xx other than 429 is inference refusing the request: raised at once with its body."""
+        last = ""
+        unreachable = False
         for attempt in range(self.retries + 1):
+            delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
             try:
-                resp = await self.http.post(url, json=body)
+                resp = await self.http.request(method, url, json=body)
             except httpx.TransportError as exc:  # connect/read errors: the replica may be restarting
-                last = exc
+                last, unreachable = f"{type(exc).__name__}: {exc}", True
             else:
-                if resp.status_code < 500:
-                    if resp.status_code >= 400:
-                        raise InferenceError(f"inference {resp.status_code}: {resp.text[:500]}")
-                    return resp.json()
-                last = InferenceError(f"inference {resp.status_code}: {resp.text[:200]}")
-            await asyncio.sleep(0.2 * (attempt + 1))
-        raise InferenceError(f"inference failed after {self.retries + 1} attempts: {last}")
+                if resp.status_code < 400:
+                    return resp
+                if resp.status_code != _RETRY_STATUS and resp.status_code < 500:
+                    raise InferenceError(
+                        f"inference {resp.status_code}: {resp.text[:500]}", status=resp.status_code, body=resp.content
+                    )
+                last, unreachable = f"inference {resp.status_code}: {resp.text[:300]}", False
+                delay = max(delay, min(self.backoff_max_s, _retry_after(resp)))
+            if attempt < self.retries:
+                await asyncio.sleep(delay)
+        attempts = self.retries + 1
+        if unreachable:
+            message = f"inference replica {url} unreachable after {attempts} attempts: {last}"
+            raise InferenceError(message, 502, kind="inference_unreachable")
+        raise InferenceError(
+            f"inference unavailable after {attempts} attempts: {last}", 503, kind="inference_unavailable"
+        )
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    try:
+        return max(0.0, float(resp.headers.get("retry-after", 0)))
+    except ValueError:
+        return 0.0

@@ -1,12 +1,26 @@
-"""What an agent sees: its input, an LLM that records transitions, and a way to give rewards."""
+"""What an agent sees: its input, an LLM that records transitions, and a way to give rewards.
+
+Two ways to call the policy, recorded the same way (`CaptureClient.capture`):
+
+- `await ctx.chat(messages)`: the in-process capture client;
+- any OpenAI-compatible client pointed at `ctx.base_url` (or `ctx.openai()`, a ready
+  `openai.AsyncOpenAI`): the worker's capture proxy, so unchanged OpenAI-SDK agents are captured.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.messages import Reward, RolloutRequest, Transition
-from services.rollout.capture import CaptureClient, Completion
+from services.rollout.capture import CHAT, MODEL, CaptureClient, Completion, InferenceError, completion_from
+
+if TYPE_CHECKING:
+    import openai
+
+    from services.rollout.proxy import CaptureProxy
+
+API_KEY = "relayrl"  # the proxy checks no key; OpenAI SDKs insist on one
 
 
 @dataclass
@@ -15,29 +29,81 @@ class AgentContext:
     client: CaptureClient | None
     transitions: list[Transition] = field(default_factory=list)
     rewards: list[Reward] = field(default_factory=list)
+    proxy: CaptureProxy | None = None
+    # Set when the rollout is over: a call still in flight then is answered but not recorded.
+    closed: bool = False
+    _openai: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def input(self) -> dict[str, Any]:
         return self.request.input
 
     @property
+    def model(self) -> str:
+        """A model name to pass to OpenAI clients (inference serves one policy and ignores it)."""
+        return MODEL
+
+    @property
     def base_url(self) -> str:
-        """OpenAI-compatible base URL of this rollout's inference replica."""
+        """OpenAI-compatible base URL on this worker's capture proxy; calls are recorded as role "assistant"."""
+        return self.base_url_for("assistant")
+
+    def base_url_for(self, role: str) -> str:
+        """OpenAI-compatible base URL whose calls are recorded as transitions of `role`."""
+        if self.proxy is None or self.proxy.url is None:
+            raise RuntimeError("this worker's capture proxy is not running")
+        return self.proxy.base_url(self.request.rollout_id, role)
+
+    def openai(self, role: str = "assistant", **kwargs: Any) -> openai.AsyncOpenAI:
+        """A ready `openai.AsyncOpenAI` on the capture proxy (one per role, closed when the rollout ends).
+        The proxy retries toward inference, so the SDK's own retries are off unless `max_retries` is given."""
+        key = role if not kwargs else None  # custom kwargs: a fresh client, still closed at the end
+        if key is not None and key in self._openai:
+            return self._openai[key]  # type: ignore[no-any-return]
+        import openai
+
+        kwargs.setdefault("max_retries", 0)
+        client = openai.AsyncOpenAI(base_url=self.base_url_for(role), api_key=API_KEY, **kwargs)
+        self._openai[key if key is not None else f"{role}#{id(client)}"] = client
+        return client
+
+    async def aclose(self) -> None:
+        """End of the rollout: stop recording and close the OpenAI clients handed out."""
+        self.closed = True
+        clients = list(self._openai.values())
+        self._openai.clear()
+        for client in clients:
+            try:
+                await client.close()
+            except Exception:  # noqa: BLE001 - an agent may have closed it already
+                pass
+
+    def with_sampling_defaults(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The rollout's sampling params fill what the request leaves unset (the request wins)."""
+        defaults = self.request.sampling.model_dump(exclude_none=True)
+        if not defaults.get("stop"):
+            defaults.pop("stop", None)
+        if "max_tokens" in body or "max_completion_tokens" in body:
+            defaults.pop("max_tokens", None)
+        return {**defaults, **body}
+
+    async def capture(self, path: str, body: dict[str, Any], role: str) -> dict[str, Any]:
+        """One inference call on this rollout's sticky replica, recorded as transitions of `role`;
+        inference's response as returned. Raises `InferenceError` (with the HTTP status to report)."""
         if self.client is None:
-            raise RuntimeError("this worker has no inference configured")
-        return self.client.replica_for(self.request.rollout_id) + "/v1"
+            raise InferenceError("this worker has no inference configured", 503, kind="inference_unavailable")
+        replica = self.client.replica_for(self.request.rollout_id)
+        data, recorded = await self.client.capture(replica, path, self.with_sampling_defaults(body), role)
+        if not self.closed:
+            self.transitions.extend(recorded)
+        return data
 
     async def chat(self, messages: list[dict[str, Any]], role: str = "assistant", **sampling: Any) -> Completion:
         """One chat completion through the capture client; recorded as a transition of `role`."""
         if self.client is None:
             raise RuntimeError("this worker has no inference configured")
-        params = self.request.sampling.model_dump(exclude_none=True)
-        params.update(sampling)
-        if not params.get("stop"):
-            params.pop("stop", None)
-        return await self.client.chat(
-            self.client.replica_for(self.request.rollout_id), messages, params, role, self.transitions
-        )
+        body = {"model": MODEL, "messages": messages, **sampling, "n": 1}
+        return completion_from(await self.capture(CHAT, body, role))
 
     def reward(self, value: float, event: str | None = None, transition: int | None = None) -> None:
         """An intermediate reward, tied to a transition (default: the latest) or a named event."""

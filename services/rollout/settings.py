@@ -21,7 +21,13 @@ class RolloutSettings(ServiceSettings):
     ack_wait_s: float = Field(30.0, gt=0, description="a dead worker's task comes back after this")
     max_attempts: int = Field(3, ge=1, description="deliveries before a task is recorded as failed")
     inference_timeout_s: float = Field(120.0, gt=0)
-    inference_retries: int = Field(2, ge=0)
+    inference_retries: int = Field(
+        4, ge=0, description="retries toward inference on 429, 5xx and connection errors (then 502/503)"
+    )
+    inference_backoff_s: float = Field(0.25, ge=0, description="first retry delay; doubles per retry")
+    inference_backoff_max_s: float = Field(4.0, ge=0, description="cap on one retry delay (and on Retry-After)")
+    proxy_host: str = Field("127.0.0.1", description="capture proxy bind address (agents' OpenAI base_url)")
+    proxy_port: int = Field(0, ge=0, le=65535, description="capture proxy port; 0 = a free port")
     http_connections: int = Field(16, ge=1, description="HTTP connections to inference, shared by all agent runs")
     failure_reward: float = Field(0.0, description="reward given to failed/timed-out rollouts")
     agent_modules: str = Field("", description="comma-separated modules to import that register more agents")

@@ -15,6 +15,7 @@ from shared.messages import AgentInfo, RolloutRequest, Trajectory, TrajectorySta
 from services.rollout import registry
 from services.rollout.capture import CaptureClient
 from services.rollout.context import AgentContext
+from services.rollout.proxy import CaptureProxy
 from services.rollout.settings import RolloutSettings
 
 log = structlog.get_logger("rollout")
@@ -25,7 +26,19 @@ class Worker:
         self.bus = bus
         self.settings = settings
         urls = settings.inference_url_list()
-        self.client = CaptureClient(http, urls, settings.inference_retries) if urls else None
+        self.client = (
+            CaptureClient(
+                http,
+                urls,
+                settings.inference_retries,
+                backoff_s=settings.inference_backoff_s,
+                backoff_max_s=settings.inference_backoff_max_s,
+            )
+            if urls
+            else None
+        )
+        # Serves agents' OpenAI base URLs once started (`proxy.serve`, done by __main__).
+        self.proxy = CaptureProxy(self.client)
         self.completed = 0
 
     async def register_agents(self) -> None:
@@ -51,8 +64,12 @@ class Worker:
 
     async def run_rollout(self, req: RolloutRequest, attempt: int) -> Trajectory:
         started = time.time()
-        ctx = AgentContext(request=req, client=self.client)
-        status, reward, error = await self._run_agent(req, ctx, attempt)
+        ctx = AgentContext(request=req, client=self.client, proxy=self.proxy)
+        try:
+            with self.proxy.track(ctx):
+                status, reward, error = await self._run_agent(req, ctx, attempt)
+        finally:
+            await ctx.aclose()
         return Trajectory(
             **req.keys(),
             status=status,

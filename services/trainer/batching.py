@@ -25,7 +25,7 @@ class MicroBatch:
     targets: torch.Tensor  # (B, T-1) long: input_ids shifted left
     loss_mask: torch.Tensor  # (B, T-1) float
     old_logprobs: torch.Tensor  # (B, T-1) float
-    advantages: torch.Tensor  # (B, T-1) float: the sample's advantage on every position
+    advantages: torch.Tensor  # (B, T-1) float: per-token advantages (0 where loss_mask is 0)
     sample_index: list[int]  # positions of the rows in the list given to `pack`
 
     @property
@@ -85,7 +85,7 @@ def collate(samples: Sequence[Sample], index: Sequence[int], pad_id: int = 0) ->
         attn[r, :n] = 1
         mask[r, :n] = s.loss_mask
         old[r, :n] = s.old_logprobs
-        adv[r, :n] = s.advantage
+        adv[r, :n] = s.advantages
     return MicroBatch(
         input_ids=torch.from_numpy(ids),
         attention_mask=torch.from_numpy(attn),

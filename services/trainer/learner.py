@@ -1,6 +1,7 @@
 """The learner: one GRPO optimizer step per batch of groups, on plain torch.
 
-    groups -> advantages (per group baseline) -> samples -> micro-batches
+    groups -> advantages (per group baseline) -> credit per call (credit.py)
+           -> samples (per-token advantages) -> micro-batches
            -> forward / backward per micro-batch (gradients accumulate)
            -> clip grad norm -> AdamW step
 
@@ -25,12 +26,12 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from services.trainer import grpo
+from services.trainer import credit, grpo
 from services.trainer.batching import MicroBatch, pack, token_entropy, token_logprobs
 from services.trainer.samples import Sample, build_samples, min_version
 from shared.messages import Group, TrainingConfig
@@ -70,7 +71,9 @@ class Learner:
         pad_id: int = 0,
         pass_threshold: float = 1.0,
         loss_scale_factor: int | None = None,
+        air_rules: Mapping[str, float] | None = None,
     ) -> None:
+        """`air_rules`: event -> reward (`RuntimeConfig.air_values()`); None = AIR off."""
         if cfg.kl_coef > 0 and cfg.kl_penalty not in grpo.SUPPORTED_KL_PENALTIES:
             raise ValueError(f"kl_penalty {cfg.kl_penalty!r} is not implemented by verl's kl_penalty")
         self.cfg = cfg
@@ -79,6 +82,8 @@ class Learner:
         self.pad_id = pad_id
         self.pass_threshold = pass_threshold
         self.loss_scale_factor = loss_scale_factor
+        # A sorted copy: nothing downstream depends on the caller's dict order anyway.
+        self.air_rules = None if air_rules is None else {k: float(air_rules[k]) for k in sorted(air_rules)}
         self.step_count = 0
 
         _seed_everything(seed)
@@ -109,9 +114,12 @@ class Learner:
     # --- the step ----------------------------------------------------------------------
 
     def samples(self, groups: Sequence[Group]) -> list[Sample]:
-        """The training samples of `groups`, advantages filled in, in group order."""
-        advantages = grpo.group_advantages(groups, self.cfg.norm_adv_by_std)
-        return [s for g in groups for s in build_samples(g, self.trained_roles, advantages)]
+        """The training samples of `groups`, per-token advantages filled in, in group order."""
+        outcome = grpo.group_advantages(groups, self.cfg.norm_adv_by_std)
+        per_call = credit.group_credit(
+            groups, outcome, self.trained_roles, self.cfg.credit, self.cfg.discount, self.air_rules
+        )
+        return [s for g in groups for s in build_samples(g, self.trained_roles, per_call)]
 
     def step(self, groups: Sequence[Group]) -> StepResult:
         """One optimizer step on all of `groups` (staleness and zero-variance filtering is the caller's)."""
@@ -264,7 +272,7 @@ def _advantage_metrics(samples: Sequence[Sample]) -> dict[str, float]:
     """Over trained tokens, as verl reports them: a long sample weighs more."""
     if not samples:
         return {}
-    adv = np.concatenate([np.full(s.loss_tokens, s.advantage, np.float64) for s in samples])
+    adv = np.concatenate([s.advantages[s.loss_mask == 1].astype(np.float64) for s in samples])
     if not len(adv):
         return {}
     return {

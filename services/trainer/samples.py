@@ -2,7 +2,9 @@
 
 Consecutive calls whose prompt exactly extends the previous context (previous prompt +
 previous response is a prefix of this prompt) merge into one sample; the prompt tokens the
-environment added in between get mask 0. Any mismatch (the agent rewrote its history, a
+environment added in between get mask 0. Advantages are per token: each call's response
+tokens carry that call's advantage (see credit.py), so calls merged into one sample can get
+different credit; tokens with mask 0 carry 0. Any mismatch (the agent rewrote its history, a
 chat template re-rendered earlier turns differently) starts a new sample: we never
 retokenize and hope.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -27,7 +30,13 @@ class Sample:
     loss_mask: np.ndarray  # int32: 1 = sampled by the trained policy
     old_logprobs: np.ndarray  # float32; 0 where loss_mask is 0
     versions: np.ndarray  # int32: policy version of each sampled token; -1 where loss_mask is 0
-    advantage: float
+    advantages: np.ndarray  # float32: advantage of each token; 0 where loss_mask is 0
+
+    @property
+    def advantage(self) -> float:
+        """Mean advantage over the trained tokens (the trajectory's advantage under `equal` credit)."""
+        trained = self.advantages[self.loss_mask == 1]
+        return float(trained.astype(np.float64).mean()) if len(trained) else 0.0
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -64,9 +73,12 @@ def group_min_version(group: Group, trained_roles: re.Pattern[str] | None = None
 
 
 def build_samples(
-    group: Group, trained_roles: re.Pattern[str] | None, advantages: dict[str, float]
+    group: Group, trained_roles: re.Pattern[str] | None, advantages: Mapping[str, float | Sequence[float]]
 ) -> list[Sample]:
     """Every sample of every ok trajectory of `group`, in trajectory then transition order.
+
+    `advantages` is rollout_id -> either one advantage for every call of the trajectory, or
+    one per transition (`credit.group_credit`); a call's trained response tokens get its value.
 
     Failed trajectories (status != ok) give no samples; they still counted in the group's
     baseline when `advantages` was computed. A sample with no trained token is left out: it
@@ -76,12 +88,21 @@ def build_samples(
     for traj in group.trajectories:
         if traj.status != "ok":
             continue
-        advantage = advantages[traj.rollout_id]
-        for seq in _merge_transitions(traj, trained_roles):
-            sample = seq.to_sample(group.group_id, traj.rollout_id, advantage)
+        per_call = _per_transition(advantages[traj.rollout_id], len(traj.transitions), traj.rollout_id)
+        for seq in _merge_transitions(traj, trained_roles, per_call):
+            sample = seq.to_sample(group.group_id, traj.rollout_id)
             if sample.loss_tokens:
                 samples.append(sample)
     return samples
+
+
+def _per_transition(value: float | Sequence[float], n: int, rollout_id: str) -> list[float]:
+    if np.ndim(value) == 0:
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{rollout_id}: {len(values)} advantages for {n} transitions")
+    return values
 
 
 def _trained(tr: Transition, trained_roles: re.Pattern[str] | None) -> bool:
@@ -96,6 +117,7 @@ class _Builder:
         self.mask: list[np.ndarray] = []
         self.logprobs: list[np.ndarray] = []
         self.versions: list[np.ndarray] = []
+        self.advantages: list[np.ndarray] = []
         self.length = 0
 
     def context(self) -> np.ndarray:
@@ -103,37 +125,51 @@ class _Builder:
 
     def add_context(self, ids: np.ndarray) -> None:
         n = len(ids)
-        self._add(ids, np.zeros(n, np.int32), np.zeros(n, np.float32), np.full(n, -1, np.int32))
+        zeros = np.zeros(n, np.float32)
+        self._add(ids, np.zeros(n, np.int32), zeros, np.full(n, -1, np.int32), zeros)
 
-    def add_response(self, tr: Transition, trained: bool) -> None:
+    def add_response(self, tr: Transition, trained: bool, advantage: float) -> None:
         ids = unpack_i32(tr.response_ids)
         if not trained:
             self.add_context(ids)
             return
-        self._add(ids, np.ones(len(ids), np.int32), unpack_f32(tr.response_logprobs), unpack_i32(tr.response_versions))
+        n = len(ids)
+        self._add(
+            ids,
+            np.ones(n, np.int32),
+            unpack_f32(tr.response_logprobs),
+            unpack_i32(tr.response_versions),
+            np.full(n, advantage, np.float32),
+        )
 
-    def _add(self, ids: np.ndarray, mask: np.ndarray, logprobs: np.ndarray, versions: np.ndarray) -> None:
+    def _add(
+        self, ids: np.ndarray, mask: np.ndarray, logprobs: np.ndarray, versions: np.ndarray, adv: np.ndarray
+    ) -> None:
         self.tokens.append(ids.astype(np.int32))
         self.mask.append(mask)
         self.logprobs.append(logprobs.astype(np.float32))
         self.versions.append(versions.astype(np.int32))
+        self.advantages.append(adv)
         self.length += len(ids)
 
-    def to_sample(self, group_id: str, rollout_id: str, advantage: float) -> Sample:
+    def to_sample(self, group_id: str, rollout_id: str) -> Sample:
         mask = np.concatenate(self.mask)
         logprobs = np.concatenate(self.logprobs)
         versions = np.concatenate(self.versions)
+        advantages = np.concatenate(self.advantages)
         if len(mask):
             # The first token has no context to be predicted from, so it cannot be trained.
-            mask[0], logprobs[0], versions[0] = 0, 0.0, -1
-        return Sample(group_id, rollout_id, self.context(), mask, logprobs, versions, float(advantage))
+            mask[0], logprobs[0], versions[0], advantages[0] = 0, 0.0, -1, 0.0
+        return Sample(group_id, rollout_id, self.context(), mask, logprobs, versions, advantages)
 
 
-def _merge_transitions(traj: Trajectory, trained_roles: re.Pattern[str] | None) -> list[_Builder]:
+def _merge_transitions(
+    traj: Trajectory, trained_roles: re.Pattern[str] | None, advantages: Sequence[float]
+) -> list[_Builder]:
     """Split a trajectory's transitions into maximal runs whose prompts extend the context."""
     built: list[_Builder] = []
     current = _Builder()
-    for tr in traj.transitions:
+    for tr, advantage in zip(traj.transitions, advantages, strict=True):
         prompt = unpack_i32(tr.prompt_ids)
         ctx = current.context()
         extends = len(prompt) >= len(ctx) and np.array_equal(prompt[: len(ctx)], ctx)
@@ -141,7 +177,7 @@ def _merge_transitions(traj: Trajectory, trained_roles: re.Pattern[str] | None) 
             built.append(current)
             current, ctx = _Builder(), np.zeros(0, np.int32)
         current.add_context(prompt[len(ctx) :])
-        current.add_response(tr, _trained(tr, trained_roles))
+        current.add_response(tr, _trained(tr, trained_roles), advantage)
     if current.length:
         built.append(current)
     return built

@@ -29,7 +29,7 @@ from shared.models import resolve_model
 from shared.weights import latest_policy, publish_weights
 from services.trainer import checkpoint
 from services.trainer.feed import GroupFeed
-from services.trainer.grpo import is_zero_variance
+from services.trainer.credit import has_signal
 from services.trainer.learner import Learner
 from services.trainer.progress import StoreError, get_run, publish_metrics, put_progress, runs_to_train, set_state
 from services.trainer.samples import group_min_version
@@ -132,7 +132,12 @@ class RunTrainer:
     def _load(self) -> None:
         path = resolve_model(self.cfg.model, self.settings.model_dir)
         self.learner = Learner.from_pretrained(
-            path, self.train_cfg, seed=self.cfg.seed, device=self.settings.device, trained_roles=self.roles
+            path,
+            self.train_cfg,
+            seed=self.cfg.seed,
+            device=self.settings.device,
+            trained_roles=self.roles,
+            air_rules=self.cfg.runtime.air_values(),
         )
         found = checkpoint.latest_checkpoint(self.ckpt_dir)
         if found is not None:
@@ -200,7 +205,8 @@ class RunTrainer:
             return "no trainable tokens"
         if not self.replay and self.counters.step - oldest > self.cfg.max_staleness:
             return f"stale: sampled by version {oldest}, trainer at step {self.counters.step}, max_staleness {self.cfg.max_staleness}"
-        if self.train_cfg.drop_zero_variance and is_zero_variance(group):
+        # Zero variance in final rewards still carries signal when intermediate rewards count.
+        if self.train_cfg.drop_zero_variance and not has_signal(group, self.train_cfg.credit, self.cfg.runtime.air_values()):
             return "zero variance: every member has the same reward"
         return None
 

@@ -1,0 +1,296 @@
+"""The rollout worker's capture proxy: unchanged OpenAI-SDK agents, captured token for token.
+
+A real inference app (tiny model, in-process) sits behind a stub that can fail requests; the
+worker's proxy is served by uvicorn on a free loopback port and agents use the OpenAI SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from shared import subjects
+from shared.bus import Bus
+from shared.config import ServiceSettings
+from shared.messages import RolloutRequest, SamplingParams, Trajectory, unpack_f32, unpack_i32
+from services.inference.api import create_app
+from services.inference.settings import Settings
+from services.rollout import proxy, registry
+from services.rollout.agents.openai_sdk import NAME as OPENAI_ECHO, first_messages, second_messages
+from services.rollout.context import AgentContext
+from services.rollout.proxy import STREAM_REFUSED
+from services.rollout.settings import RolloutSettings
+from services.rollout.worker import Worker
+from shared.models import ensure_tiny_model
+
+INFERENCE = "http://inference"
+
+
+class FailingStub:
+    """ASGI app in front of inference: answers the next `fail_next` POSTs with 503 itself."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.fail_next = 0
+        self.failed = 0
+        self.forwarded = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                self.failed += 1
+                await send({"type": "http.response.start", "status": 503,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": b'{"error": {"message": "injected"}}'})
+                return
+            self.forwarded += 1
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+async def stub(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FailingStub]:
+    model = ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    app = create_app(Settings(model=str(model), device="cpu", dtype="float32", batch_wait_ms=5.0,
+                              log_format="console", watch_policy=False))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=INFERENCE) as c:
+            for _ in range(1500):
+                if (await c.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("inference never ready")
+        yield FailingStub(app)
+
+
+@pytest.fixture
+async def direct(stub: FailingStub) -> AsyncIterator[httpx.AsyncClient]:
+    """Straight to inference, bypassing the stub's failures and the proxy."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_worker(stub: FailingStub, **overrides: Any) -> AsyncIterator[Worker]:
+    registry.load_builtin_and()
+    values: dict[str, Any] = dict(worker_id="w-proxy", inference_urls=INFERENCE, inference_retries=2,
+                                  inference_backoff_s=0.01, inference_backoff_max_s=0.05)
+    values.update(overrides)
+    ws = RolloutSettings(**values)
+    mounts = {INFERENCE: httpx.ASGITransport(app=stub)}
+    async with httpx.AsyncClient(mounts=mounts, timeout=60) as http:
+        w = Worker(None, ws, http)  # type: ignore[arg-type] - run_rollout needs no bus
+        async with proxy.serve(w.proxy, ws.proxy_host, ws.proxy_port):
+            yield w
+
+
+@pytest.fixture
+async def worker(stub: FailingStub) -> AsyncIterator[Worker]:
+    stub.fail_next = stub.failed = 0
+    async for w in start_worker(stub):
+        yield w
+
+
+def request(agent: str, rollout_id: str = "p.0", temperature: float = 0.0, **input: Any) -> RolloutRequest:
+    return RolloutRequest(rollout_id=rollout_id, run_id="r", task_id="p", group_id="p", sample_index=0, group_size=1,
+                          agent=agent, input=input, timeout_s=60,
+                          sampling=SamplingParams(temperature=temperature, max_tokens=6))
+
+
+async def direct_chat(direct: httpx.AsyncClient, messages: list[dict[str, Any]], **body: Any) -> dict[str, Any]:
+    r = await direct.post("/v1/chat/completions", json={
+        "model": "x", "messages": messages, "temperature": 0.0, "max_tokens": 6,
+        "logprobs": True, "return_token_ids": True, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def assert_transition_is(t: Any, prompt_ids: list[int], choice: dict[str, Any]) -> None:
+    assert unpack_i32(t.prompt_ids).tolist() == prompt_ids
+    assert unpack_i32(t.response_ids).tolist() == choice["token_ids"]
+    assert unpack_i32(t.response_versions).tolist() == choice["token_versions"]
+    lps = [c["logprob"] for c in choice["logprobs"]["content"]]
+    assert unpack_f32(t.response_logprobs).tolist() == pytest.approx(lps, abs=1e-4)
+    assert t.finish_reason == choice["finish_reason"]
+
+
+# --- the example agent: two turns, OpenAI SDK only --------------------------------------------------
+
+
+async def test_openai_sdk_agent_is_captured_exactly(worker: Worker, direct: httpx.AsyncClient):
+    traj = await worker.run_rollout(request(OPENAI_ECHO, text="hi", max_tokens=6), attempt=1)
+    assert traj.status == "ok", traj.error
+    assert [t.role for t in traj.transitions] == ["assistant", "assistant"]
+    # The same conversation straight to inference, greedy: the captured ids are exactly these.
+    first = await direct_chat(direct, first_messages("hi"))
+    second = await direct_chat(direct, second_messages("hi", first["choices"][0]["message"]["content"]))
+    assert_transition_is(traj.transitions[0], first["prompt_token_ids"], first["choices"][0])
+    assert_transition_is(traj.transitions[1], second["prompt_token_ids"], second["choices"][0])
+    assert all(len(t.response_ids) > 0 for t in traj.transitions)
+    assert worker.proxy.rollouts == {}  # finished rollouts are forgotten: their URLs now 404
+
+
+# --- roles, both endpoints, n > 1, models, ctx.chat on the same recorder ------------------------------
+
+SEEN: dict[str, Any] = {}
+
+
+@registry.agent("test-proxy-roles")
+async def roles_agent(ctx: AgentContext) -> float:
+    planner, tool = ctx.openai(role="planner"), ctx.openai(role="tool")
+    assert ctx.openai(role="planner") is planner  # one client per role per rollout
+    chat = await planner.chat.completions.create(model=ctx.model, messages=[{"role": "user", "content": "plan"}],
+                                                 max_tokens=4)
+    text = await tool.completions.create(model=ctx.model, prompt="The tool says", max_tokens=3)
+    pair = await ctx.openai(role="sampler").chat.completions.create(
+        model=ctx.model, messages=[{"role": "user", "content": "two"}], n=2, temperature=1.0, seed=7, max_tokens=3)
+    own = await ctx.chat([{"role": "user", "content": "in-process"}], max_tokens=2)
+    models = await planner.models.list()
+    SEEN.update(chat=chat.to_dict(), text=text.to_dict(), pair=pair.to_dict(), own=own,
+                models=[m.id for m in models.data], base_url=ctx.base_url_for("planner"))
+    return 1.0
+
+
+async def test_roles_come_from_the_path_and_responses_carry_the_recorded_ids(worker: Worker):
+    rollout_id = "task/with odd?chars.0"
+    traj = await worker.run_rollout(request("test-proxy-roles", rollout_id=rollout_id), attempt=1)
+    assert traj.status == "ok", traj.error
+    assert SEEN["base_url"] == f"{worker.proxy.url}/r/task%2Fwith%20odd%3Fchars.0/planner/v1"
+    assert [t.role for t in traj.transitions] == ["planner", "tool", "sampler", "sampler", "assistant"]
+    chat, text, pair = SEEN["chat"], SEEN["text"], SEEN["pair"]
+    # What the SDK got back is what was recorded (the extra token fields survive the SDK).
+    assert_transition_is(traj.transitions[0], chat["prompt_token_ids"], chat["choices"][0])
+    t = traj.transitions[1]
+    assert unpack_i32(t.prompt_ids).tolist() == text["choices"][0]["prompt_token_ids"]
+    assert unpack_i32(t.response_ids).tolist() == text["choices"][0]["token_ids"]
+    assert unpack_f32(t.response_logprobs).tolist() == pytest.approx(text["choices"][0]["logprobs"]["token_logprobs"])
+    for i in range(2):  # n=2: one transition per choice, same prompt
+        assert_transition_is(traj.transitions[2 + i], pair["prompt_token_ids"], pair["choices"][i])
+    assert unpack_i32(traj.transitions[4].response_ids).tolist() == SEEN["own"].token_ids
+    assert len(SEEN["models"]) == 1
+
+
+# --- refusals --------------------------------------------------------------------------------------------
+
+
+async def test_streaming_is_refused_and_unknown_rollouts_are_404(worker: Worker):
+    ctx = AgentContext(request=request("none"), client=worker.client, proxy=worker.proxy)
+    with worker.proxy.track(ctx):
+        client = openai.AsyncOpenAI(base_url=ctx.base_url, api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
+        assert err.value.status_code == 400 and STREAM_REFUSED in str(err.value)
+        async with httpx.AsyncClient() as http:
+            r = await http.post(ctx.base_url + "/completions", json={"prompt": "hi", "stream": True})
+            assert r.status_code == 400 and r.json()["error"]["message"] == STREAM_REFUSED
+        assert ctx.transitions == []
+        await client.close()
+    async with httpx.AsyncClient() as http:
+        for rid in ("nope", ctx.request.rollout_id):  # never here / finished
+            r = await http.post(f"{worker.proxy.url}/r/{rid}/assistant/v1/chat/completions",
+                                json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 404 and "unknown rollout" in r.json()["error"]["message"]
+            assert (await http.get(f"{worker.proxy.url}/r/{rid}/assistant/v1/models")).status_code == 404
+
+
+async def test_inference_refusals_pass_through_with_status_and_body(worker: Worker, direct: httpx.AsyncClient):
+    tools = [{"type": "function", "function": {"name": "add", "description": "add two numbers",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    bodies = [
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},  # past the context: 400
+        {"messages": [{"role": "user", "content": "hi"}], "tools": tools, "max_tokens": 2},  # unchanged, either way
+    ]
+    ctx = AgentContext(request=request("none"), client=worker.client, proxy=worker.proxy)
+    with worker.proxy.track(ctx):
+        async with httpx.AsyncClient(timeout=60) as http:
+            statuses = []
+            for body in bodies:
+                full = {"model": "m", "temperature": 0.0, **body}
+                want = await direct.post("/v1/chat/completions", json={**full, "logprobs": True,
+                                                                        "return_token_ids": True})
+                got = await http.post(ctx.base_url + "/chat/completions", json=full)
+                assert got.status_code == want.status_code, (got.text, want.text)
+                if want.status_code != 200:
+                    assert got.json() == want.json()
+                else:  # the tools reached the chat template: the same prompt ids as a direct call
+                    assert got.json()["prompt_token_ids"] == want.json()["prompt_token_ids"]
+                statuses.append(got.status_code)
+    assert statuses[0] == 400
+    assert len(ctx.transitions) == (1 if statuses[1] == 200 else 0)
+
+
+# --- retries and a missing inference ---------------------------------------------------------------
+
+
+async def test_a_503_from_inference_is_retried_and_recorded_once(worker: Worker, stub: FailingStub):
+    ctx = AgentContext(request=request("none"), client=worker.client, proxy=worker.proxy)
+    stub.fail_next = 1
+    with worker.proxy.track(ctx):
+        client = ctx.openai()
+        reply = await client.chat.completions.create(model=ctx.model, messages=[{"role": "user", "content": "hi"}])
+    await ctx.aclose()
+    assert stub.failed == 1 and stub.fail_next == 0
+    assert len(ctx.transitions) == 1
+    assert unpack_i32(ctx.transitions[0].response_ids).tolist() == reply.to_dict()["choices"][0]["token_ids"]
+
+
+async def test_inference_gone_is_a_clear_502_or_503(stub: FailingStub):
+    dead = f"http://127.0.0.1:{free_port()}"
+    async for w in start_worker(stub, inference_urls=dead, inference_retries=1):
+        ctx = AgentContext(request=request("none"), client=w.client, proxy=w.proxy)
+        with w.proxy.track(ctx):
+            with pytest.raises(openai.APIStatusError) as err:
+                await ctx.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        await ctx.aclose()
+        assert err.value.status_code == 502 and "unreachable after 2 attempts" in str(err.value)
+        assert ctx.transitions == []
+    stub.fail_next, stub.failed = 100, 0
+    try:
+        async for w in start_worker(stub, inference_retries=2):
+            ctx = AgentContext(request=request("none"), client=w.client, proxy=w.proxy)
+            with w.proxy.track(ctx):
+                with pytest.raises(openai.APIStatusError) as err:
+                    await ctx.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+            await ctx.aclose()
+            assert err.value.status_code == 503 and "after 3 attempts" in str(err.value)
+            assert stub.failed == 3 and ctx.transitions == []
+    finally:
+        stub.fail_next = 0
+
+
+# --- the whole worker: NATS in, trajectory out ----------------------------------------------------------
+
+
+async def test_worker_runs_the_openai_agent_from_the_task_stream(stub: FailingStub, settings: ServiceSettings,
+                                                                 bus: Bus):
+    registry.load_builtin_and()
+    ws = RolloutSettings(nats_url=settings.nats_url, worker_id="w-nats", inference_urls=INFERENCE)
+    async with httpx.AsyncClient(mounts={INFERENCE: httpx.ASGITransport(app=stub)}, timeout=60) as http:
+        w = Worker(bus, ws, http)
+        async with proxy.serve(w.proxy):
+            stop = asyncio.Event()
+            task = asyncio.create_task(w.run(stop))
+            try:
+                req = request(OPENAI_ECHO, rollout_id="n.0", text="ab")
+                await bus.publish(subjects.tasks("r"), req, req.rollout_id)
+                sub = await bus.js.pull_subscribe(subjects.trajectories("r"), stream=subjects.STREAM_TRAJECTORIES)
+                (msg,) = await sub.fetch(1, timeout=30)
+                traj = Trajectory.decode(msg.data)
+            finally:
+                stop.set()
+                await task
+    assert traj.rollout_id == "n.0" and traj.status == "ok", traj.error
+    assert len(traj.transitions) == 2 and 0.0 <= traj.reward <= 1.0
