@@ -162,9 +162,12 @@ class RolloutRequest(RolloutKeys):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     timeout_s: float = Field(60.0, gt=0)
     created_at: float = Field(default_factory=time.time)
+    # The trainer's version when pacing admitted this request: inference waits (bounded) until
+    # it serves at least this version, so a swap still in flight does not make samples stale.
+    min_version: int = Field(0, ge=0)
 
     @classmethod
-    def for_task(cls, task: TaskSpec, sample_index: int) -> RolloutRequest:
+    def for_task(cls, task: TaskSpec, sample_index: int, min_version: int = 0) -> RolloutRequest:
         return cls(
             rollout_id=task.rollout_id(sample_index),
             run_id=task.run_id,
@@ -176,6 +179,7 @@ class RolloutRequest(RolloutKeys):
             input=task.input,
             sampling=task.sampling,
             timeout_s=task.timeout_s,
+            min_version=min_version,
         )
 
 

@@ -354,6 +354,22 @@ async def test_swap_weights_mid_request(model_path: Path, other_weights: Path) -
         assert (await client.get("/v1/stats")).json()["weight_swaps"] == 1
 
 
+async def test_min_policy_version_waits_for_the_swap_then_gives_up(model_path: Path, other_weights: Path) -> None:
+    new_state = {k: v.clone() for k, v in load_causal_lm(other_weights).state_dict().items() if k != "lm_head.weight"}
+    async with serve(_settings(model_path, version_wait_s=0.5)) as (client, engine):
+        body = dict(prompt="wait", max_tokens=2, temperature=0, return_token_ids=True, logprobs=0)
+        # Nobody swaps: after version_wait_s the request runs on what is live, and says so.
+        started = time.monotonic()
+        gave_up = (await complete(client, min_policy_version=1, **body))["choices"][0]
+        assert time.monotonic() - started >= 0.5 and gave_up["token_versions"] == [0, 0]
+        # A swap lands while the request waits: it is served by the version it asked for.
+        waiting = asyncio.create_task(complete(client, min_policy_version=1, **body))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        await asyncio.wrap_future(engine.swap_weights(new_state, version=1))
+        assert (await waiting)["choices"][0]["token_versions"] == [1, 1]
+
+
 # --- bad requests ---------------------------------------------------------------------------------------
 
 

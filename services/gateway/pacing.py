@@ -147,7 +147,7 @@ class Pacer:
         rows = await self._dataset(run)
         cursor, specs = next_tasks(run.config, rows, run.cursor, n)
         if specs:
-            await submit(self.bus, self.store, specs)
+            await submit(self.bus, self.store, specs, min_version=progress.version if progress else 0)
         await self.store.call("save_cursor", SaveCursor(run_id=run.run_id, cursor=cursor))
         log.info("published", run_id=run.run_id, groups=len(specs), published=cursor.groups_published, done=cursor.done)
 

@@ -12,12 +12,12 @@ from shared.messages import PutTasks, RolloutRequest, TaskSpec
 from services.gateway.deps import StoreClient
 
 
-async def submit(bus: Bus, store: StoreClient, specs: Sequence[TaskSpec]) -> None:
+async def submit(bus: Bus, store: StoreClient, specs: Sequence[TaskSpec], min_version: int = 0) -> None:
     """Tasks are stored before their requests are published, and every publish carries
     `Nats-Msg-Id`, so resubmitting the same task ids after any failure creates nothing twice."""
     with telemetry.tracer().start_as_current_span("submit_tasks", attributes={"tasks": len(specs)}):
         await store.call("put_tasks", PutTasks(tasks=list(specs)))
-        requests = [RolloutRequest.for_task(s, i) for s in specs for i in range(s.group_size)]
+        requests = [RolloutRequest.for_task(s, i, min_version) for s in specs for i in range(s.group_size)]
         try:
             await bus.publish_many((subjects.tasks(r.run_id), r, r.rollout_id) for r in requests)
         except Exception as exc:  # stored but not all published: safe to retry with the same task ids

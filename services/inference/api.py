@@ -258,6 +258,7 @@ def _openai_router() -> APIRouter:
 async def _completions(rt: Runtime, req: CompletionRequest) -> dict[str, Any]:
     engine = rt.ready_engine()
     _reject_unsupported(req)
+    await _await_version(engine, req.min_policy_version, rt.settings.version_wait_s)
     if req.echo:
         raise InvalidRequest("echo is not supported")
     prompts = _completion_prompts(engine, req.prompt)
@@ -325,6 +326,7 @@ def _completion_logprobs(texts: TokenTexts, gen: Generation) -> dict[str, Any]:
 async def _chat(rt: Runtime, req: ChatCompletionRequest) -> dict[str, Any]:
     engine = rt.ready_engine()
     _reject_unsupported(req)
+    await _await_version(engine, req.min_policy_version, rt.settings.version_wait_s)
     prompt_ids = _chat_prompt(engine, req)
     budget = req.token_budget()
     if budget is None:
@@ -416,6 +418,16 @@ def _sampling(req: _Common, max_tokens: int, *, top_logprobs: int, choice: int) 
         top_logprobs=top_logprobs,
         ignore_eos=req.ignore_eos,
     )
+
+
+async def _await_version(engine: TorchEngine, version: int | None, timeout_s: float) -> None:
+    """Hold a request until the engine serves `version` (a swap the trainer already announced
+    may still be loading). After `timeout_s` it runs anyway: token stamps tell the truth."""
+    if version is None or engine.version >= version:
+        return
+    deadline = time.monotonic() + timeout_s
+    while engine.version < version and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
 
 
 async def _generate_all(engine: TorchEngine, jobs: list[tuple[list[int], SamplingConfig]]) -> list[Generation]:

@@ -29,6 +29,8 @@ class _Common(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1, le=MAX_N)
     return_token_ids: bool = False
+    # relayrl: wait (bounded by the server's version_wait_s) until this policy version is live.
+    min_policy_version: int | None = Field(None, ge=0)
     stream: bool = False
     user: str | None = None
 

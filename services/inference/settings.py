@@ -30,6 +30,9 @@ class Settings(ServiceSettings):
         description="follow the trainer's weights through NATS (KV relayrl-policy + object store); "
         "off: serve the loaded weights and never connect to NATS",
     )
+    version_wait_s: float = Field(
+        10.0, ge=0, description="how long a request naming min_policy_version waits for that version to be live"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's (all cores)")
     run_id: str | None = Field(
         None, description="run whose weights to follow; unset: follow whichever run published weights last"

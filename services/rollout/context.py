@@ -85,6 +85,8 @@ class AgentContext:
             defaults.pop("stop", None)
         if "max_tokens" in body or "max_completion_tokens" in body:
             defaults.pop("max_tokens", None)
+        if self.request.min_version:
+            defaults["min_policy_version"] = self.request.min_version
         return {**defaults, **body}
 
     async def capture(self, path: str, body: dict[str, Any], role: str) -> dict[str, Any]:

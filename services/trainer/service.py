@@ -99,6 +99,10 @@ class RunTrainer:
         self._last_state_check = time.monotonic()
         self._last_group_at = time.monotonic()
         self.cancelled = False
+        # Kept groups waiting for the next step: not reported as consumed until that step's
+        # weights are out, or pacing would admit requests sampled by the version they will be
+        # trained against plus one (stale by one more than max_staleness allows).
+        self._unsettled = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -198,6 +202,7 @@ class RunTrainer:
             batch.dropped[group.group_id] = reason
             return
         batch.kept.append(group)
+        self._unsettled += 1
 
     def _drop_reason(self, group: Group) -> str | None:
         oldest = group_min_version(group, self.roles)
@@ -230,6 +235,7 @@ class RunTrainer:
         c = self.counters
         c.step += 1
         c.groups_trained += len(batch.kept)
+        self._unsettled = 0
         sync = c.step % self.train_cfg.sync_every == 0 or self._finished()
         if sync:
             c.version = c.step
@@ -309,7 +315,7 @@ class RunTrainer:
                 run_id=self.run.run_id,
                 step=c.step,
                 version=c.version,
-                groups_consumed=c.groups_consumed,
+                groups_consumed=c.groups_consumed - self._unsettled,
                 groups_trained=c.groups_trained,
                 groups_dropped=c.groups_dropped,
                 total_steps=self.run.total_steps,
