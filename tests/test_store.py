@@ -54,8 +54,9 @@ async def store(settings: ServiceSettings, database_url: str) -> AsyncIterator[R
     await st.engine.dispose()
 
 
-async def published_groups(bus: Bus) -> list[Group]:
-    sub = await bus.js.pull_subscribe(subjects.STREAM_SUBJECTS[subjects.STREAM_GROUPS], stream=subjects.STREAM_GROUPS)
+async def published_groups(bus: Bus, subject: str = subjects.STREAM_SUBJECTS[subjects.STREAM_GROUPS]) -> list[Group]:
+    """Every group on `subject` (default: all of GROUPS), in stream order."""
+    sub = await bus.js.pull_subscribe(subject, stream=subjects.STREAM_GROUPS)
     out: list[Group] = []
     while True:
         try:

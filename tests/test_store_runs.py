@@ -30,7 +30,7 @@ from shared.messages import (
 from services.store.db import create_engine, create_schema
 from services.store.runs import RunRepository
 from tests.conftest import wait_until
-from tests.test_store import RunningStore, store, trajectory  # noqa: F401  (store is a fixture)
+from tests.test_store import RunningStore, published_groups, store, trajectory  # noqa: F401  (store is a fixture)
 
 
 async def rpc(bus: Bus, method: str, msg: Message) -> Reply:
@@ -62,18 +62,7 @@ async def publish_metrics(bus: Bus, *steps: StepMetrics) -> None:
 
 async def replayed(bus: Bus, run_id: str) -> list[Group]:
     """Every group on `groups(run_id, replay=True)`, in stream order."""
-    sub = await bus.js.pull_subscribe(subjects.groups(run_id, replay=True), stream=subjects.STREAM_GROUPS)
-    out: list[Group] = []
-    while True:
-        try:
-            msgs = await sub.fetch(256, timeout=0.5)
-        except Exception:
-            break
-        out.extend(Group.decode(m.data) for m in msgs)
-        for m in msgs:
-            await m.ack()
-    await sub.unsubscribe()
-    return out
+    return await published_groups(bus, subjects.groups(run_id, replay=True))
 
 
 # --- runs ----------------------------------------------------------------------------------

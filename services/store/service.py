@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import subjects
-from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, TransientError, wait_for_stop
+from shared.bus import Bus, ConsumerSpec, Delivery, Handler, PullConsumer, TransientError, wait_for_stop
 from shared.messages import (
     DeadLetter,
     GetById,
@@ -233,29 +233,14 @@ class Store:
             # Two batches in flight: the next fetch overlaps the current SQL write.
             max_in_flight=2 * self.settings.batch_size,
         )
-        dead_letters = PullConsumer(
-            bus=self.bus,
-            spec=ConsumerSpec(
-                stream=subjects.STREAM_DLQ,
-                durable=subjects.CONSUMER_STORE_DLQ,
-                filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_DLQ],
-            ),
-            model=DeadLetter,
-            handler=self.on_dead_letters,
-            batch=64,
-        )
-        metrics = PullConsumer(
-            bus=self.bus,
-            spec=ConsumerSpec(
-                stream=subjects.STREAM_METRICS,
-                durable=subjects.CONSUMER_STORE_METRICS,
-                filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_METRICS],
-            ),
-            model=StepMetrics,
-            handler=self.on_metrics,
-            batch=64,
-        )
+        metrics = self._whole_stream(subjects.STREAM_METRICS, subjects.CONSUMER_STORE_METRICS, StepMetrics, self.on_metrics)
+        dead_letters = self._whole_stream(subjects.STREAM_DLQ, subjects.CONSUMER_STORE_DLQ, DeadLetter, self.on_dead_letters)
         return [trajectories, metrics, dead_letters]
+
+    def _whole_stream(self, stream: str, durable: str, model: type[M], handler: Handler[M]) -> PullConsumer[M]:
+        """A batch consumer of every subject of `stream`."""
+        spec = ConsumerSpec(stream=stream, durable=durable, filter_subject=subjects.STREAM_SUBJECTS[stream])
+        return PullConsumer(bus=self.bus, spec=spec, model=model, handler=handler, batch=64)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.serve()
