@@ -448,9 +448,6 @@ class RunConfig(BaseModel):
             raise ValueError("a run needs dataset rows inline (`dataset`) or a stored dataset (`dataset_name`)")
         return self
 
-    def groups_per_epoch(self, rows: int) -> int:
-        return rows
-
     def total_steps(self, rows: int) -> int:
         """Optimizer steps the run takes: every group of every epoch, in batches (last one partial dropped)."""
         steps = max(1, (rows * self.training.epochs) // self.training.batch_size)

@@ -69,7 +69,7 @@ async def queued_requests(bus: Bus, run_id: str) -> int:
 async def settle(bus: Bus, run_id: str, expected: int, timeout_s: float = 10.0) -> int:
     """Wait until the queue holds `expected` requests, then a little longer to see it stays there."""
     deadline = time.monotonic() + timeout_s
-    while (n := await queued_requests(bus, run_id)) < expected and time.monotonic() < deadline:
+    while await queued_requests(bus, run_id) < expected and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
     return await queued_requests(bus, run_id)

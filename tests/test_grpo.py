@@ -12,13 +12,12 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save
 
 from services.trainer import grpo
-from services.trainer.batching import collate, pack, plan_micro_batches, token_entropy, token_logprobs
+from services.trainer.batching import collate, plan_micro_batches, token_entropy, token_logprobs
 from services.trainer.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.learner import Learner
 from services.trainer.samples import build_samples, group_min_version, min_version

@@ -7,7 +7,6 @@ from typing import Literal
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared import subjects
 from shared.bus import Bus
 from shared.messages import (
     GetById,
@@ -181,7 +180,6 @@ async def _require_run(run_id: str, store: StoreClient) -> RunView:
 
 async def _run_with_progress(run_id: str, store: StoreClient, bus: Bus) -> RunView:
     run = await _require_run(run_id, store)
-    subjects.check_token(run_id)
     progress = await read_progress(bus, run_id)
     if progress is not None and progress.step >= run.step:
         run = run.model_copy(
