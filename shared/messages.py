@@ -207,12 +207,27 @@ class Transition(BaseModel):
 
 
 class Reward(BaseModel):
-    """An intermediate reward, tied to a transition index or a named event."""
+    """An intermediate reward the agent gave (`ctx.reward`), tied to one LLM call.
+
+    `transition` is the index of that call in the trajectory (None: the last call). `source`
+    says where it came from ("tool", "format", ...): shown in queries, never used in math.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    value: float
+    value: float = Field(allow_inf_nan=False)
     transition: int | None = None
-    event: str | None = None
+    source: str | None = Field(None, max_length=128)
+
+
+class Event(BaseModel):
+    """Something that happened during a rollout (`ctx.event`): a tool call and its outcome, an
+    environment step. With AIR on, a run's `air_rules` turn named events into rewards."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=128)
+    transition: int | None = None  # the LLM call it follows (None: the last call)
+    data: dict[str, Any] = Field(default_factory=dict)
+    at: float = Field(default_factory=time.time)
 
 
 TrajectoryStatus = Literal["ok", "error", "timeout"]
@@ -225,6 +240,7 @@ class Trajectory(RolloutKeys):
     error: str | None = None
     reward: float
     rewards: list[Reward] = Field(default_factory=list)
+    events: list[Event] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
     started_at: float
     finished_at: float
@@ -359,10 +375,11 @@ class TrainingConfig(BaseModel):
 
 
 class AirRule(BaseModel):
-    """An AIR (intermediate reward) rule: every reward recorded for event `on` is worth `reward`."""
+    """An AIR (automatic intermediate reward) rule: each event named `on` (`ctx.event(on)`) earns `reward`
+    on the LLM call it follows."""
 
     model_config = ConfigDict(extra="forbid")
-    on: str = Field(min_length=1, max_length=128, description="event name, as in ctx.reward(v, event=...)")
+    on: str = Field(min_length=1, max_length=128, description="event name, as in ctx.event(\"tool_success\")")
     reward: float = Field(allow_inf_nan=False)
 
     @model_validator(mode="before")
@@ -392,7 +409,7 @@ class RuntimeConfig(BaseModel):
         return self
 
     def air_values(self) -> dict[str, float] | None:
-        """Event -> reward of the AIR rules, or None when AIR is off (event rewards then do not count)."""
+        """Event name -> reward of the AIR rules, or None when AIR is off (events then earn nothing)."""
         return {r.on: r.reward for r in self.air_rules} if self.air_enabled else None
 
 

@@ -24,20 +24,62 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START, IM_END]
 
-# ChatML; content may be a string or absent (assistant turns that only call tools).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- elif message['content'] -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+# ChatML, extended with Hermes/Qwen2.5-style tool calling (the format vLLM's `hermes` parser
+# reads), so a tiny-model run exercises the same prompt shapes as a real tool-calling model.
+# Conversations without tools, `tool_calls` or tool messages render byte-for-byte as plain
+# ChatML did before; trained checkpoints and tests rely on those prompts not moving.
+# - `tools` given: a system turn lists their JSON schemas in <tools></tools> (merged after the
+#   caller's own first system message, as Qwen2.5 does) and asks for <tool_call> JSON answers.
+# - assistant `tool_calls`: content (if any), then one <tool_call> block per call; OpenAI sends
+#   `arguments` as a JSON string, which renders as given, so a parsed call re-renders as the
+#   model wrote it and the next turn's prompt extends the previous one token for token.
+# - `role: "tool"`: <tool_response> blocks; consecutive ones share one user turn (Qwen2.5).
+# Content may be a string, a list of text parts, or absent (assistant turns that only call tools).
+# Every tag strips the whitespace around it, so the layout below adds nothing to the output.
+CHAT_TEMPLATE = r"""
+{%- macro render_content(content) -%}
+    {%- if content is string -%}{{- content -}}
+    {%- elif content -%}
+        {%- for part in content -%}
+            {%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+{%- endmacro -%}
+{%- set merge_system = tools and messages and messages[0]['role'] == 'system' -%}
+{%- if tools -%}
+    {{- '<|im_start|>system\n' -}}
+    {%- if merge_system -%}{{- render_content(messages[0]['content']) + '\n\n' -}}{%- endif -%}
+    {{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n' -}}
+    {{- 'You are provided with function signatures within <tools></tools> XML tags:\n<tools>' -}}
+    {%- for tool in tools -%}{{- '\n' + (tool | tojson) -}}{%- endfor -%}
+    {{- '\n</tools>\n\nFor each function call, return a json object with function name and arguments ' -}}
+    {{- 'within <tool_call></tool_call> XML tags:\n<tool_call>\n' -}}
+    {{- '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+    {%- if loop.first and merge_system -%}
+    {%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] -%}
+        {{- '<|im_start|>assistant' -}}
+        {%- set text = render_content(message['content']) -%}
+        {%- if text -%}{{- '\n' + text -}}{%- endif -%}
+        {%- for call in message['tool_calls'] -%}
+            {%- set fn = call['function'] if call['function'] is defined else call -%}
+            {%- set args = fn['arguments'] if fn['arguments'] is defined else {} -%}
+            {{- '\n<tool_call>\n{"name": ' + (fn['name'] | tojson) + ', "arguments": ' -}}
+            {%- if args is string -%}{{- args -}}{%- else -%}{{- args | tojson -}}{%- endif -%}
+            {{- '}\n</tool_call>' -}}
+        {%- endfor -%}
+        {{- '<|im_end|>\n' -}}
+    {%- elif message['role'] == 'tool' -%}
+        {%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}
+        {{- '\n<tool_response>\n' + render_content(message['content']) + '\n</tool_response>' -}}
+        {%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}
+    {%- else -%}
+        {{- '<|im_start|>' + message['role'] + '\n' + render_content(message['content']) + '<|im_end|>\n' -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+""".strip()
 
 # "tiny" starts from a wider init (0.05 instead of Llama's 0.02): a from-scratch policy then
 # learns the demo's echo-digit task with GRPO in ~50 steps instead of ~65+ (measured).

@@ -8,14 +8,15 @@ The group (size 2, Dr.GRPO advantages, i.e. no std: A = reward - group mean):
     t2 rewrite prompt [1 2 3 4 9 5 6]    response [7 8]   (6: a tool output)
     tokens [1 2 3 4 9 5 6 7 8], with trained_agents "write|rewrite":
     mask   [0 0 1 1 0 0 0 1 1]
-    rewards: 0.2 explicit on t0; 0.05 event "unruled" on t0; 0.3 event "tool_success" on t1;
-             -0.1 event "tool_failure" without a transition (-> the last one, t2)
+    rewards: 0.2 explicit on t0 (ctx.reward)
+    events:  "format_ok" and "unruled" on t0; "tool_success" on t1; "tool_failure" without a
+             transition (-> the last one, t2)
   rollout x.1, reward 0 -> A = -0.5; two samples (t1 rewrote the history):
     t0 write   prompt [1 2]   response [3 5]   -> tokens [1 2 3 5], mask [0 0 1 1]
     t1 rewrite prompt [1 2 7] response [8]     -> tokens [1 2 7 8], mask [0 0 0 1]
     rewards: 0.4 explicit on t1
 
-AIR rules: tool_success -> 1.0, tool_failure -> -0.25 ("unruled" keeps its 0.05).
+AIR rules: format_ok -> 0.05, tool_success -> 1.0, tool_failure -> -0.25 ("unruled" earns nothing).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from services.trainer.learner import Learner
 from services.trainer.samples import build_samples
 from shared.messages import (
     AirRule,
+    Event,
     Group,
     Reward,
     RunConfig,
@@ -44,7 +46,7 @@ from shared.messages import (
     pack_i32,
 )
 
-RULES = {"tool_success": 1.0, "tool_failure": -0.25}
+RULES = {"format_ok": 0.05, "tool_success": 1.0, "tool_failure": -0.25}
 ROLES = re.compile("write|rewrite")
 
 
@@ -58,10 +60,11 @@ def transition(prompt: list[int], response: list[int], role: str) -> Transition:
     )
 
 
-def trajectory(index: int, reward: float, transitions: list[Transition], rewards: list[Reward]) -> Trajectory:
+def trajectory(index: int, reward: float, transitions: list[Transition], rewards: list[Reward],
+               events: list[Event] | None = None) -> Trajectory:
     return Trajectory(
         rollout_id=f"x.{index}", run_id="run", task_id="x", group_id="x", sample_index=index, group_size=2,
-        agent="test", status="ok", reward=reward, rewards=rewards, transitions=transitions,
+        agent="test", status="ok", reward=reward, rewards=rewards, events=events or [], transitions=transitions,
         started_at=0.0, finished_at=1.0, worker_id="w",
     )
 
@@ -72,10 +75,12 @@ def the_group() -> Group:
         transition([1, 2, 3, 4, 9], [5], "check"),
         transition([1, 2, 3, 4, 9, 5, 6], [7, 8], "rewrite"),
     ], [
-        Reward(value=0.2, transition=0),
-        Reward(value=0.05, event="unruled", transition=0),
-        Reward(value=0.3, event="tool_success", transition=1),
-        Reward(value=-0.1, event="tool_failure"),
+        Reward(value=0.2, transition=0, source="format"),
+    ], [
+        Event(name="format_ok", transition=0),
+        Event(name="unruled", transition=0, data={"note": "no rule names me"}),
+        Event(name="tool_success", transition=1, data={"tool": "sql"}),
+        Event(name="tool_failure"),
     ])
     split = trajectory(1, 0.0, [
         transition([1, 2], [3, 5], "write"),
@@ -112,15 +117,14 @@ def close(actual: list[list[float]], expected: list[list[float]]) -> bool:
 
 def test_intermediate_rewards_with_and_without_air() -> None:
     merged, split = the_group().trajectories
-    # AIR off: only the explicit reward counts; event rewards are ignored.
+    # AIR off: only the explicit reward counts; events earn nothing.
     assert credit.intermediate_rewards(merged, None) == pytest.approx([0.2, 0.0, 0.0])
-    # AIR on: the rules replace the recorded 0.3 and -0.1; "unruled" keeps its 0.05; the
+    # AIR on: each ruled event earns its rule's value on its call; "unruled" earns nothing; the
     # transition-less failure lands on the last call.
     assert credit.intermediate_rewards(merged, RULES) == pytest.approx([0.25, 1.0, -0.25])
-    # AIR on without rules: events count with the agent's values.
-    assert credit.intermediate_rewards(merged, {}) == pytest.approx([0.25, 0.3, -0.1])
+    # AIR on without rules: no event earns anything.
+    assert credit.intermediate_rewards(merged, {}) == pytest.approx([0.2, 0.0, 0.0])
     assert credit.intermediate_rewards(split, RULES) == pytest.approx([0.0, 0.4])
-    assert credit.reward_value(Reward(value=0.3, event="tool_success"), None) is None
     # An index that names no call is ignored; no transitions at all: nothing to attach to.
     odd = split.model_copy(update={"rewards": [Reward(value=1.0, transition=5), Reward(value=1.0, transition=-1)]})
     assert credit.intermediate_rewards(odd, None) == [0.0, 0.0]
@@ -212,7 +216,8 @@ def test_learner_uses_the_configured_credit_and_air_rules() -> None:
         agent="a", dataset=[{}], trained_agents="write|rewrite",
         training=TrainingConfig(group_size=2, norm_adv_by_std=False, credit="discounted", discount=0.5),
         runtime={"air_enabled": True, "air_rules": [{"on": "tool_failure", "reward": -0.25},
-                                                    {"on": "tool_success", "reward": 1.0}]},
+                                                    {"on": "tool_success", "reward": 1.0},
+                                                    {"on": "format_ok", "reward": 0.05}]},
     )
     learner = Learner(torch.nn.Linear(1, 1), run.training, device="cpu", trained_roles=run.trained_roles,
                       air_rules=run.runtime.air_values())
@@ -314,7 +319,7 @@ def test_has_signal_keeps_zero_variance_groups_with_intermediate_rewards() -> No
     assert credit.has_signal(g, "equal") and credit.has_signal(g, "last")
     assert not credit.has_signal(flat, "equal") and not credit.has_signal(flat, "last")
     assert credit.has_signal(flat, "discounted", RULES) and credit.has_signal(flat, "discounted", None)
-    silent = flat.model_copy(update={"trajectories": [t.model_copy(update={"rewards": [
-        Reward(value=0.3, event="tool_success")]}) for t in flat.trajectories]})
-    assert not credit.has_signal(silent, "discounted", None)  # AIR off: event rewards do not count
+    silent = flat.model_copy(update={"trajectories": [t.model_copy(update={"rewards": [], "events": [
+        Event(name="tool_success")]}) for t in flat.trajectories]})
+    assert not credit.has_signal(silent, "discounted", None)  # AIR off: events earn nothing
     assert credit.has_signal(silent, "discounted", RULES)

@@ -2,6 +2,9 @@
 
 import asyncio
 import math
+import threading
+import time
+from importlib.metadata import EntryPoint
 from typing import AsyncIterator
 
 import httpx
@@ -42,8 +45,29 @@ async def string(ctx: AgentContext) -> float:
 
 @registry.agent("test-rewards")
 async def rewards(ctx: AgentContext) -> float:
-    ctx.reward(0.3, event="tool_success")
+    ctx.reward(0.3, source="tool")
+    ctx.event("tool_success", tool="calculator", result=4)
     return 0.75
+
+
+@registry.agent("test-sync")
+def sync_agent(ctx: AgentContext) -> float:
+    """A plain function: the worker runs it in its thread pool, off the event loop."""
+    ctx.event("ran_in", thread=threading.current_thread().name)
+    ctx.reward(-0.5, source="penalty", step=0)
+    return 0.25
+
+
+@registry.agent("test-sync-hangs")
+def sync_hangs(ctx: AgentContext) -> float:
+    time.sleep(1.5)
+    return 1.0
+
+
+@registry.agent("test-bad-event")
+async def bad_event(ctx: AgentContext) -> float:
+    ctx.event("tool_success", result=object())
+    return 1.0
 
 
 @pytest.fixture
@@ -76,6 +100,8 @@ async def run_one(bus: Bus, agent: str, timeout_s: float = 5.0, rollout_id: str 
         ("test-nan", "error", "non-finite or non-numeric"),
         ("test-string", "error", "non-finite or non-numeric"),
         ("test-hangs", "timeout", "timeout of 0.5s"),
+        ("test-sync-hangs", "timeout", "timeout of 0.5s"),
+        ("test-bad-event", "error", "not JSON-serializable"),
     ],
 )
 async def test_agent_failures_become_failed_trajectories(worker: Worker, bus: Bus, agent, status, reason):
@@ -91,7 +117,37 @@ async def test_agent_failures_become_failed_trajectories(worker: Worker, bus: Bu
 async def test_intermediate_rewards_are_recorded(worker: Worker, bus: Bus):
     t = await run_one(bus, "test-rewards")
     assert t.status == "ok" and t.reward == 0.75
-    assert [(r.value, r.event) for r in t.rewards] == [(0.3, "tool_success")]
+    assert [(r.value, r.source, r.transition) for r in t.rewards] == [(0.3, "tool", None)]
+    assert [(e.name, e.data, e.transition) for e in t.events] == [("tool_success", {"tool": "calculator", "result": 4}, None)]
+
+
+async def test_sync_agents_run_in_the_thread_pool(worker: Worker, bus: Bus):
+    t = await run_one(bus, "test-sync")
+    assert t.status == "ok", t.error
+    assert t.reward == 0.25
+    (event,) = t.events
+    assert event.name == "ran_in" and event.data["thread"].startswith("agent")
+    assert [(r.value, r.source, r.transition) for r in t.rewards] == [(-0.5, "penalty", 0)]
+
+
+def test_agents_register_from_entry_points(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """A function entry point registers under its name; a module entry point by importing it."""
+    (tmp_path / "ep_agents_pkg.py").write_text(
+        "from services.rollout.registry import agent\n"
+        "@agent('ep-decorated')\n"
+        "async def decorated(ctx):\n    return 1.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    points = [
+        EntryPoint("ep-copy", "services.rollout.agents.copy_task:copy_agent", registry.ENTRY_POINT_GROUP),
+        EntryPoint("mine", "ep_agents_pkg", registry.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(registry, "entry_points", lambda group: [p for p in points if p.group == group])
+    monkeypatch.setattr(registry, "_REGISTRY", {})
+    added = registry.load_entry_points()
+    assert added == ["ep-copy", "ep-decorated"]
+    assert registry.get("ep-copy").fn.__name__ == "copy_agent"
+    assert registry.load_entry_points() == []  # loading twice is harmless
 
 
 async def test_worker_advertises_its_agents(worker: Worker, bus: Bus):

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
-from shared.messages import GetById, Group, PutTasks, TaskSpec
+from shared.messages import Event, GetById, Group, PutTasks, Reward, TaskSpec
 from services.store.db import create_engine, create_schema
 from services.store.service import Store
 from services.store.settings import StoreSettings
@@ -72,7 +72,10 @@ async def published_groups(bus: Bus, subject: str = subjects.STREAM_SUBJECTS[sub
 
 def trajectory(task: str, index: int, group_size: int, attempt: int = 1, n_tokens: int = 5):
     t = make_trajectory(f"{task}.{index}", attempt=attempt, n_tokens=n_tokens)
-    return t.model_copy(update={"group_size": group_size})
+    # Rewards and events ride along so the round trip through SQL covers them.
+    rewards = [Reward(value=0.1 * index, transition=0, source="tool"), Reward(value=-0.5)]
+    events = [Event(name="tool_success", transition=0, data={"tool": "sql", "rows": [1, 2]}, at=12.5)]
+    return t.model_copy(update={"group_size": group_size, "rewards": rewards, "events": events})
 
 
 async def test_duplicates_are_stored_once_and_group_published_once(store: RunningStore, bus: Bus):

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 from shared import subjects
-from shared.messages import SamplingParams, Trajectory, unpack_f32, unpack_i32
+from shared.messages import Event, Reward, SamplingParams, Trajectory, unpack_f32, unpack_i32
 
 
 class TaskIn(BaseModel):
@@ -61,12 +61,6 @@ class TransitionOut(BaseModel):
     latency_s: float
 
 
-class RewardOut(BaseModel):
-    value: float
-    transition: int | None
-    event: str | None
-
-
 class RolloutOut(BaseModel):
     rollout_id: str
     run_id: str
@@ -78,7 +72,8 @@ class RolloutOut(BaseModel):
     status: str
     error: str | None
     reward: float
-    rewards: list[RewardOut]
+    rewards: list[Reward]
+    events: list[Event]
     transitions: list[TransitionOut]
     started_at: float
     finished_at: float

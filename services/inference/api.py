@@ -36,6 +36,7 @@ from services.inference.sampling import SamplingConfig
 from services.inference.schemas import ChatCompletionRequest, CompletionRequest, _Common
 from services.inference.settings import Settings
 from services.inference.text import TokenTexts
+from services.inference.tools import parse_tool_calls
 
 # Unbound lazy logger: binding at import would freeze structlog's config before telemetry.setup.
 log = structlog.get_logger("inference.api")
@@ -341,10 +342,11 @@ async def _chat(rt: Runtime, req: ChatCompletionRequest) -> dict[str, Any]:
     assert rt.texts is not None
     choices = []
     for index, gen in enumerate(gens):
+        message, finish_reason = assistant_message(gen.text, gen.finish_reason, req.tools, req.tool_choice)
         choice: dict[str, Any] = {
             "index": index,
-            "message": {"role": "assistant", "content": gen.text},
-            "finish_reason": gen.finish_reason,
+            "message": message,
+            "finish_reason": finish_reason,
             "logprobs": {"content": _chat_logprobs(rt.texts, gen)} if req.logprobs else None,
             "token_versions": gen.versions,
         }
@@ -363,6 +365,25 @@ async def _chat(rt: Runtime, req: ChatCompletionRequest) -> dict[str, Any]:
     if req.return_token_ids:
         response["prompt_token_ids"] = prompt_ids
     return response
+
+
+def assistant_message(
+    text: str,
+    finish_reason: str,
+    tools: list[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+) -> tuple[dict[str, Any], str]:
+    """The OpenAI message and finish reason for one generated reply.
+
+    Only the message text is reinterpreted: the choice's token ids, logprobs and versions stay
+    exactly as sampled, which is what the capture proxy records for training. "tool_calls"
+    replaces only "stop": a reply cut off by max_tokens must still say "length".
+    """
+    parsed = parse_tool_calls(text, tools, tool_choice)
+    if not parsed.tool_calls:
+        return {"role": "assistant", "content": text}, finish_reason
+    message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
+    return message, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def _chat_prompt(engine: TorchEngine, req: ChatCompletionRequest) -> list[int]:

@@ -7,11 +7,12 @@ fields (`return_token_ids`, `top_k`-style knobs) are named as vLLM names them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from services.inference.sampling import MAX_TOP_LOGPROBS
+from services.inference.tools import tool_names
 
 MAX_N = 16
 MAX_STOPS = 16
@@ -90,8 +91,44 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
+    # Only decides which `<tool_call>` blocks in the reply become `tool_calls` ("none": none,
+    # a named function: only that one). Decoding is not constrained, so "required" or a named
+    # choice cannot force the model to call anything; a reply without a call stays content.
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        # The reply parser finds function tools by `function.name`; one without could never be
+        # called. Other tool types pass (the template still lists them) but are never parsed.
+        for i, tool in enumerate(value or []):
+            if tool.get("type", "function") != "function":
+                continue
+            fn = tool.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise ValueError(f"tools[{i}] needs a named function: {{'function': {{'name': ...}}}}")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _named_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(value, dict):
+            fn = value.get("function")
+            if value.get("type") != "function" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError("a named tool_choice is {'type': 'function', 'function': {'name': ...}}")
+        return value
+
+    @model_validator(mode="after")
+    def _choice_needs_tools(self) -> ChatCompletionRequest:
+        # As OpenAI does: a choice that asks for a call must have a tool it could call.
+        names = tool_names(self.tools)
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if isinstance(self.tool_choice, dict) and self.tool_choice["function"]["name"] not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice['function']['name']!r}, which is not in tools")
+        return self
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

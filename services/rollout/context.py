@@ -9,10 +9,13 @@ Two ways to call the policy, recorded the same way (`CaptureClient.capture`):
 
 from __future__ import annotations
 
+import inspect
+import json
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shared.messages import Reward, RolloutRequest, Transition
+from shared.messages import Event, Reward, RolloutRequest, Transition
 from services.rollout.capture import CHAT, MODEL, CaptureClient, Completion, InferenceError, completion_from
 
 if TYPE_CHECKING:
@@ -29,6 +32,7 @@ class AgentContext:
     client: CaptureClient | None
     transitions: list[Transition] = field(default_factory=list)
     rewards: list[Reward] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     proxy: CaptureProxy | None = None
     # Set when the rollout is over: a call still in flight then is answered but not recorded.
     closed: bool = False
@@ -67,6 +71,16 @@ class AgentContext:
         self._openai[key if key is not None else f"{role}#{id(client)}"] = client
         return client
 
+    def openai_sync(self, role: str = "assistant", **kwargs: Any) -> openai.OpenAI:
+        """A ready blocking `openai.OpenAI` on the capture proxy, for sync agents (which the worker
+        runs in a thread pool). Closed when the rollout ends."""
+        import openai
+
+        kwargs.setdefault("max_retries", 0)
+        client = openai.OpenAI(base_url=self.base_url_for(role), api_key=API_KEY, **kwargs)
+        self._openai[f"{role}#sync#{id(client)}"] = client
+        return client
+
     async def aclose(self) -> None:
         """End of the rollout: stop recording and close the OpenAI clients handed out."""
         self.closed = True
@@ -74,7 +88,9 @@ class AgentContext:
         self._openai.clear()
         for client in clients:
             try:
-                await client.close()
+                closed = client.close()
+                if inspect.isawaitable(closed):
+                    await closed
             except Exception:  # noqa: BLE001 - an agent may have closed it already
                 pass
 
@@ -107,11 +123,31 @@ class AgentContext:
         body = {"model": MODEL, "messages": messages, **sampling, "n": 1}
         return completion_from(await self.capture(CHAT, body, role))
 
-    def reward(self, value: float, event: str | None = None, transition: int | None = None) -> None:
-        """An intermediate reward, tied to a transition (default: the latest) or a named event."""
-        if transition is None and event is None and self.transitions:
-            transition = len(self.transitions) - 1
-        self.rewards.append(Reward(value=float(value), transition=transition, event=event))
+    def reward(self, value: float, source: str | None = None, step: int | None = None) -> None:
+        """An intermediate reward for one LLM call: `step` is its index in this rollout's calls
+        (default: the latest call so far). `source` labels where it came from ("tool", "format").
+        Explicit rewards always count toward `discounted` credit."""
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"an intermediate reward must be a finite number, got {value!r}")
+        self.rewards.append(Reward(value=value, transition=self._step(step), source=source))
+
+    def event(self, name: str, step: int | None = None, **data: Any) -> None:
+        """Record what happened (a tool call and its outcome, an environment step), tied to an
+        LLM call (default: the latest). With AIR on, `air_rules: [{on: <name>, reward: r}]`
+        turns the event into a reward of r for that call. `data` must be JSON-serializable."""
+        try:
+            json.dumps(data, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"event {name!r} data is not JSON-serializable: {exc}") from None
+        self.events.append(Event(name=name, transition=self._step(step), data=data))
+
+    def _step(self, step: int | None) -> int | None:
+        if step is not None:
+            if step < 0:
+                raise ValueError(f"step must be a call index >= 0, got {step}")
+            return step
+        return len(self.transitions) - 1 if self.transitions else None
 
     def record(self, transition: Transition) -> None:
         """Record a transition produced without the capture client (synthetic agents, replays)."""

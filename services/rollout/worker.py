@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import structlog
@@ -40,6 +42,7 @@ class Worker:
         # Serves agents' OpenAI base URLs once started (`proxy.serve`, done by __main__).
         self.proxy = CaptureProxy(self.client)
         self.completed = 0
+        self.sync_pool = ThreadPoolExecutor(settings.sync_agent_threads, thread_name_prefix="agent")
 
     async def register_agents(self) -> None:
         """Advertise this worker's agents so the gateway can refuse tasks for unknown ones."""
@@ -76,6 +79,7 @@ class Worker:
             error=error,
             reward=reward,
             rewards=ctx.rewards,
+            events=ctx.events,
             transitions=ctx.transitions,
             started_at=started,
             finished_at=time.time(),
@@ -96,7 +100,7 @@ class Worker:
             return "error", fill, f"unknown agent {req.agent!r} on worker {self.settings.worker_id}"
         try:
             async with asyncio.timeout(req.timeout_s):  # unlike wait_for, no extra task per rollout
-                value = await spec.fn(ctx)
+                value = await self._call(spec.fn, ctx)
         except TimeoutError:
             return "timeout", fill, f"agent exceeded its timeout of {req.timeout_s}s"
         except Exception as exc:  # the agent's failure is data, not a worker crash
@@ -104,6 +108,14 @@ class Worker:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return "error", fill, f"agent returned a non-finite or non-numeric reward: {value!r}"[:2000]
         return "ok", float(value), None
+
+    async def _call(self, fn: registry.AgentFn, ctx: AgentContext) -> object:
+        """Async agents run on the loop; sync ones in the worker's thread pool. A sync agent past
+        its timeout cannot be interrupted: its thread runs on, but the rollout is over, so its
+        later calls to the proxy get 404 and nothing more is recorded."""
+        if inspect.iscoroutinefunction(fn):
+            return await fn(ctx)
+        return await asyncio.get_running_loop().run_in_executor(self.sync_pool, fn, ctx)
 
     def consumer(self) -> PullConsumer[RolloutRequest]:
         return PullConsumer(
@@ -137,4 +149,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.register_agents()
-        await wait_for_stop(stop, self.consumer().run(stop), self.report(stop))
+        try:
+            await wait_for_stop(stop, self.consumer().run(stop), self.report(stop))
+        finally:
+            self.sync_pool.shutdown(wait=False, cancel_futures=True)

@@ -6,8 +6,8 @@ import json
 import math
 from typing import Any
 
-from shared.messages import PaceCursor, Reward, RunConfig, RunView, StepMetrics, TaskSpec, Trajectory, Transition
-from services.store.tables import MetricRow, RewardRow, RolloutRow, RunRow, TaskRow, TransitionRow
+from shared.messages import Event, PaceCursor, Reward, RunConfig, RunView, StepMetrics, TaskSpec, Trajectory, Transition
+from services.store.tables import EventRow, MetricRow, RewardRow, RolloutRow, RunRow, TaskRow, TransitionRow
 
 
 def task_row(task: TaskSpec) -> dict[str, Any]:
@@ -63,12 +63,21 @@ def transition_rows(t: Trajectory) -> list[dict[str, Any]]:
 
 def reward_rows(t: Trajectory) -> list[dict[str, Any]]:
     return [
-        {"rollout_id": t.rollout_id, "idx": i, "value": r.value, "transition": r.transition, "event": r.event}
+        {"rollout_id": t.rollout_id, "idx": i, "value": r.value, "transition": r.transition, "source": r.source}
         for i, r in enumerate(t.rewards)
     ]
 
 
-def trajectory_from_rows(r: RolloutRow, transitions: list[TransitionRow], rewards: list[RewardRow]) -> Trajectory:
+def event_rows(t: Trajectory) -> list[dict[str, Any]]:
+    return [
+        {"rollout_id": t.rollout_id, "idx": i, "name": e.name, "transition": e.transition, "data": e.data, "at": e.at}
+        for i, e in enumerate(t.events)
+    ]
+
+
+def trajectory_from_rows(
+    r: RolloutRow, transitions: list[TransitionRow], rewards: list[RewardRow], events: list[EventRow]
+) -> Trajectory:
     return Trajectory(
         rollout_id=r.rollout_id,
         run_id=r.run_id,
@@ -80,7 +89,12 @@ def trajectory_from_rows(r: RolloutRow, transitions: list[TransitionRow], reward
         status=r.status,  # type: ignore[arg-type]
         error=r.error,
         reward=r.reward,
-        rewards=[Reward(value=w.value, transition=w.transition, event=w.event) for w in sorted(rewards, key=lambda w: w.idx)],
+        rewards=[
+            Reward(value=w.value, transition=w.transition, source=w.source) for w in sorted(rewards, key=lambda w: w.idx)
+        ],
+        events=[
+            Event(name=e.name, transition=e.transition, data=e.data, at=e.at) for e in sorted(events, key=lambda e: e.idx)
+        ],
         transitions=[
             Transition(
                 role=x.role,

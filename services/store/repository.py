@@ -14,6 +14,7 @@ from services.store import records
 from services.store.db import insert_ignore, sessions
 from services.store.tables import (
     DeadLetterRow,
+    EventRow,
     GroupRow,
     RewardRow,
     RolloutRow,
@@ -64,10 +65,10 @@ class Repository:
             fresh = [unique[r] for r in inserted]
             transitions = [row for t in fresh for row in records.transition_rows(t)]
             rewards = [row for t in fresh for row in records.reward_rows(t)]
-            for chunk in _chunks(transitions):
-                await s.execute(insert_ignore(self.engine, TransitionRow), chunk)
-            for chunk in _chunks(rewards):
-                await s.execute(insert_ignore(self.engine, RewardRow), chunk)
+            events = [row for t in fresh for row in records.event_rows(t)]
+            for table, rows in ((TransitionRow, transitions), (RewardRow, rewards), (EventRow, events)):
+                for chunk in _chunks(rows):
+                    await s.execute(insert_ignore(self.engine, table), chunk)
         return {r: unique[r] for r in inserted}
 
     async def put_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
@@ -209,12 +210,18 @@ class Repository:
         ids = [r.rollout_id for r in rollouts]
         transitions: dict[str, list[TransitionRow]] = defaultdict(list)
         rewards: dict[str, list[RewardRow]] = defaultdict(list)
+        events: dict[str, list[EventRow]] = defaultdict(list)
         for chunk in _chunks(ids):
             for x in (await s.execute(select(TransitionRow).where(TransitionRow.rollout_id.in_(chunk)))).scalars():
                 transitions[x.rollout_id].append(x)
             for w in (await s.execute(select(RewardRow).where(RewardRow.rollout_id.in_(chunk)))).scalars():
                 rewards[w.rollout_id].append(w)
-        return [records.trajectory_from_rows(r, transitions[r.rollout_id], rewards[r.rollout_id]) for r in rollouts]
+            for e in (await s.execute(select(EventRow).where(EventRow.rollout_id.in_(chunk)))).scalars():
+                events[e.rollout_id].append(e)
+        return [
+            records.trajectory_from_rows(r, transitions[r.rollout_id], rewards[r.rollout_id], events[r.rollout_id])
+            for r in rollouts
+        ]
 
 
 def _chunks(items: list, size: int = _ROWS_PER_STATEMENT) -> Iterable[list]:  # type: ignore[type-arg]

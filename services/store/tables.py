@@ -119,7 +119,19 @@ class RewardRow(Base):
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     value: Mapped[float] = mapped_column(Float)
     transition: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    event: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    source: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class EventRow(Base):
+    """What `ctx.event` recorded: tool calls and outcomes (AIR rules turn them into rewards)."""
+
+    __tablename__ = "events"
+    rollout_id: Mapped[str] = mapped_column(ForeignKey("rollouts.rollout_id", ondelete="CASCADE"), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    transition: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    at: Mapped[float] = mapped_column(Float)
 
 
 class GroupRow(Base):

@@ -6,18 +6,18 @@ Pure functions, no torch. The learner computes the outcome advantage A of every 
 transition's scalar over that call's response tokens (per-token advantages, so two calls
 merged into one sample can still get different credit).
 
-Intermediate rewards (`Trajectory.rewards`)
-    r_k, the intermediate reward of transition k, is the sum of the values of the rewards
-    attached to k, in recording order:
+Intermediate rewards
+    r_k, the intermediate reward of transition k, is the sum, in recording order, of
 
-    - an explicit reward (`ctx.reward(v)` / `ctx.reward(v, transition=i)`: no event) always
-      counts, with the value the agent recorded;
-    - an event reward (`ctx.reward(v, event="tool_success")`) counts only when AIR is on
-      (`runtime.air_enabled`). If an AIR rule names the event, the rule's `reward` replaces
-      the recorded value; an event without a rule keeps the agent's value;
-    - a reward with a transition index attaches to that transition; one without (an event
-      reward recorded outside any call) attaches to the last transition of the trajectory;
-      an index outside [0, len(transitions)) names no call and is ignored.
+    - the explicit rewards attached to k (`ctx.reward(v)` / `ctx.reward(v, step=i)`,
+      `Trajectory.rewards`): they always count, with the value the agent gave;
+    - when AIR is on (`runtime.air_enabled`), the rule value of each event attached to k
+      whose name an AIR rule names (`ctx.event("tool_success")` with
+      `air_rules: [{on: tool_success, reward: 0.3}]`, `Trajectory.events`). Events no rule
+      names earn nothing; with AIR off no event does.
+
+    A reward or event with no transition index attaches to the last transition of the
+    trajectory; an index outside [0, len(transitions)) names no call and is ignored.
 
 Credit modes (A = the rollout's group-normalised outcome advantage, T = its transitions)
     equal:       adv_t = A for every t (the trajectory's advantage on all of its tokens).
@@ -40,34 +40,25 @@ from __future__ import annotations
 import re
 from typing import Mapping, Sequence
 
-from shared.messages import CreditMode, Group, Reward, Trajectory
+from shared.messages import CreditMode, Group, Trajectory
 
 CREDIT_MODES: tuple[CreditMode, ...] = ("equal", "last", "discounted")
 
 
-def reward_value(reward: Reward, air_rules: Mapping[str, float] | None) -> float | None:
-    """What `reward` is worth, or None when it does not count (an event reward with AIR off).
-
-    `air_rules` is event -> value (`RuntimeConfig.air_values()`); None means AIR is off.
-    """
-    if reward.event is None:
-        return float(reward.value)
-    if air_rules is None:
-        return None
-    return float(air_rules.get(reward.event, reward.value))
-
-
 def intermediate_rewards(traj: Trajectory, air_rules: Mapping[str, float] | None) -> list[float]:
-    """r_k for each transition k of `traj` (see the module docstring for which rewards count)."""
+    """r_k for each transition k of `traj` (see the module docstring for what counts).
+
+    `air_rules` is event name -> value (`RuntimeConfig.air_values()`); None means AIR is off.
+    """
     n = len(traj.transitions)
     out = [0.0] * n
     if not n:
         return out
-    for reward in traj.rewards:  # recording order: the sums are reproducible to the bit
-        value = reward_value(reward, air_rules)
-        if value is None:
-            continue
-        k = n - 1 if reward.transition is None else reward.transition
+    earned: list[tuple[int | None, float]] = [(r.transition, float(r.value)) for r in traj.rewards]
+    if air_rules is not None:
+        earned += [(e.transition, float(air_rules[e.name])) for e in traj.events if e.name in air_rules]
+    for index, value in earned:  # a fixed order: the sums are reproducible to the bit
+        k = n - 1 if index is None else index
         if 0 <= k < n:
             out[k] += value
     return out
