@@ -96,3 +96,7 @@ async def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.0
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout_s}s (last value: {value!r})")
         await asyncio.sleep(interval_s)
+
+
+# The session-wide stack the example agents' end-to-end tests share (tests/agent_stack.py).
+from tests.agent_stack import agent_stack  # noqa: E402, F401

@@ -25,8 +25,12 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Union
 
+import structlog
+
 if TYPE_CHECKING:
     from services.rollout.context import AgentContext
+
+log = structlog.get_logger("rollout.registry")
 
 ENTRY_POINT_GROUP = "relayrl.agents"
 
@@ -74,12 +78,19 @@ def all_agents() -> dict[str, RegisteredAgent]:
 
 
 def load_entry_points() -> list[str]:
-    """Load every `relayrl.agents` entry point; the names of the agents they registered."""
+    """Load every `relayrl.agents` entry point; the names of the agents they registered.
+
+    A package that fails to import is logged with its error and skipped: the worker still
+    serves every other agent, and tasks naming the broken one fail with "unknown agent".
+    """
     before = set(_REGISTRY)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        target: Any = ep.load()  # a module: its decorators ran on import
-        if not inspect.ismodule(target):
-            register(ep.name, target)
+        try:
+            target: Any = ep.load()  # a module: its decorators ran on import
+            if not inspect.ismodule(target):
+                register(ep.name, target)
+        except Exception as exc:  # noqa: BLE001 - one broken package must not take the worker down
+            log.error("agent entry point failed to load", entry_point=ep.name, value=ep.value, error=repr(exc))
     return sorted(set(_REGISTRY) - before)
 
 
