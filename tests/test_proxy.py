@@ -7,6 +7,7 @@ worker's proxy is served by uvicorn on a free loopback port and agents use the O
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,6 @@ from services.inference.settings import Settings
 from services.rollout import proxy, registry
 from services.rollout.agents.openai_sdk import NAME as OPENAI_ECHO, first_messages, second_messages
 from services.rollout.context import AgentContext
-from services.rollout.proxy import STREAM_REFUSED
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
 from shared.models import ensure_tiny_model
@@ -185,18 +185,40 @@ async def test_roles_come_from_the_path_and_responses_carry_the_recorded_ids(wor
 # --- refusals --------------------------------------------------------------------------------------------
 
 
-async def test_streaming_is_refused_and_unknown_rollouts_are_404(worker: Worker):
+async def test_streamed_calls_are_captured_and_replayed_as_sse(worker: Worker, direct: httpx.AsyncClient):
     ctx = AgentContext(request=request("none"), client=worker.client, proxy=worker.proxy)
+    messages = [{"role": "user", "content": "hi"}]
     with worker.proxy.track(ctx):
         client = openai.AsyncOpenAI(base_url=ctx.base_url, api_key="x", max_retries=0)
-        with pytest.raises(openai.BadRequestError) as err:
-            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
-        assert err.value.status_code == 400 and STREAM_REFUSED in str(err.value)
+        stream = await client.chat.completions.create(
+            model="m", messages=messages, stream=True, stream_options={"include_usage": True}, max_tokens=6)
+        chunks = [c async for c in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        usage = [c.usage for c in chunks if c.usage is not None]
         async with httpx.AsyncClient() as http:
-            r = await http.post(ctx.base_url + "/completions", json={"prompt": "hi", "stream": True})
-            assert r.status_code == 400 and r.json()["error"]["message"] == STREAM_REFUSED
-        assert ctx.transitions == []
+            r = await http.post(ctx.base_url + "/completions", json={"prompt": "hi", "stream": True, "max_tokens": 4})
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            lines = [ln[len("data: "):] for ln in r.text.split("\n\n") if ln.startswith("data: ")]
         await client.close()
+    # The streamed chat call was recorded exactly as the same call straight to inference.
+    same = await direct_chat(direct, messages)
+    (chat_t, completion_t) = ctx.transitions
+    assert_transition_is(chat_t, same["prompt_token_ids"], same["choices"][0])
+    assert text == same["choices"][0]["message"]["content"]
+    assert finish == [same["choices"][0]["finish_reason"]]
+    assert usage and usage[0].completion_tokens == len(same["choices"][0]["token_ids"])
+    # Completions stream: text chunks, then a finish chunk, then [DONE].
+    assert lines[-1] == "[DONE]"
+    body = [json.loads(x) for x in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in body) and body[-1]["choices"][0]["finish_reason"]
+    assert unpack_i32(completion_t.response_ids).tolist() == body[0]["choices"][0]["token_ids"]
+
+
+async def test_unknown_and_finished_rollouts_are_404(worker: Worker):
+    ctx = AgentContext(request=request("none"), client=worker.client, proxy=worker.proxy)
+    with worker.proxy.track(ctx):
+        pass
     async with httpx.AsyncClient() as http:
         for rid in ("nope", ctx.request.rollout_id):  # never here / finished
             r = await http.post(f"{worker.proxy.url}/r/{rid}/assistant/v1/chat/completions",

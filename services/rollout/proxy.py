@@ -11,8 +11,9 @@ replica with token ids and logprobs forced on, records each choice as a transiti
 inference's OpenAI-shaped response unchanged (plus the extra token fields). `GET models`
 passes through.
 
-Refused, never silently uncaptured: an unknown (or finished) rollout answers 404, `stream: true`
-answers 400. Inference's own 4xx (e.g. a request it cannot serve) passes through with its body;
+`stream: true` is served captured: the proxy records the whole completion, then replays it as
+server-sent events (`services.rollout.streaming`). An unknown (or finished) rollout answers 404,
+never an uncaptured call. Inference's own 4xx (e.g. a request it cannot serve) passes through with its body;
 429/5xx/connection errors are retried with backoff, then answered 502 (unreachable) or 503.
 """
 
@@ -28,17 +29,15 @@ from urllib.parse import quote
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from services.rollout import streaming
 from services.rollout.capture import CHAT, COMPLETIONS, MODELS, CaptureClient, InferenceError, error_body
 
 if TYPE_CHECKING:
     from services.rollout.context import AgentContext
 
 log = structlog.get_logger("rollout.proxy")
-
-STREAM_REFUSED = "streaming is not captured; set stream=false"
-
 
 def _error(status: int, message: str, kind: str) -> Response:
     return Response(error_body(status, message, kind), status_code=status, media_type="application/json")
@@ -91,13 +90,16 @@ class CaptureProxy:
             return _error(400, "the request body is not JSON", "invalid_request_error")
         if not isinstance(body, dict):
             return _error(400, "the request body must be a JSON object", "invalid_request_error")
-        if body.get("stream"):
-            return _error(400, STREAM_REFUSED, "invalid_request_error")
+        stream = bool(body.pop("stream", False))
+        include_usage = streaming.wants_usage(body)
+        body.pop("stream_options", None)  # inference answers whole; the replay honours include_usage
         try:
             data = await ctx.capture(path, body, role)
         except InferenceError as exc:
             log.debug("proxied call failed", rollout_id=rollout_id, role=role, status=exc.status, error=str(exc))
             return Response(exc.body, status_code=exc.status, media_type="application/json")
+        if stream:
+            return StreamingResponse(streaming.events(path, data, include_usage), media_type="text/event-stream")
         return JSONResponse(data)
 
     async def _models(self, rollout_id: str) -> Response:
