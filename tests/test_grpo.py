@@ -20,7 +20,7 @@ from services.trainer import grpo
 from services.trainer.batching import collate, plan_micro_batches, token_entropy, token_logprobs
 from services.trainer.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.learner import Learner
-from services.trainer.samples import build_samples, group_min_version, min_version
+from services.trainer.samples import build_samples, group_min_version, merge_mismatches, min_version
 from shared.messages import Group, TrainingConfig, Trajectory, Transition, pack_f32, pack_i32
 from shared.models import load_causal_lm, resolve_model
 
@@ -180,6 +180,19 @@ def test_multi_turn_merge_split_and_role_mask() -> None:
     # Only critic calls trained: the samples without a critic token are left out.
     only_critic = build_samples(g, re.compile("critic"), {"m.0": 0.7, "m.1": -0.7})
     assert [s.loss_mask.tolist() for s in only_critic] == [[0, 0, 0, 1, 0]]
+
+    # The critic's break is a new conversation (another role), not a mismatch.
+    assert merge_mismatches([g]) == (0, 1)  # one continuing call (t1 -> t2), and it extends
+
+
+def test_a_same_role_call_that_rewrites_history_is_a_counted_mismatch() -> None:
+    t1 = transition([1, 2], [3, 4], logprobs=[-0.3, -0.4])
+    retokenized = transition([1, 2, 3, 5, 9], [6], logprobs=[-0.6])  # "3 4" came back as "3 5"
+    extends = transition([1, 2, 3, 5, 9, 6, 9], [7], logprobs=[-0.7])
+    g = group("x", [trajectory("x", 0, 1.0, [t1, retokenized, extends])])
+    samples = build_samples(g, None, {"x.0": 1.0})
+    assert [s.tokens.tolist() for s in samples] == [[1, 2, 3, 4], [1, 2, 3, 5, 9, 6, 9, 7]]
+    assert merge_mismatches([g]) == (1, 2)
 
 
 # --- packing -------------------------------------------------------------------------------------

@@ -167,17 +167,48 @@ def _merge_transitions(
     traj: Trajectory, trained_roles: re.Pattern[str] | None, advantages: Sequence[float]
 ) -> list[_Builder]:
     """Split a trajectory's transitions into maximal runs whose prompts extend the context."""
+    return _merge(traj, trained_roles, advantages)[0]
+
+
+def _merge(
+    traj: Trajectory, trained_roles: re.Pattern[str] | None, advantages: Sequence[float]
+) -> tuple[list[_Builder], int]:
+    """The merged runs, and how many calls broke a run while continuing the previous call's role."""
     built: list[_Builder] = []
     current = _Builder()
+    mismatches = 0
+    previous_role: str | None = None
     for tr, advantage in zip(traj.transitions, advantages, strict=True):
         prompt = unpack_i32(tr.prompt_ids)
         ctx = current.context()
         extends = len(prompt) >= len(ctx) and np.array_equal(prompt[: len(ctx)], ctx)
         if current.length and not extends:
+            mismatches += tr.role == previous_role
             built.append(current)
             current, ctx = _Builder(), np.zeros(0, np.int32)
         current.add_context(prompt[len(ctx) :])
         current.add_response(tr, _trained(tr, trained_roles), advantage)
+        previous_role = tr.role
     if current.length:
         built.append(current)
-    return built
+    return built, mismatches
+
+
+def merge_mismatches(groups: Sequence[Group]) -> tuple[int, int]:
+    """(mismatches, continuing calls) over the ok trajectories of `groups`.
+
+    A continuing call is one whose role is the previous call's role: usually the same
+    conversation one turn later. It is a mismatch when its prompt ids do not extend the
+    previous prompt + response, so it starts a new sample instead of merging. A high rate
+    means the agent (or a chat template re-rendering history, e.g. tool calls) rewrites what
+    the policy said: each such call re-trains the shared prefix as context, not a bug, but
+    worth seeing."""
+    mismatches = continuing = 0
+    for g in groups:
+        for traj in g.trajectories:
+            if traj.status != "ok":
+                continue
+            roles = [t.role for t in traj.transitions]
+            continuing += sum(a == b for a, b in zip(roles, roles[1:]))
+            mismatches += _merge(traj, None, [0.0] * len(roles))[1]
+    return mismatches, continuing

@@ -32,7 +32,7 @@ from services.trainer.feed import GroupFeed
 from services.trainer.credit import has_signal
 from services.trainer.learner import Learner
 from services.trainer.progress import StoreError, get_run, publish_metrics, put_progress, runs_to_train, set_state
-from services.trainer.samples import group_min_version
+from services.trainer.samples import group_min_version, merge_mismatches
 from services.trainer.settings import TrainerSettings
 
 log = structlog.get_logger("trainer")
@@ -281,6 +281,9 @@ class RunTrainer:
         values["groups_dropped"] = float(len(batch.dropped))
         values["groups_dropped_stale"] = float(sum(r.startswith("stale") for r in batch.dropped.values()))
         values["groups_dropped_zero_variance"] = float(sum(r.startswith("zero variance") for r in batch.dropped.values()))
+        mismatches, continuing = merge_mismatches(batch.kept)
+        values["merge_mismatches"] = float(mismatches)
+        values["merge_mismatch_rate"] = mismatches / continuing if continuing else 0.0
         values["step_time_s"] = elapsed
         tokens = values.get("tokens", 0.0)
         values["tokens_per_s"] = tokens / elapsed if elapsed > 0 else 0.0
