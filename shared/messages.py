@@ -132,6 +132,9 @@ class TaskSpec(BaseModel):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     timeout_s: float = Field(60.0, gt=0, le=86400)
     created_at: float = Field(default_factory=time.time)
+    # Evaluation, not training: its rollouts are stored and aggregated per policy version
+    # (GET /v1/runs/{id}/evals) but never sent to a trainer.
+    eval: bool = False
 
     def group_id(self) -> str:
         return self.task_id
@@ -150,6 +153,7 @@ class RolloutKeys(Message):
     sample_index: int = Field(ge=0)
     group_size: int = Field(ge=1)
     agent: str
+    eval: bool = False  # an evaluation rollout: stored and aggregated, never trained
 
     def keys(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RolloutKeys.model_fields if name != "schema_version"}
@@ -180,6 +184,7 @@ class RolloutRequest(RolloutKeys):
             sampling=task.sampling,
             timeout_s=task.timeout_s,
             min_version=min_version,
+            eval=task.eval,
         )
 
 
@@ -320,6 +325,21 @@ class TaskView(BaseModel):
     status: Literal["pending", "running", "done"]
     group_published: bool
     rollouts: list[RolloutSummary]
+    eval: bool = False
+
+
+class EvalSummary(BaseModel):
+    """Evaluation rollouts of a run at one policy version (the oldest version that produced a
+    token of the rollout: with greedy decoding and the version barrier, the version asked for)."""
+
+    version: int | None  # None: rollouts with no generated token (failed before any call)
+    rollouts: int
+    ok: int
+    reward_mean: float
+    accuracy: float = Field(description="share of rollouts with reward >= accuracy_threshold")
+    accuracy_threshold: float
+    first_at: float
+    last_at: float
 
 
 # --- training runs ---------------------------------------------------------------------
@@ -425,6 +445,12 @@ class RunConfig(BaseModel):
     algorithm: Literal["grpo"] = "grpo"
     dataset: list[dict[str, Any]] = Field(default_factory=list, description="rows inline")
     dataset_name: str | None = Field(None, description="a dataset stored with POST /v1/datasets")
+    eval_dataset: list[dict[str, Any]] = Field(
+        default_factory=list, description="rows evaluated greedily (temperature 0) per policy version"
+    )
+    eval_every: int = Field(
+        0, ge=0, description="evaluate eval_dataset at version 0 and every N versions (0: only on request)"
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     max_staleness: int = Field(1, ge=0, le=1000, description="eta: how many versions a trained sample may lag")
@@ -482,6 +508,7 @@ class PaceCursor(BaseModel):
     row: int = 0
     groups_published: int = 0
     done: bool = False
+    next_eval: int = 0  # with eval_every: the next policy version to evaluate
 
 
 class RunView(BaseModel):
@@ -590,6 +617,11 @@ class ReplayRequest(Message):
     min_reward: float | None = Field(None, description="only groups whose mean reward is at least this")
 
 
+class GetEvals(Message):
+    run_id: str
+    accuracy_threshold: float = 1.0
+
+
 class PutDataset(Message):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
     rows: list[dict[str, Any]] = Field(min_length=1)
@@ -611,6 +643,7 @@ class Reply(Message):
     runs: list[RunView] | None = None
     metrics: list[StepMetrics] | None = None
     rows: list[dict[str, Any]] | None = None
+    evals: list[EvalSummary] | None = None
 
     @classmethod
     def fail(cls, code: int, error: str) -> Reply:

@@ -50,8 +50,10 @@ def check_token(value: str) -> str:
     return value
 
 
-def tasks(run: str) -> str:
-    return f"{PREFIX}.tasks.{check_token(run)}"
+def tasks(run: str, eval: bool = False) -> str:
+    """Rollout requests of a run; evaluation requests on their own subject so finishing a run
+    can drop its queued training requests and keep the evaluations."""
+    return f"{PREFIX}.tasks.{check_token(run)}" + (".eval" if eval else "")
 
 
 def trajectories(run: str) -> str:

@@ -12,15 +12,18 @@ from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import httpx
+import nats.js.errors
 import pytest
 
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
-from shared.messages import AgentInfo, TrainerProgress
+from shared.messages import AgentInfo, RolloutRequest, TrainerProgress, Transition, pack_f32, pack_i32
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.store.settings import StoreSettings
+from tests.conftest import wait_until
+from tests.test_messages import make_trajectory
 from tests.test_store import RunningStore
 
 
@@ -177,3 +180,106 @@ async def test_metrics_and_replay_of_an_untrained_run(client: httpx.AsyncClient)
     assert (await client.get("/v1/runs/missing/metrics")).status_code == 404
     r = await client.post("/v1/runs/r1/replay", json={})
     assert r.status_code == 404, r.text
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+
+async def queued(bus: Bus, run_id: str, eval: bool) -> list[RolloutRequest]:
+    """The rollout requests queued on one of the run's subjects, read without consuming them
+    (TASKS is a work queue: a fetch would take them away from the workers)."""
+    subject = subjects.tasks(run_id, eval=eval)
+    info = await bus.js.stream_info(subjects.STREAM_TASKS)
+    out: list[RolloutRequest] = []
+    for seq in range(max(1, info.state.first_seq), info.state.last_seq + 1):
+        try:
+            msg = await bus.js.get_msg(subjects.STREAM_TASKS, seq=seq)
+        except nats.js.errors.NotFoundError:
+            continue
+        if msg.subject == subject:
+            out.append(RolloutRequest.decode(msg.data))
+    return out
+
+
+def eval_body(run_id: str, **extra: Any) -> dict[str, Any]:
+    return {**run_body(run_id, rows=4), "eval_dataset": [{"text": f"e{i}"} for i in range(3)], **extra}
+
+
+async def test_evaluation_on_request_is_greedy_pinned_to_a_version_and_idempotent(client: httpx.AsyncClient, bus: Bus):
+    assert (await client.post("/v1/runs", json=eval_body("ev1"))).status_code == 201
+    r = await client.post("/v1/runs/ev1/evals", json={})
+    assert r.status_code == 202, r.text
+    assert r.json()["version"] == 0 and len(r.json()["tasks"]) == 3
+    reqs = await queued(bus, "ev1", eval=True)
+    assert len(reqs) == 3 and all(q.eval and q.group_size == 1 and q.min_version == 0 for q in reqs)
+    assert all(q.sampling.temperature == 0.0 for q in reqs)
+    assert sorted(q.input["text"] for q in reqs) == ["e0", "e1", "e2"]
+    assert not any(q.eval for q in await queued(bus, "ev1", eval=False))  # training requests apart
+    # The same evaluation again creates nothing new; other rows and a later version do.
+    assert (await client.post("/v1/runs/ev1/evals", json={})).status_code == 202
+    assert len(await queued(bus, "ev1", eval=True)) == 3
+    r = await client.post("/v1/runs/ev1/evals", json={"rows": [{"text": "x"}], "version": 4})
+    assert r.status_code == 202 and r.json()["version"] == 4
+    assert sorted(q.min_version for q in await queued(bus, "ev1", eval=True)) == [0, 0, 0, 4]
+    # The trainer moves on to version 2: version 1 is no longer served.
+    await consume(bus, "ev1", groups=4)
+    r = await client.post("/v1/runs/ev1/evals", json={"version": 1})
+    assert r.status_code == 409 and "no longer served" in r.json()["detail"]
+    assert (await client.post("/v1/runs/ev1/evals", json={"rows": []})).status_code == 422
+    assert (await client.post("/v1/runs/r-none/evals", json={})).status_code == 404
+    assert (await client.post("/v1/runs", json=run_body("ev-norows"))).status_code == 201
+    r = await client.post("/v1/runs/ev-norows/evals", json={})
+    assert r.status_code == 400 and "eval_dataset" in r.json()["detail"]
+
+
+async def test_periodic_evaluation_every_n_versions(client: httpx.AsyncClient, bus: Bus):
+    assert (await client.post("/v1/runs", json=eval_body("ev2", eval_every=2))).status_code == 201
+
+    async def versions() -> list[int]:
+        return sorted({q.min_version for q in await queued(bus, "ev2", eval=True)})
+
+    await wait_until(versions, expect=[0])
+    await consume(bus, "ev2", groups=2)  # version 1: not due
+    await asyncio.sleep(0.5)
+    assert await versions() == [0]
+    await consume(bus, "ev2", groups=6)  # version 3: the evaluation due at 2 runs now, at 3
+    await wait_until(versions, expect=[0, 3])
+    run = (await client.get("/v1/runs/ev2")).json()
+    assert run["cursor"]["next_eval"] == 4
+
+
+async def test_eval_results_are_aggregated_per_version_and_never_trained(
+    client: httpx.AsyncClient, bus: Bus, store: RunningStore
+):
+    assert (await client.post("/v1/runs", json=eval_body("ev3"))).status_code == 201
+    rewards = {(0, 0): 1.0, (0, 1): 0.0, (0, 2): 1.0, (5, 0): 0.5}
+    for (version, row), reward in rewards.items():
+        t = make_trajectory(f"ev3-eval-v{version}-r{row}.0").model_copy(update={
+            "run_id": "ev3", "group_size": 1, "eval": True, "reward": reward,
+            "transitions": [Transition(prompt_ids=pack_i32([1]), response_ids=pack_i32([2, 3]),
+                                       response_logprobs=pack_f32([-0.1, -0.2]),
+                                       response_versions=pack_i32([version, version + 1]))]})
+        await bus.publish(subjects.trajectories("ev3"), t, t.msg_id())
+    failed = make_trajectory("ev3-eval-v0-r3.0").model_copy(update={
+        "run_id": "ev3", "group_size": 1, "eval": True, "status": "error", "reward": 0.0, "transitions": []})
+    await bus.publish(subjects.trajectories("ev3"), failed, failed.msg_id())
+
+    async def summaries() -> list[dict[str, Any]]:
+        return (await client.get("/v1/runs/ev3/evals")).json()
+
+    got = await wait_until(lambda: _total(summaries(), 5))
+    by_version = {s["version"]: s for s in got}
+    assert by_version[0]["rollouts"] == 3 and by_version[0]["accuracy"] == pytest.approx(2 / 3)
+    assert by_version[0]["reward_mean"] == pytest.approx(2 / 3)
+    assert by_version[5]["rollouts"] == 1 and by_version[5]["accuracy"] == 0.0
+    assert by_version[None]["rollouts"] == 1 and by_version[None]["ok"] == 0
+    lenient = (await client.get("/v1/runs/ev3/evals", params={"accuracy_threshold": 0.5})).json()
+    assert {s["version"]: s["accuracy"] for s in lenient}[5] == 1.0
+    # Complete groups of one, yet nothing went to the trainer's subject.
+    info = await bus.js.stream_info(subjects.STREAM_GROUPS, subjects_filter=subjects.groups("ev3"))
+    assert not info.state.subjects
+
+
+async def _total(summaries: Any, n: int) -> list[dict[str, Any]] | None:
+    got = await summaries
+    return got if sum(s["rollouts"] for s in got) == n else None

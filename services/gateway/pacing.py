@@ -38,6 +38,7 @@ from shared.messages import (
     TrainerProgress,
 )
 from services.gateway.deps import StoreClient
+from services.gateway.evals import eval_tasks
 from services.gateway.submit import submit
 
 log = structlog.get_logger("gateway.pacing")
@@ -85,7 +86,18 @@ def next_tasks(config: RunConfig, rows: list[dict], cursor: PaceCursor, n: int) 
         if row >= len(order):
             epoch, row = epoch + 1, 0
     done = epoch >= config.training.epochs
-    return PaceCursor(epoch=epoch, row=row, groups_published=published + len(specs), done=done), specs
+    after = cursor.model_copy(update={"epoch": epoch, "row": row, "groups_published": published + len(specs), "done": done})
+    return after, specs
+
+
+def due_eval(config: RunConfig, cursor: PaceCursor, version: int | None) -> int | None:
+    """The version a periodic evaluation is due for (None: none due). With `version` None:
+    whether one could still become due (the run has an eval schedule at all)."""
+    if not config.eval_every or not config.eval_dataset:
+        return None
+    if version is None:
+        return cursor.next_eval
+    return version if version >= cursor.next_eval else None
 
 
 async def read_progress(bus: Bus, run_id: str) -> TrainerProgress | None:
@@ -97,9 +109,12 @@ async def read_progress(bus: Bus, run_id: str) -> TrainerProgress | None:
     return TrainerProgress.decode(entry.value) if entry.value else None
 
 
-async def purge_tasks(bus: Bus, run_id: str) -> None:
-    """Drop a finished or cancelled run's queued requests so workers do not run them for nothing."""
+async def purge_tasks(bus: Bus, run_id: str, evals: bool = False) -> None:
+    """Drop a finished or cancelled run's queued training requests (and with `evals`, its
+    evaluation requests) so workers do not run them for nothing."""
     await bus.js.purge_stream(subjects.STREAM_TASKS, subject=subjects.tasks(run_id))
+    if evals:
+        await bus.js.purge_stream(subjects.STREAM_TASKS, subject=subjects.tasks(run_id, eval=True))
 
 
 @dataclass
@@ -134,22 +149,37 @@ class Pacer:
             if run_id not in live:  # finished or cancelled since the last tick
                 await self._forget(run_id)
         for run in live.values():
-            if run.state == "running" and not run.cursor.done:
+            if run.state == "running" and (not run.cursor.done or due_eval(run.config, run.cursor, None) is not None):
                 await self.pace(run)
 
     async def pace(self, run: RunView) -> None:
         if not await self._hold(run.run_id):
             return
         progress = await read_progress(self.bus, run.run_id)
-        n = allowance(run.config, run.cursor, progress.groups_consumed if progress else 0)
-        if n <= 0:
-            return
-        rows = await self._dataset(run)
-        cursor, specs = next_tasks(run.config, rows, run.cursor, n)
+        version = progress.version if progress else 0
+        cursor = await self._evaluate(run, version)
+        n = allowance(run.config, cursor, progress.groups_consumed if progress else 0)
+        specs: list[TaskSpec] = []
+        if n > 0 and not cursor.done:
+            rows = await self._dataset(run)
+            cursor, specs = next_tasks(run.config, rows, cursor, n)
+            if specs:
+                await submit(self.bus, self.store, specs, min_version=version)
+        if cursor != run.cursor:
+            await self.store.call("save_cursor", SaveCursor(run_id=run.run_id, cursor=cursor))
         if specs:
-            await submit(self.bus, self.store, specs, min_version=progress.version if progress else 0)
-        await self.store.call("save_cursor", SaveCursor(run_id=run.run_id, cursor=cursor))
-        log.info("published", run_id=run.run_id, groups=len(specs), published=cursor.groups_published, done=cursor.done)
+            log.info("published", run_id=run.run_id, groups=len(specs), published=cursor.groups_published, done=cursor.done)
+
+    async def _evaluate(self, run: RunView, version: int) -> PaceCursor:
+        """Publish the periodic evaluation that is due at `version`; the cursor after it."""
+        due = due_eval(run.config, run.cursor, version)
+        if due is None:
+            return run.cursor
+        specs = eval_tasks(run.config, run.config.eval_dataset, version)
+        await submit(self.bus, self.store, specs, min_version=version)
+        log.info("evaluation published", run_id=run.run_id, version=version, tasks=len(specs))
+        every = run.config.eval_every
+        return run.cursor.model_copy(update={"next_eval": (version // every + 1) * every})
 
     async def _hold(self, run_id: str) -> bool:
         lease = self._leases.get(run_id)

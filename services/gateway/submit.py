@@ -19,7 +19,7 @@ async def submit(bus: Bus, store: StoreClient, specs: Sequence[TaskSpec], min_ve
         await store.call("put_tasks", PutTasks(tasks=list(specs)))
         requests = [RolloutRequest.for_task(s, i, min_version) for s in specs for i in range(s.group_size)]
         try:
-            await bus.publish_many((subjects.tasks(r.run_id), r, r.rollout_id) for r in requests)
+            await bus.publish_many((subjects.tasks(r.run_id, r.eval), r, r.rollout_id) for r in requests)
         except Exception as exc:  # stored but not all published: safe to retry with the same task ids
             raise HTTPException(
                 503, f"could not publish rollout requests ({exc}); retry with the same task_id values"

@@ -6,7 +6,18 @@ import json
 import math
 from typing import Any
 
-from shared.messages import Event, PaceCursor, Reward, RunConfig, RunView, StepMetrics, TaskSpec, Trajectory, Transition
+from shared.messages import (
+    Event,
+    PaceCursor,
+    Reward,
+    RunConfig,
+    RunView,
+    StepMetrics,
+    TaskSpec,
+    Trajectory,
+    Transition,
+    unpack_i32,
+)
 from services.store.tables import EventRow, MetricRow, RewardRow, RolloutRow, RunRow, TaskRow, TransitionRow
 
 
@@ -20,6 +31,7 @@ def task_row(task: TaskSpec) -> dict[str, Any]:
         "sampling": task.sampling.model_dump(),
         "timeout_s": task.timeout_s,
         "created_at": task.created_at,
+        "eval": task.eval,
     }
 
 
@@ -41,7 +53,15 @@ def rollout_row(t: Trajectory) -> dict[str, Any]:
         "attempt": t.attempt,
         "trace_id": t.trace_id,
         "num_transitions": len(t.transitions),
+        "eval": t.eval,
+        "policy_version": oldest_version(t),
     }
+
+
+def oldest_version(t: Trajectory) -> int | None:
+    """The oldest policy version among the trajectory's generated tokens (None: no tokens)."""
+    found = [int(unpack_i32(x.response_versions).min()) for x in t.transitions if x.response_versions]
+    return min(found) if found else None
 
 
 def transition_rows(t: Trajectory) -> list[dict[str, Any]]:
@@ -86,6 +106,7 @@ def trajectory_from_rows(
         sample_index=r.sample_index,
         group_size=r.group_size,
         agent=r.agent,
+        eval=bool(r.eval),
         status=r.status,  # type: ignore[arg-type]
         error=r.error,
         reward=r.reward,
@@ -125,6 +146,7 @@ def task_spec_from_row(row: TaskRow) -> TaskSpec:
         sampling=row.sampling,
         timeout_s=row.timeout_s,
         created_at=row.created_at,
+        eval=bool(row.eval),
     )
 
 

@@ -6,10 +6,10 @@ import time
 from collections import defaultdict
 from typing import Iterable, Sequence
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.messages import DeadLetter, RolloutSummary, TaskSpec, TaskView, Trajectory
+from shared.messages import DeadLetter, EvalSummary, RolloutSummary, TaskSpec, TaskView, Trajectory
 from services.store import records
 from services.store.db import insert_ignore, sessions
 from services.store.tables import (
@@ -165,6 +165,7 @@ class Repository:
             created_at=task.created_at,
             status=status,
             group_published=published,
+            eval=bool(task.eval),
             rollouts=[
                 RolloutSummary(
                     rollout_id=r.rollout_id,
@@ -198,6 +199,40 @@ class Repository:
                 )
                 out.update((g, float(r)) for g, r in (await s.execute(q)).all())
         return out
+
+    async def eval_summaries(self, run_id: str, accuracy_threshold: float = 1.0) -> list[EvalSummary]:
+        """A run's evaluation rollouts aggregated per policy version, oldest version first."""
+        passed = case((RolloutRow.reward >= accuracy_threshold, 1), else_=0)
+        ok = case((RolloutRow.status == "ok", 1), else_=0)
+        q = (
+            select(
+                RolloutRow.policy_version,
+                func.count(),
+                func.sum(ok),
+                func.avg(RolloutRow.reward),
+                func.sum(passed),
+                func.min(RolloutRow.finished_at),
+                func.max(RolloutRow.finished_at),
+            )
+            .where(RolloutRow.run_id == run_id, RolloutRow.eval.is_(True))
+            .group_by(RolloutRow.policy_version)
+            .order_by(RolloutRow.policy_version)
+        )
+        async with self.sessions() as s:
+            rows = (await s.execute(q)).all()
+        return [
+            EvalSummary(
+                version=version,
+                rollouts=int(n),
+                ok=int(n_ok),
+                reward_mean=float(mean),
+                accuracy=int(n_passed) / int(n),
+                accuracy_threshold=accuracy_threshold,
+                first_at=float(first),
+                last_at=float(last),
+            )
+            for version, n, n_ok, mean, n_passed, first, last in rows
+        ]
 
     async def count_rollouts(self, run_id: str | None = None) -> int:
         async with self.sessions() as s:

@@ -17,6 +17,7 @@ from shared.bus import Bus, ConsumerSpec, Delivery, Handler, PullConsumer, Trans
 from shared.messages import (
     DeadLetter,
     GetById,
+    GetEvals,
     GetMetrics,
     Group,
     ListRuns,
@@ -77,8 +78,9 @@ class Store:
         groups = [
             Group(run_id=m[0].run_id, group_id=g, task_id=m[0].task_id, trajectories=m) for g, m in members.items()
         ]
+        # Evaluation groups are complete once stored: they are aggregated, never trained.
         await self.bus.publish_many(
-            (subjects.groups(g.run_id), g, f"group:{g.group_id}") for g in groups
+            (subjects.groups(g.run_id), g, f"group:{g.group_id}") for g in groups if not g.trajectories[0].eval
         )
         await self.repo.mark_published([(g.group_id, g.run_id, g.task_id, len(g.trajectories)) for g in groups])
         for g in groups:
@@ -197,6 +199,10 @@ class Store:
             published += sum(not a.duplicate for a in acks)
         return published
 
+    async def rpc_get_evals(self, req: GetEvals) -> Reply:
+        """Evaluation rollouts of a run aggregated per policy version."""
+        return Reply.of(evals=await self.repo.eval_summaries(req.run_id, req.accuracy_threshold))
+
     # --- serving -----------------------------------------------------------------------
 
     async def serve(self) -> None:
@@ -213,6 +219,7 @@ class Store:
             ("put_dataset", PutDataset, self.rpc_put_dataset),
             ("get_dataset", GetById, self.rpc_get_dataset),
             ("get_metrics", GetMetrics, self.rpc_get_metrics),
+            ("get_evals", GetEvals, self.rpc_get_evals),
             ("replay", ReplayRequest, self.rpc_replay),
         ]
         for method, request_cls, handler in rpcs:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import false
 
 
 class Base(DeclarativeBase):
@@ -74,6 +75,7 @@ class TaskRow(Base):
     sampling: Mapped[dict[str, Any]] = mapped_column(JSON)
     timeout_s: Mapped[float] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
+    eval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class RolloutRow(Base):
@@ -96,8 +98,14 @@ class RolloutRow(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     num_transitions: Mapped[int] = mapped_column(Integer)
+    eval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The oldest policy version that produced one of its tokens (None: no token generated).
+    policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
-    __table_args__ = (Index("ix_rollouts_run_finished", "run_id", "finished_at"),)
+    __table_args__ = (
+        Index("ix_rollouts_run_finished", "run_id", "finished_at"),
+        Index("ix_rollouts_run_eval_version", "run_id", "eval", "policy_version"),
+    )
 
 
 class TransitionRow(Base):

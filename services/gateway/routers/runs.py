@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Bus
 from shared.messages import (
+    EvalSummary,
     GetById,
+    GetEvals,
     GetMetrics,
     ListRuns,
     PutDataset,
@@ -22,9 +24,11 @@ from shared.messages import (
     StepMetrics,
 )
 from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_settings, get_store
+from services.gateway.evals import eval_tasks
 from services.gateway.pacing import purge_tasks, read_progress
 from services.gateway.schemas import ErrorOut
 from services.gateway.settings import GatewaySettings
+from services.gateway.submit import submit
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 503: {"model": ErrorOut}}
@@ -137,6 +141,59 @@ async def replay(
     return ReplayOut(run_id=run_id, into=into, groups=reply.stored or 0)
 
 
+class EvalIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rows: list[dict[str, Any]] | None = Field(None, min_length=1, description="default: the run's eval_dataset")
+    version: int | None = Field(
+        None, ge=0, description="policy version to evaluate; default the trainer's current one. A later "
+        "version is evaluated when inference serves it; an earlier one is no longer served (409)."
+    )
+
+
+class EvalOut(BaseModel):
+    run_id: str
+    version: int
+    tasks: list[str]
+
+
+@router.post("/runs/{run_id}/evals", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)
+async def start_eval(
+    run_id: str,
+    body: EvalIn,
+    store: StoreClient = Depends(get_store),
+    bus: Bus = Depends(get_bus),
+    agents: AgentCatalog = Depends(get_agents),
+) -> EvalOut:
+    """Evaluate rows greedily (temperature 0) at one policy version. Results are aggregated per
+    version by `GET /v1/runs/{id}/evals`; evaluation rollouts are never trained on."""
+    run = await _run_with_progress(run_id, store, bus)
+    rows = body.rows or run.config.eval_dataset
+    if not rows:
+        raise HTTPException(400, "no rows to evaluate: send `rows` or create the run with `eval_dataset`")
+    version = run.version if body.version is None else body.version
+    if version < run.version:
+        raise HTTPException(
+            409, f"version {version} is no longer served: inference follows the trainer, now at version "
+            f"{run.version}; evaluate {run.version} or a later version",
+        )
+    await agents.require({run.config.agent})
+    specs = eval_tasks(run.config, rows, version)
+    await submit(bus, store, specs, min_version=version)
+    return EvalOut(run_id=run_id, version=version, tasks=[s.task_id for s in specs])
+
+
+@router.get("/runs/{run_id}/evals", responses=ERRORS)
+async def get_evals(
+    run_id: str,
+    accuracy_threshold: float = Query(1.0, description="a rollout counts as correct with reward >= this"),
+    store: StoreClient = Depends(get_store),
+) -> list[EvalSummary]:
+    """Evaluation results per policy version: rollouts, mean reward, accuracy."""
+    await _require_run(run_id, store)
+    reply = await store.call("get_evals", GetEvals(run_id=run_id, accuracy_threshold=accuracy_threshold))
+    return reply.evals or []
+
+
 _TRANSITIONS: dict[str, tuple[RunState, list[RunState]]] = {
     "pause": ("paused", ["running"]),
     "resume": ("running", ["paused"]),
@@ -157,7 +214,7 @@ async def change_state(
     target, from_states = _TRANSITIONS[action]
     await store.call("set_run_state", SetRunState(run_id=run_id, state=target, from_states=from_states))
     if action == "cancel":
-        await purge_tasks(bus, run_id)
+        await purge_tasks(bus, run_id, evals=True)
     request.app.state.pacer.wake.set()
     return await _run_with_progress(run_id, store, bus)
 
