@@ -200,6 +200,14 @@ class Transition(BaseModel):
     finish_reason: str = "stop"
     latency_s: float = 0.0
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids) // 4  # packed int32: len() of the field counts bytes
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.response_ids) // 4
+
     @model_validator(mode="after")
     def _aligned(self) -> Self:
         n = len(self.response_ids)

@@ -97,3 +97,9 @@ def test_rollout_requests_for_a_task():
     assert [r.rollout_id for r in reqs] == ["abc.0", "abc.1", "abc.2"]
     assert all(r.group_id == "abc" and r.group_size == 3 and math.isclose(r.sampling.temperature, 0.7) for r in reqs)
     assert RolloutRequest.decode(reqs[0].encode()) == reqs[0]
+
+
+def test_transition_token_counts_are_tokens_not_bytes():
+    t = make_trajectory(n_tokens=5).transitions[0]
+    assert t.num_prompt_tokens == 3 and t.num_response_tokens == 5
+    assert len(t.response_ids) == 20  # the packed field itself is bytes
