@@ -251,12 +251,14 @@ def test_template_assistant_tool_calls_and_tool_responses(tokenizer: Any) -> Non
     )
     # Content before the calls; arguments as a dict; a bare {name, arguments} call; lone tool turn.
     messages = [
-        {"role": "assistant", "content": "Checking.", "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1}}}]},
+        {"role": "assistant", "content": "Checking.",
+         "tool_calls": [{"function": {"name": "add", "arguments": {"a": 1}}}]},  # fmt: skip
         {"role": "tool", "content": [{"type": "text", "text": "3"}]},
         {"role": "assistant", "tool_calls": [{"name": "add", "arguments": "{}"}]},
     ]
     assert tokenizer.apply_chat_template(messages, tokenize=False) == (
-        '<|im_start|>assistant\nChecking.\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>assistant\nChecking.\n"
+        '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call><|im_end|>\n'
         "<|im_start|>user\n<tool_response>\n3\n</tool_response><|im_end|>\n"
         '<|im_start|>assistant\n<tool_call>\n{"name": "add", "arguments": {}}\n</tool_call><|im_end|>\n'
     )
@@ -288,7 +290,8 @@ async def test_chat_with_tools_multi_turn(client: httpx.AsyncClient, tokenizer: 
     assert out["prompt_token_ids"] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
     choice = out["choices"][0]
     # The random model writes no valid call: an ordinary reply, token data as sampled.
-    assert choice["message"] == {"role": "assistant", "content": tokenizer.decode(choice["token_ids"], skip_special_tokens=True)}
+    text = tokenizer.decode(choice["token_ids"], skip_special_tokens=True)
+    assert choice["message"] == {"role": "assistant", "content": text}
     assert len(choice["token_ids"]) == len(choice["logprobs"]["content"]) == len(choice["token_versions"])
 
 
@@ -305,6 +308,7 @@ async def test_bad_tool_requests_are_400(client: httpx.AsyncClient) -> None:
 async def test_openai_sdk_sends_tools_and_tool_history(app: FastAPI) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), timeout=60) as http:
         sdk = openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key="none", http_client=http, max_retries=0)
-        reply = await sdk.chat.completions.create(model="x", messages=CONVERSATION, tools=TOOLS,  # type: ignore[arg-type]
-                                                  tool_choice="auto", max_tokens=4, temperature=0.0)  # fmt: skip
+        reply = await sdk.chat.completions.create(  # type: ignore[call-overload]
+            model="x", messages=CONVERSATION, tools=TOOLS, tool_choice="auto", max_tokens=4, temperature=0.0
+        )
     assert reply.choices[0].message.role == "assistant" and reply.choices[0].finish_reason in ("stop", "length")

@@ -43,7 +43,10 @@ def tool_names(tools: Sequence[Mapping[str, Any]] | None) -> frozenset[str]:
     return frozenset(names)
 
 
-def callable_names(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | Mapping[str, Any] | None) -> frozenset[str]:
+ToolChoice = str | Mapping[str, Any] | None
+
+
+def callable_names(tools: Sequence[Mapping[str, Any]] | None, tool_choice: ToolChoice) -> frozenset[str]:
     """The tools a reply may call: none with `tool_choice="none"`, only the named one with a
     named choice, otherwise every offered tool."""
     if tool_choice == "none":
@@ -57,7 +60,7 @@ def callable_names(tools: Sequence[Mapping[str, Any]] | None, tool_choice: str |
 
 
 def parse_tool_calls(
-    text: str, tools: Sequence[Mapping[str, Any]] | None, tool_choice: str | Mapping[str, Any] | None = None
+    text: str, tools: Sequence[Mapping[str, Any]] | None, tool_choice: ToolChoice = None
 ) -> ParsedReply:
     """Split `text` into content and OpenAI `tool_calls`; never raises.
 
@@ -90,7 +93,8 @@ def _tool_call(body: str, allowed: frozenset[str]) -> dict[str, Any] | None:
     arguments = _arguments(data.get("arguments", {}))
     if arguments is None:
         return None
-    return {"id": f"call_{uuid.uuid4().hex}", "type": "function", "function": {"name": data["name"], "arguments": arguments}}
+    function = {"name": data["name"], "arguments": arguments}
+    return {"id": f"call_{uuid.uuid4().hex}", "type": "function", "function": function}
 
 
 def _arguments(value: Any) -> str | None:
