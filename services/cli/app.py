@@ -298,5 +298,38 @@ def replay(
     console.print(f"re-published {result['groups']} groups of {run_id} into {result['into']}")
 
 
+@app.command("eval")
+def evaluate(
+    run_id: str = typer.Argument(..., help="the run to evaluate, or whose evaluations to show"),
+    rows: Optional[Path] = typer.Option(None, "--rows", help="JSONL of rows to evaluate (default: the run's eval_dataset)"),
+    version: Optional[int] = typer.Option(None, "--version", help="policy version (default: the current one)"),
+    show: bool = typer.Option(False, "--show", help="only show the results per version"),
+    wait_s: float = typer.Option(600.0, "--wait-s", help="how long to wait for the evaluation to finish"),
+    accuracy_threshold: float = typer.Option(1.0, "--accuracy-threshold", help="correct when reward >= this"),
+    gateway: Optional[str] = typer.Option(None, "--gateway"),
+    state_dir: Path = StateDir,
+) -> None:
+    """Evaluate a run greedily at a policy version, then show its evaluations per version."""
+    client = GatewayClient(gateway_url(gateway, state_dir))
+    try:
+        if not show:
+            body: dict[str, Any] = {"version": version}
+            if rows is not None:
+                body["rows"] = read_tasks_file(rows)
+            started = client.start_eval(run_id, body)
+            console.print(f"evaluating {len(started['tasks'])} rows of {run_id} at version {started['version']}")
+            _follow(client, started["tasks"], wait_s)
+        summaries = client.evals(run_id, accuracy_threshold)
+    except (GatewayError, ValueError) as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"evaluations of {run_id}")
+    for column in ("version", "rollouts", "ok", "reward_mean", "accuracy"):
+        table.add_column(column)
+    for s in summaries:
+        table.add_row(str(s["version"]), str(s["rollouts"]), str(s["ok"]), f"{s['reward_mean']:.3f}", f"{s['accuracy']:.3f}")
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()

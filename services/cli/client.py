@@ -123,5 +123,12 @@ class GatewayClient:
     def replay(self, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
         return self._json(self.http.post(f"/v1/runs/{run_id}/replay", json=body), f"replay {run_id}")
 
+    def start_eval(self, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json(self.http.post(f"/v1/runs/{run_id}/evals", json=body), f"evaluate {run_id}")
+
+    def evals(self, run_id: str, accuracy_threshold: float = 1.0) -> list[dict[str, Any]]:
+        params = {"accuracy_threshold": accuracy_threshold}
+        return self._json(self.http.get(f"/v1/runs/{run_id}/evals", params=params), f"evaluations of {run_id}")
+
     def close(self) -> None:
         self.http.close()

@@ -69,6 +69,7 @@ class RolloutOut(BaseModel):
     sample_index: int
     group_size: int
     agent: str
+    eval: bool
     status: str
     error: str | None
     reward: float
