@@ -246,6 +246,8 @@ async def test_inference_refusals_pass_through_with_status_and_body(worker: Work
                 assert got.status_code == want.status_code, (got.text, want.text)
                 if want.status_code != 200:
                     assert got.json() == want.json()
+                    # Machine-readable, as OpenAI's: agents can tell "prompt too long" from other refusals.
+                    assert got.json()["error"]["code"] == "context_length_exceeded"
                 else:  # the tools reached the chat template: the same prompt ids as a direct call
                     assert got.json()["prompt_token_ids"] == want.json()["prompt_token_ids"]
                 statuses.append(got.status_code)

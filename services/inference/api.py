@@ -150,9 +150,10 @@ def _runtime(request: Request) -> Runtime:
 # --- errors --------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+def _error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
     # OpenAI's error shape, which OpenAI SDKs turn into readable exceptions.
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+    body = {"error": {"message": message, "type": kind, "code": code or status}}
+    return JSONResponse(body, status_code=status)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -166,7 +167,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InvalidRequest)
     async def _bad(_: Request, exc: InvalidRequest) -> JSONResponse:
-        return _error(400, str(exc))
+        return _error(400, str(exc), code=exc.code)
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:

@@ -38,7 +38,12 @@ _IDLE_POLL_S = 0.05
 
 
 class InvalidRequest(ValueError):
-    """The request cannot be served as asked (the API answers 400 with this text)."""
+    """The request cannot be served as asked (the API answers 400 with this text, and `code`
+    when set: a machine-readable reason such as OpenAI's "context_length_exceeded")."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EngineUnavailable(RuntimeError):
@@ -198,7 +203,8 @@ class TorchEngine:
         if len(prompt_ids) + config.max_tokens > self.max_model_len:
             raise InvalidRequest(
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
-                f"{len(prompt_ids)} prompt tokens and asks for {config.max_tokens} more"
+                f"{len(prompt_ids)} prompt tokens and asks for {config.max_tokens} more",
+                code="context_length_exceeded",
             )
         if any(t < 0 or t >= self.vocab_size for t in config.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be in [0, {self.vocab_size})")
