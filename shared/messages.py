@@ -9,6 +9,7 @@ a numpy buffer is ~50x cheaper than a list of ints.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -409,6 +410,14 @@ class AirRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
     on: str = Field(min_length=1, max_length=128, description="event name, as in ctx.event(\"tool_success\")")
     reward: float = Field(allow_inf_nan=False)
+    where: dict[str, Any] = Field(
+        default_factory=dict, description="the event's data must hold these values, e.g. {hit: true}"
+    )
+
+    def matches(self, event: Event) -> bool:
+        return event.name == self.on and all(
+            key in event.data and event.data[key] == value for key, value in self.where.items()
+        )
 
     @model_validator(mode="before")
     @classmethod
@@ -429,16 +438,19 @@ class RuntimeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_rule_per_event(self) -> Self:
-        seen: list[str] = []
+        seen: list[tuple[str, str]] = []
         for rule in self.air_rules:
-            if rule.on in seen:
-                raise ValueError(f"air_rules has two rules for event {rule.on!r}")
-            seen.append(rule.on)
+            key = (rule.on, json.dumps(rule.where, sort_keys=True, default=str))
+            if key in seen:
+                what = f"event {rule.on!r}" + (f" where {rule.where}" if rule.where else "")
+                raise ValueError(f"air_rules has two rules for {what}")
+            seen.append(key)
         return self
 
-    def air_values(self) -> dict[str, float] | None:
-        """Event name -> reward of the AIR rules, or None when AIR is off (events then earn nothing)."""
-        return {r.on: r.reward for r in self.air_rules} if self.air_enabled else None
+    def air_values(self) -> list[AirRule] | None:
+        """The AIR rules (the first that matches an event rewards it), or None when AIR is off
+        (events then earn nothing)."""
+        return list(self.air_rules) if self.air_enabled else None
 
 
 class RunConfig(BaseModel):

@@ -298,10 +298,10 @@ def test_config_fields_and_validation() -> None:
 def test_air_rules_validation() -> None:
     rt = RuntimeConfig(air_enabled=True, air_rules=[{"on": "tool_success", "reward": 0.5}], custom_key=3)
     assert rt.air_rules == [AirRule(on="tool_success", reward=0.5)]
-    assert rt.air_values() == {"tool_success": 0.5}
+    assert rt.air_values() == [AirRule(on="tool_success", reward=0.5)]
     assert rt.model_extra == {"custom_key": 3}  # unknown runtime keys still load
     assert RuntimeConfig(air_rules=[{"on": "x", "reward": 1}]).air_values() is None  # AIR off
-    assert RuntimeConfig(air_enabled=True).air_values() == {}
+    assert RuntimeConfig(air_enabled=True).air_values() == []
     # PyYAML reads a bare `on:` key as True.
     assert RuntimeConfig(air_rules=[{True: "tool_failure", "reward": -1}]).air_rules[0].on == "tool_failure"
     for bad in ([{"on": "x"}], [{"reward": 1.0}], [{"on": "", "reward": 1.0}], [{"on": "x", "reward": "lots"}],
@@ -323,3 +323,22 @@ def test_has_signal_keeps_zero_variance_groups_with_intermediate_rewards() -> No
         Event(name="tool_success")]}) for t in flat.trajectories]})
     assert not credit.has_signal(silent, "discounted", None)  # AIR off: events earn nothing
     assert credit.has_signal(silent, "discounted", RULES)
+
+
+def test_air_rules_can_match_event_data() -> None:
+    """`where` narrows a rule to events whose data holds its values; the first match counts."""
+    runtime = RuntimeConfig(air_enabled=True, air_rules=[
+        {"on": "retrieval", "where": {"hit": True}, "reward": 0.2},
+        {"on": "retrieval", "reward": -0.05},  # every other retrieval
+    ])
+    rules = runtime.air_values()
+    hit, miss, other = (Event(name="retrieval", transition=0, data={"hit": True, "hop": 1}),
+                        Event(name="retrieval", transition=1, data={"hit": False}),
+                        Event(name="unrelated", transition=1))
+    assert [credit.air_reward(e, rules) for e in (hit, miss, other)] == [0.2, -0.05, None]
+    traj = the_group().trajectories[0].model_copy(update={"rewards": [], "events": [hit, miss, other]})
+    assert credit.intermediate_rewards(traj, rules) == pytest.approx([0.2, -0.05, 0.0])
+    assert RuntimeConfig(air_rules=runtime.air_rules).air_values() is None  # AIR off
+    with pytest.raises(ValidationError, match="two rules"):
+        RuntimeConfig(air_rules=[{"on": "retrieval", "where": {"hit": True}, "reward": 1.0},
+                                 {"on": "retrieval", "where": {"hit": True}, "reward": 2.0}])

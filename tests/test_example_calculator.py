@@ -260,7 +260,7 @@ def test_train_yaml_is_a_valid_run() -> None:
     assert config.agent == NAME and config.model == "tiny"
     assert config.trained_roles == ROLE
     assert config.training.credit == "discounted"
-    assert config.runtime.air_values() == {"tool_success": 0.1, "tool_failure": -0.1}
+    assert {r.on: r.reward for r in config.runtime.air_values()} == {"tool_success": 0.1, "tool_failure": -0.1}
     assert len(config.dataset) >= 200
 
 

@@ -273,7 +273,7 @@ def test_train_yaml_is_a_valid_run() -> None:
     config = RunConfig.model_validate(load_run_config(EXAMPLE / "train.yaml"))
     assert config.agent == NAME and config.model == "tiny" and config.trained_roles == ROLE
     assert config.training.credit == "discounted" and 0 < config.training.discount <= 1
-    assert config.runtime.air_values() == {"tool_success": 0.1, "tool_failure": -0.1}
+    assert {r.on: r.reward for r in config.runtime.air_values()} == {"tool_success": 0.1, "tool_failure": -0.1}
     assert len(config.dataset) == 300
 
 

@@ -490,3 +490,20 @@ def test_multihop_rag_end_to_end(agent_stack) -> None:  # type: ignore[no-untype
         assert sum(s.loss_tokens for s in answer_only) == lengths[-1]
     assert sorted(by_task.values()) == [2, 2]
     print(f"multihop-rag e2e: {merged} of {sum(len(t.transitions) - 1 for t in trajs)} follow-up calls merged")
+
+
+def test_train_yaml_is_a_valid_run_that_rewards_retrieval_hits() -> None:
+    import pathlib
+
+    import yaml
+
+    from services.trainer.credit import air_reward
+    from shared.messages import Event, RunConfig
+
+    raw = yaml.safe_load((pathlib.Path(__file__).parents[1] / "examples/multihop_rag/train.yaml").read_text())
+    raw["dataset"] = [{"question": "q", "answer": "a"}]
+    config = RunConfig.model_validate(raw)
+    rules = config.runtime.air_values()
+    assert config.agent == "multihop-rag" and config.training.credit == "discounted"
+    assert air_reward(Event(name="retrieval", data={"hop": 1, "hit": True}), rules) == 0.05
+    assert air_reward(Event(name="retrieval", data={"hop": 1, "hit": False}), rules) is None

@@ -378,7 +378,7 @@ def test_train_yaml_is_a_valid_run_config() -> None:
     assert config.agent == t2s.NAME and registry.get(t2s.NAME) is not None
     assert config.trained_roles == "write|rewrite" and config.model == "tiny"
     assert config.training.group_size >= 4 and len(config.dataset) >= 200
-    assert config.runtime.air_values() == {"tool_success": 0.1, "tool_failure": -0.1}
+    assert {r.on: r.reward for r in config.runtime.air_values()} == {"tool_success": 0.1, "tool_failure": -0.1}
 
 
 # --- end to end -------------------------------------------------------------------------

@@ -12,9 +12,11 @@ Intermediate rewards
     - the explicit rewards attached to k (`ctx.reward(v)` / `ctx.reward(v, step=i)`,
       `Trajectory.rewards`): they always count, with the value the agent gave;
     - when AIR is on (`runtime.air_enabled`), the rule value of each event attached to k
-      whose name an AIR rule names (`ctx.event("tool_success")` with
-      `air_rules: [{on: tool_success, reward: 0.3}]`, `Trajectory.events`). Events no rule
-      names earn nothing; with AIR off no event does.
+      that an AIR rule matches (`ctx.event("tool_success")` with
+      `air_rules: [{on: tool_success, reward: 0.3}]`, `Trajectory.events`). A rule matches
+      events of its name whose data holds its `where` values (`{on: retrieval, where: {hit:
+      true}, reward: 0.1}`); the first matching rule counts. Events no rule matches earn
+      nothing; with AIR off no event does.
 
     A reward or event with no transition index attaches to the last transition of the
     trajectory; an index outside [0, len(transitions)) names no call and is ignored.
@@ -38,25 +40,41 @@ credit and nothing else.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
-from shared.messages import CreditMode, Group, Trajectory
+from shared.messages import AirRule, CreditMode, Event, Group, Trajectory
 
 CREDIT_MODES: tuple[CreditMode, ...] = ("equal", "last", "discounted")
 
 
-def intermediate_rewards(traj: Trajectory, air_rules: Mapping[str, float] | None) -> list[float]:
-    """r_k for each transition k of `traj` (see the module docstring for what counts).
+# The AIR rules of a run (`RuntimeConfig.air_values()`), or plain event name -> value.
+AirRules = Union[Sequence[AirRule], Mapping[str, float]]
 
-    `air_rules` is event name -> value (`RuntimeConfig.air_values()`); None means AIR is off.
-    """
+
+def air_reward(event: Event, air_rules: AirRules) -> float | None:
+    """What `event` earns under `air_rules` (None: no rule matches it)."""
+    if isinstance(air_rules, Mapping):
+        value = air_rules.get(event.name)
+        return None if value is None else float(value)
+    for rule in air_rules:
+        if rule.matches(event):
+            return float(rule.reward)
+    return None
+
+
+def intermediate_rewards(traj: Trajectory, air_rules: AirRules | None) -> list[float]:
+    """r_k for each transition k of `traj` (see the module docstring for what counts).
+    `air_rules` None means AIR is off."""
     n = len(traj.transitions)
     out = [0.0] * n
     if not n:
         return out
     earned: list[tuple[int | None, float]] = [(r.transition, float(r.value)) for r in traj.rewards]
     if air_rules is not None:
-        earned += [(e.transition, float(air_rules[e.name])) for e in traj.events if e.name in air_rules]
+        for event in traj.events:
+            value = air_reward(event, air_rules)
+            if value is not None:
+                earned.append((event.transition, value))
     for index, value in earned:  # a fixed order: the sums are reproducible to the bit
         k = n - 1 if index is None else index
         if 0 <= k < n:
@@ -106,7 +124,7 @@ def trajectory_credit(
     trained_roles: re.Pattern[str] | None,
     mode: CreditMode = "equal",
     discount: float = 1.0,
-    air_rules: Mapping[str, float] | None = None,
+    air_rules: AirRules | None = None,
 ) -> list[float]:
     """Per-transition advantages of one trajectory (`credit` with its roles and intermediate rewards)."""
     trained = [trained_roles is None or trained_roles.fullmatch(t.role) is not None for t in traj.transitions]
@@ -120,7 +138,7 @@ def group_credit(
     trained_roles: re.Pattern[str] | None,
     mode: CreditMode = "equal",
     discount: float = 1.0,
-    air_rules: Mapping[str, float] | None = None,
+    air_rules: AirRules | None = None,
 ) -> dict[str, list[float]]:
     """rollout_id -> per-transition advantages for every ok trajectory of `groups`.
 
@@ -140,7 +158,7 @@ def group_credit(
 def has_signal(
     group: Group,
     mode: CreditMode = "equal",
-    air_rules: Mapping[str, float] | None = None,
+    air_rules: AirRules | None = None,
     tol: float = 1e-6,
 ) -> bool:
     """False when every advantage of `group` would be 0 under `mode`: nothing to learn.

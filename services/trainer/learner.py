@@ -26,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -71,9 +71,9 @@ class Learner:
         pad_id: int = 0,
         pass_threshold: float = 1.0,
         loss_scale_factor: int | None = None,
-        air_rules: Mapping[str, float] | None = None,
+        air_rules: credit.AirRules | None = None,
     ) -> None:
-        """`air_rules`: event -> reward (`RuntimeConfig.air_values()`); None = AIR off."""
+        """`air_rules`: the run's AIR rules (`RuntimeConfig.air_values()`); None = AIR off."""
         if cfg.kl_coef > 0 and cfg.kl_penalty not in grpo.SUPPORTED_KL_PENALTIES:
             raise ValueError(f"kl_penalty {cfg.kl_penalty!r} is not implemented by verl's kl_penalty")
         self.cfg = cfg
@@ -82,8 +82,7 @@ class Learner:
         self.pad_id = pad_id
         self.pass_threshold = pass_threshold
         self.loss_scale_factor = loss_scale_factor
-        # A sorted copy: nothing downstream depends on the caller's dict order anyway.
-        self.air_rules = None if air_rules is None else {k: float(air_rules[k]) for k in sorted(air_rules)}
+        self.air_rules = air_rules
         self.step_count = 0
 
         _seed_everything(seed)
