@@ -283,3 +283,21 @@ async def test_eval_results_are_aggregated_per_version_and_never_trained(
 async def _total(summaries: Any, n: int) -> list[dict[str, Any]] | None:
     got = await summaries
     return got if sum(s["rollouts"] for s in got) == n else None
+
+
+async def test_rollouts_show_which_calls_their_run_trains(client: httpx.AsyncClient, bus: Bus):
+    body = {**run_body("sel"), "trained_agents": "write|rewrite"}
+    assert (await client.post("/v1/runs", json=body)).status_code == 201
+    calls = [Transition(role=role, prompt_ids=pack_i32([1]), response_ids=pack_i32([2]),
+                        response_logprobs=pack_f32([-0.1]), response_versions=pack_i32([0]))
+             for role in ("write", "check", "rewrite")]
+    for run_id in ("sel", "adhoc"):
+        t = make_trajectory(f"{run_id}-t.0").model_copy(update={"run_id": run_id, "group_size": 1, "transitions": calls})
+        await bus.publish(subjects.trajectories(run_id), t, t.msg_id())
+
+    async def shown(rollout_id: str) -> list[bool | None] | None:
+        r = await client.get(f"/v1/rollouts/{rollout_id}")
+        return [x["trained"] for x in r.json()["transitions"]] if r.status_code == 200 else None
+
+    assert await wait_until(lambda: shown("sel-t.0")) == [True, False, True]
+    assert await wait_until(lambda: shown("adhoc-t.0")) == [None, None, None]  # no run config

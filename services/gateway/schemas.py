@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
@@ -59,6 +60,8 @@ class TransitionOut(BaseModel):
     response_versions: list[int]
     finish_reason: str
     latency_s: float
+    # Whether the run trains this call's role (its `trained_roles`); None: no run config (ad-hoc tasks).
+    trained: bool | None = None
 
 
 class RolloutOut(BaseModel):
@@ -83,7 +86,7 @@ class RolloutOut(BaseModel):
     trace_id: str | None
 
     @classmethod
-    def from_trajectory(cls, t: Trajectory) -> RolloutOut:
+    def from_trajectory(cls, t: Trajectory, trained_roles: re.Pattern[str] | None = None) -> RolloutOut:
         data = t.model_dump(exclude={"schema_version", "transitions"})
         data["transitions"] = [
             TransitionOut(
@@ -94,6 +97,7 @@ class RolloutOut(BaseModel):
                 response_versions=unpack_i32(x.response_versions).tolist(),
                 finish_reason=x.finish_reason,
                 latency_s=x.latency_s,
+                trained=None if trained_roles is None else trained_roles.fullmatch(x.role) is not None,
             )
             for x in t.transitions
         ]
