@@ -109,6 +109,7 @@ def ensure_tiny_model(path: Path, *, seed: int = 0, preset: str = "tiny") -> Pat
     """
     path = Path(path)
     if (path / "config.json").exists():
+        _refresh_chat_template(path)
         return path
     if preset not in PRESETS:
         raise ValueError(f"unknown tiny-model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -183,6 +184,26 @@ def build_tokenizer(*, seed: int = 0, vocab_size: int = TINY_VOCAB_SIZE) -> Any:
     fast.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def _refresh_chat_template(path: Path) -> None:
+    """A tiny model saved by an older relayrl keeps its weights but gets this version's chat
+    template (e.g. one that renders tools), so a cached model behaves like a fresh one."""
+    cfg_path = path / "tokenizer_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return
+    ours = cfg.get("tokenizer_class") == "PreTrainedTokenizerFast" and cfg.get("additional_special_tokens") == [
+        IM_START,
+        IM_END,
+    ]
+    if not ours or cfg.get("chat_template") == CHAT_TEMPLATE:
+        return
+    cfg["chat_template"] = CHAT_TEMPLATE
+    tmp = cfg_path.with_name(f".{cfg_path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, cfg_path)  # atomic: a concurrent reader sees the old or the new file
 
 
 def _portable_tokenizer_config(out: Path) -> None:

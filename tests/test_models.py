@@ -46,6 +46,23 @@ def test_existing_model_is_reused(tiny: Path) -> None:
     assert (tiny / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_a_cached_model_gets_the_current_chat_template(tmp_path: Path) -> None:
+    model = ensure_tiny_model(tmp_path / "old")
+    cfg_path = model / "tokenizer_config.json"
+    current = cfg_path.read_text()
+    cfg = json.loads(current)
+    cfg["chat_template"] = "{{ 'an older template' }}"
+    cfg_path.write_text(json.dumps(cfg))
+    weights = sha256(model / "model.safetensors")
+    ensure_tiny_model(model)
+    assert cfg_path.read_text() == current and sha256(model / "model.safetensors") == weights
+    # Someone else's checkpoint (not relayrl's tokenizer) is never touched.
+    cfg["additional_special_tokens"] = ["<other>"]
+    cfg_path.write_text(json.dumps(cfg))
+    ensure_tiny_model(model)
+    assert json.loads(cfg_path.read_text())["chat_template"] == "{{ 'an older template' }}"
+
+
 def test_concurrent_creation_is_atomic(tmp_path: Path) -> None:
     target = tmp_path / "shared" / "tiny"
     results: list[Any] = []
