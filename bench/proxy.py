@@ -1,6 +1,6 @@
 """Capture proxy overhead: completion tokens/s through the rollout worker's proxy vs straight to inference.
 
-    python -m bench.proxy [--rounds 5] [--requests 192] [--concurrency 16] [--max-tokens 32] [--threads N]
+    python -m bench.proxy [--rounds 5] [--requests 256] [--concurrency 16] [--max-tokens 32] [--think-ms 0]
 
 Starts one inference process (`python -m services.inference --model tiny --no-watch-policy`,
 --threads torch threads) on loopback and, in this process, the worker's `CaptureProxy` served
@@ -15,9 +15,13 @@ temperature 1, `ignore_eos`, a fixed seed per request) in two arms:
   the proxy forwards to inference and records each call as a transition.
 
 The arms alternate for --rounds rounds (direct first in odd rounds, proxied first in even
-ones) after one warm-up round of each. One table: per-arm median completion tokens/s and
-requests/s over the rounds, median latency, and proxied/direct ratios. The direct arm is the
-raw limit.
+ones) after one warm-up round of each. One table, the direct arm being the raw limit: per-arm
+median completion tokens/s and requests/s over the rounds, median latency per request and the
+proxy's added latency (and how much of the proxied latency was the proxy's own call to
+inference), CPU per request of this process and of inference (/proc), and inference's own
+counters (/v1/stats: prefills, forward passes, mean decode batch) to show where a difference
+comes from. Both arms must generate the same number of tokens and the proxy must record every
+call, or the script fails.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -62,6 +67,7 @@ class Round:
     wall_s: float
     tokens: int
     latencies: list[float] = field(default_factory=list)
+    upstream: list[float] = field(default_factory=list)  # proxied: the proxy's own call to inference (recorded)
     cpu_self_s: float = 0.0  # CPU seconds of this process (agents' client + proxy) during the round
     cpu_inference_s: float = 0.0  # and of the inference process
     prefills: int = 0  # inference's forward passes during the round: prefills (new requests joining)
@@ -124,16 +130,20 @@ async def run_round(
     http: httpx.AsyncClient,
     urls: list[str],
     bodies: list[dict[str, Any]],
+    think: list[float],
     concurrency: int,
     inference_pid: int,
     stats_url: str,
 ) -> Round:
-    """Client c sends requests c, c+C, c+2C, ... one after another to urls[c]; all clients at once."""
+    """Client c sends requests c, c+C, c+2C, ... one after another to urls[c], waiting think[i] seconds
+    before request i (the agent's own work between calls); all clients at once."""
     result = Round(arm, 0.0, 0, [])
     tokens = [0] * len(bodies)
 
     async def client(c: int) -> None:
         for i in range(c, len(bodies), concurrency):
+            if think[i]:
+                await asyncio.sleep(think[i])
             start = time.perf_counter()
             resp = await http.post(urls[c], json=bodies[i])
             result.latencies.append(time.perf_counter() - start)
@@ -163,6 +173,8 @@ async def measure(args: argparse.Namespace, inference: str, pid: int) -> tuple[l
     agent_limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     direct_bodies = [forwarded_body(i, args.max_tokens) for i in range(args.requests)]
     agent_bodies = [agent_body(i, args.max_tokens) for i in range(args.requests)]
+    think = [random.Random(i).uniform(0, args.think_ms / 1000) for i in range(args.requests)]  # same in both arms
+    stats = inference + "/v1/stats"
     rounds: list[Round] = []
     transitions = 0
     # The worker's connection pool toward inference (the proxy's CaptureClient), and the agents' client.
@@ -177,7 +189,8 @@ async def measure(args: argparse.Namespace, inference: str, pid: int) -> tuple[l
 
             async def direct() -> Round:
                 url = inference + CHAT
-                return await run_round("direct", agents, [url] * args.concurrency, direct_bodies, args.concurrency, pid, inference + "/v1/stats")
+                urls = [url] * args.concurrency
+                return await run_round("direct", agents, urls, direct_bodies, think, args.concurrency, pid, stats)
 
             async def proxied(n: int) -> Round:
                 nonlocal transitions
@@ -187,8 +200,9 @@ async def measure(args: argparse.Namespace, inference: str, pid: int) -> tuple[l
                 with contextlib.ExitStack() as live:  # each client's rollout in flight, as in the worker
                     for ctx in ctxs:
                         live.enter_context(proxy.track(ctx))
-                    out = await run_round("proxied", agents, urls, agent_bodies, args.concurrency, pid, inference + "/v1/stats")
+                    out = await run_round("proxied", agents, urls, agent_bodies, think, args.concurrency, pid, stats)
                 transitions += sum(len(ctx.transitions) for ctx in ctxs)
+                out.upstream = [t.latency_s for ctx in ctxs for t in ctx.transitions]
                 return out
 
             await direct()  # warm-up: connections, the engine's first batches, the proxy's first requests
@@ -242,13 +256,16 @@ def main() -> None:
     )
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="rounds per arm (after one warm-up round of each)")
-    parser.add_argument("--requests", type=int, default=192, help="chat completions per round")
+    parser.add_argument("--requests", type=int, default=256, help="chat completions per round")
     parser.add_argument("--concurrency", type=int, default=16, help="clients sending at once")
     parser.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (ignore_eos)")
+    parser.add_argument("--think-ms", type=float, default=0.0,
+                        help="each client waits a random 0..think-ms before each request (same waits in both arms)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="torch threads of the inference process (default: half the cores, as the stack)")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_inference(args, Path(tmp))
         try:
@@ -260,6 +277,7 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    load_after = os.getloadavg()[0]
     by_arm = {arm: [r for r in rounds if r.arm == arm] for arm in ("direct", "proxied")}
     tokens = {arm: {r.tokens for r in rs} for arm, rs in by_arm.items()}
     if tokens["direct"] != tokens["proxied"] or len(tokens["direct"]) != 1:
@@ -273,9 +291,6 @@ def main() -> None:
 
     def lat(arm: str) -> float:
         return statistics.median(x for r in by_arm[arm] for x in r.latencies)
-
-    def cpu_ms(rs: list[Round], key: str) -> float:
-        return 1000 * sum(getattr(r, key) for r in rs) / sum(len(r.latencies) for r in rs)
 
     def busy(rs: list[Round], key: str) -> float:
         return sum(getattr(r, key) for r in rs) / sum(r.wall_s for r in rs)
@@ -293,7 +308,8 @@ def main() -> None:
 
     title = (f"relayrl capture proxy, {os.cpu_count()} cores, inference tiny on {args.threads} torch thread(s); "
              f"{args.rounds} rounds x {args.requests} requests, {args.concurrency} clients, "
-             f"{args.max_tokens} tokens each ({next(iter(tokens['direct']))} per round)")  # fmt: skip
+             f"{args.max_tokens} tokens each ({next(iter(tokens['direct']))} per round)"
+             + (f", think 0-{args.think_ms:g} ms" if args.think_ms else ""))  # fmt: skip
     table = Table(title=title)
     for col in ("measurement", "direct", "proxied", "proxied / direct"):
         table.add_column(col)
@@ -302,13 +318,17 @@ def main() -> None:
     table.add_row("latency per request, median (ms)", f"{d_lat * 1000:,.1f}", f"{p_lat * 1000:,.1f}",
                   f"{p_lat / d_lat:.3f}")  # fmt: skip
     table.add_row("proxy's added latency, median (ms)", "", f"{(p_lat - d_lat) * 1000:,.1f}", "")
-    for label, key in (("bench process (agents' client + proxy)", "cpu_self_s"), ("inference process", "cpu_inference_s")):
-        d_cpu, p_cpu = cpu_ms(by_arm["direct"], key), cpu_ms(by_arm["proxied"], key)
+    up = statistics.median(x for r in by_arm["proxied"] for x in r.upstream)  # request + response JSON decode
+    table.add_row("  proxied latency spent in the proxy's call to inference, median (ms)", "",
+                  f"{up * 1000:,.1f}", f"{up / d_lat:.3f}")  # fmt: skip
+    cpu_rows = (("bench process (agents' client + proxy)", "cpu_self_s"), ("inference process", "cpu_inference_s"))
+    for label, key in cpu_rows:
+        d_cpu, p_cpu = (1000 * per_request(by_arm[arm], key) for arm in ("direct", "proxied"))
         table.add_row(f"CPU ms per request: {label}", f"{d_cpu:.2f}", f"{p_cpu:.2f}", f"{p_cpu / d_cpu:.2f}")
     d_pf, p_pf = per_request(by_arm["direct"], "prefills"), per_request(by_arm["proxied"], "prefills")
     table.add_row("inference prefills per request", f"{d_pf:.3f}", f"{p_pf:.3f}", f"{p_pf / d_pf:.2f}")
-    d_fw = per_request(by_arm["direct"], "prefills") + per_request(by_arm["direct"], "decode_steps")
-    p_fw = per_request(by_arm["proxied"], "prefills") + per_request(by_arm["proxied"], "decode_steps")
+    d_fw, p_fw = (per_request(by_arm[arm], "prefills") + per_request(by_arm[arm], "decode_steps")
+                  for arm in ("direct", "proxied"))  # fmt: skip
     table.add_row("inference forward passes per request", f"{d_fw:.2f}", f"{p_fw:.2f}", f"{p_fw / d_fw:.2f}")
     d_bs, p_bs = mean_batch(by_arm["direct"]), mean_batch(by_arm["proxied"])
     table.add_row("inference mean decode batch size", f"{d_bs:.1f}", f"{p_bs:.1f}", f"{p_bs / d_bs:.2f}")
@@ -316,7 +336,9 @@ def main() -> None:
         d_busy, p_busy = busy(by_arm["direct"], key), busy(by_arm["proxied"], key)
         table.add_row(f"cores busy: {label}", f"{d_busy:.2f}", f"{p_busy:.2f}", "")
     table.add_row("tokens/s per round pair, proxied / direct", "", "", " ".join(f"{x:.3f}" for x in per_round))
+    table.add_row("  median of the round pairs", "", "", f"{statistics.median(per_round):.3f}")
     table.add_row("throughput overhead (1 - tokens/s ratio)", "", "", f"{(1 - p_tok / d_tok) * 100:.1f} %")
+    table.caption = f"1-minute load average: {load_before:.2f} before the run, {load_after:.2f} after"
     Console(width=160).print(table)
 
 
