@@ -167,7 +167,9 @@ async def run_round(
 
 
 async def measure(args: argparse.Namespace, inference: str, pid: int) -> tuple[list[Round], int]:
-    settings = RolloutSettings(inference_urls=inference)  # the worker's defaults: retries, connections
+    # The worker's defaults (retries, connections) unless --http-connections says otherwise.
+    overrides = {"http_connections": args.http_connections} if args.http_connections else {}
+    settings = RolloutSettings(inference_urls=inference, **overrides)
     conns = min(args.concurrency, settings.http_connections)
     worker_limits = httpx.Limits(max_connections=conns, max_keepalive_connections=conns)
     agent_limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
@@ -258,6 +260,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per arm (after one warm-up round of each)")
     parser.add_argument("--requests", type=int, default=256, help="chat completions per round")
     parser.add_argument("--concurrency", type=int, default=16, help="clients sending at once")
+    parser.add_argument("--http-connections", type=int, default=0,
+                        help="the proxy's connections to inference (default: the worker's http_connections)")
     parser.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (ignore_eos)")
     parser.add_argument("--think-ms", type=float, default=0.0,
                         help="each client waits a random 0..think-ms before each request (same waits in both arms)")

@@ -318,6 +318,26 @@ async def test_requests_join_a_running_batch(client: httpx.AsyncClient, engine: 
     assert len((await long_task)["choices"][0]["token_ids"]) == 300
 
 
+async def test_arrivals_during_a_batch_share_one_prefill(client: httpx.AsyncClient, engine: TorchEngine) -> None:
+    """Requests that arrive a few ms apart while a batch decodes are prefilled together
+    (batch_wait_ms is 20 here), not one forward pass each."""
+    body = dict(temperature=0, ignore_eos=True, return_token_ids=True)
+    long_task = asyncio.create_task(complete(client, prompt="keeps decoding", max_tokens=300, **body))
+    while engine.active_rows == 0:
+        await asyncio.sleep(0.001)
+    before = dict(engine.stats.prefill_sizes)
+
+    async def late(i: int) -> dict[str, Any]:
+        await asyncio.sleep(0.002 * i)
+        return await complete(client, prompt=f"late {i}", max_tokens=4, **body)
+
+    await asyncio.gather(*[late(i) for i in range(3)])
+    grown = {size: n - before.get(size, 0) for size, n in engine.stats.prefill_sizes.items() if n > before.get(size, 0)}
+    assert grown == {3: 1}, grown
+    assert not long_task.done()
+    await long_task
+
+
 # --- weight swaps -------------------------------------------------------------------------------------
 
 

@@ -168,6 +168,9 @@ class TorchEngine:
         self._pending_swap: tuple[dict[str, torch.Tensor], int, concurrent.futures.Future[int]] | None = None
         self._stopping = threading.Event()
         self._batch: _Batch | None = None
+        # Arrivals taken while a batch decodes, held until enough gather for one prefill (worker thread only).
+        self._gathering: list[_Row] = []
+        self._gathering_since = 0.0
         # The worker logs with the creator's context (run id and the like).
         self._thread = threading.Thread(
             target=contextvars.copy_context().run, args=(self._run,), name="inference-engine", daemon=True
@@ -255,7 +258,7 @@ class TorchEngine:
                     self._apply_swap()
                     if self._stopping.is_set():
                         self._reject_queued()
-                        if self._batch is None:
+                        if self._batch is None and not self._gathering:
                             break
                     new = self._admit()
                     if new:
@@ -286,8 +289,10 @@ class TorchEngine:
         if batch is not None and not batch.mergeable:
             return []
         capacity = self.max_batch_size - (len(batch.rows) if batch else 0)
-        rows: list[_Row] = []
-        if batch is None:
+        if batch is not None:
+            return self._gather(capacity)
+        rows, self._gathering = self._gathering, []
+        if not rows:
             # Idle: wait for a first request, then briefly for its concurrent peers.
             first = self._take(timeout=_IDLE_POLL_S)
             if first is None:
@@ -300,6 +305,23 @@ class TorchEngine:
         while len(rows) < capacity and (row := self._take(timeout=None)) is not None:
             rows.append(row)
         return rows
+
+    def _gather(self, capacity: int) -> list[_Row]:
+        """While a batch decodes, arrivals are prefilled together: once they fill the batch or
+        the first has waited `batch_wait_s`. Clients answered by the same decode step send their
+        next requests a few ms apart; prefilling each as it comes costs a forward pass apiece
+        (measured through the capture proxy: 1.5x the prefills, 10-20 % fewer tokens/s)."""
+        while len(self._gathering) < capacity and (row := self._take(timeout=None)) is not None:
+            if not self._gathering:
+                self._gathering_since = time.monotonic()
+            self._gathering.append(row)
+        if not self._gathering:
+            return []
+        full = len(self._gathering) >= capacity
+        if full or self._stopping.is_set() or time.monotonic() - self._gathering_since >= self.batch_wait_s:
+            rows, self._gathering = self._gathering, []
+            return rows
+        return []
 
     def _take(self, timeout: float | None) -> _Row | None:
         """Next admissible row: waits up to `timeout`, or not at all when None."""
@@ -485,8 +507,8 @@ class TorchEngine:
                 _settle(item.future, exc=EngineUnavailable("the engine is stopping"))
 
     def _fail_all(self, exc: BaseException) -> None:
-        rows = self._batch.rows if self._batch is not None else []
-        self._batch = None
+        rows = (self._batch.rows if self._batch is not None else []) + self._gathering
+        self._batch, self._gathering = None, []
         for row in rows:
             _settle(row.future, exc=EngineUnavailable(f"engine failed: {exc}"))
         self._stopping.set()

@@ -45,6 +45,16 @@ class InferenceError(RuntimeError):
 
 
 @dataclass
+class Captured:
+    """One recorded call: inference's response parsed, its transitions, and its bytes as sent
+    (the proxy returns those unchanged instead of re-encoding the parsed response)."""
+
+    data: dict[str, Any]
+    transitions: list[Transition]
+    content: bytes
+
+
+@dataclass
 class Completion:
     text: str
     token_ids: list[int]
@@ -133,9 +143,7 @@ class CaptureClient:
     def replica_for(self, rollout_id: str) -> str:
         return self.base_urls[zlib.crc32(rollout_id.encode()) % len(self.base_urls)]
 
-    async def capture(
-        self, base_url: str, path: str, body: dict[str, Any], role: str
-    ) -> tuple[dict[str, Any], list[Transition]]:
+    async def capture(self, base_url: str, path: str, body: dict[str, Any], role: str) -> Captured:
         """Send one completion request (capture forced on); the response and its transitions."""
         start = time.perf_counter()
         resp = await self.request("POST", base_url + path, force_capture(path, body))
@@ -143,20 +151,7 @@ class CaptureClient:
             data = resp.json()
         except ValueError:
             raise InferenceError(f"inference answered {resp.status_code} with a non-JSON body", status=502) from None
-        return data, transitions_from(path, data, role, time.perf_counter() - start)
-
-    async def chat(
-        self,
-        base_url: str,
-        messages: list[dict[str, Any]],
-        sampling: dict[str, Any],
-        role: str,
-        transitions: list[Transition],
-    ) -> Completion:
-        body = {"model": MODEL, "messages": messages, **sampling, "n": 1}
-        data, recorded = await self.capture(base_url, CHAT, body, role)
-        transitions.extend(recorded)
-        return completion_from(data)
+        return Captured(data, transitions_from(path, data, role, time.perf_counter() - start), resp.content)
 
     async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
         """With bounded retries and exponential backoff on 429, 5xx and connection errors.

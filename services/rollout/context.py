@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from shared.messages import Event, Reward, RolloutRequest, Transition
-from services.rollout.capture import CHAT, MODEL, CaptureClient, Completion, InferenceError, completion_from
+from services.rollout.capture import CHAT, MODEL, Captured, CaptureClient, Completion, InferenceError, completion_from
 
 if TYPE_CHECKING:
     import openai
@@ -105,23 +105,23 @@ class AgentContext:
             defaults["min_policy_version"] = self.request.min_version
         return {**defaults, **body}
 
-    async def capture(self, path: str, body: dict[str, Any], role: str) -> dict[str, Any]:
+    async def capture(self, path: str, body: dict[str, Any], role: str) -> Captured:
         """One inference call on this rollout's sticky replica, recorded as transitions of `role`;
         inference's response as returned. Raises `InferenceError` (with the HTTP status to report)."""
         if self.client is None:
             raise InferenceError("this worker has no inference configured", 503, kind="inference_unavailable")
         replica = self.client.replica_for(self.request.rollout_id)
-        data, recorded = await self.client.capture(replica, path, self.with_sampling_defaults(body), role)
+        captured = await self.client.capture(replica, path, self.with_sampling_defaults(body), role)
         if not self.closed:
-            self.transitions.extend(recorded)
-        return data
+            self.transitions.extend(captured.transitions)
+        return captured
 
     async def chat(self, messages: list[dict[str, Any]], role: str = "assistant", **sampling: Any) -> Completion:
         """One chat completion through the capture client; recorded as a transition of `role`."""
         if self.client is None:
             raise RuntimeError("this worker has no inference configured")
         body = {"model": MODEL, "messages": messages, **sampling, "n": 1}
-        return completion_from(await self.capture(CHAT, body, role))
+        return completion_from((await self.capture(CHAT, body, role)).data)
 
     def reward(self, value: float, source: str | None = None, step: int | None = None) -> None:
         """An intermediate reward for one LLM call: `step` is its index in this rollout's calls

@@ -29,7 +29,7 @@ from urllib.parse import quote
 import structlog
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from services.rollout import streaming
 from services.rollout.capture import CHAT, COMPLETIONS, MODELS, CaptureClient, InferenceError, error_body
@@ -94,13 +94,15 @@ class CaptureProxy:
         include_usage = streaming.wants_usage(body)
         body.pop("stream_options", None)  # inference answers whole; the replay honours include_usage
         try:
-            data = await ctx.capture(path, body, role)
+            captured = await ctx.capture(path, body, role)
         except InferenceError as exc:
             log.debug("proxied call failed", rollout_id=rollout_id, role=role, status=exc.status, error=str(exc))
             return Response(exc.body, status_code=exc.status, media_type="application/json")
         if stream:
-            return StreamingResponse(streaming.events(path, data, include_usage), media_type="text/event-stream")
-        return JSONResponse(data)
+            return StreamingResponse(
+                streaming.events(path, captured.data, include_usage), media_type="text/event-stream"
+            )
+        return Response(captured.content, media_type="application/json")
 
     async def _models(self, rollout_id: str) -> Response:
         ctx = self._context(rollout_id)
