@@ -9,7 +9,6 @@ rewards, events), never the model's quality.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest

@@ -9,7 +9,7 @@ inference.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import httpx
 import openai

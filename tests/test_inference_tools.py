@@ -5,7 +5,6 @@ tested on given text)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -17,11 +16,11 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from services.inference.api import assistant_message, create_app
+from services.inference.api import assistant_message
 from services.inference.schemas import ChatCompletionRequest
-from services.inference.settings import Settings
 from services.inference.tools import callable_names, parse_tool_calls
 from shared.models import ensure_tiny_model, load_tokenizer
+from tests.inference_app import running, settings as inference_settings
 
 BASE = "http://inference"
 
@@ -67,16 +66,7 @@ def tokenizer(model_path: Path) -> Any:
 
 @pytest.fixture(scope="module")
 async def app(model_path: Path) -> AsyncIterator[FastAPI]:
-    app = create_app(Settings(model=str(model_path), device="cpu", dtype="float32", batch_wait_ms=5.0,
-                              log_format="console", watch_policy=False))  # fmt: skip
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
-            for _ in range(1500):
-                if (await c.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                raise AssertionError("inference never ready")
+    async with running(inference_settings(model_path), BASE) as app:
         yield app
 
 

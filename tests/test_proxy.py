@@ -20,14 +20,13 @@ from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.messages import RolloutRequest, SamplingParams, Trajectory, unpack_f32, unpack_i32
-from services.inference.api import create_app
-from services.inference.settings import Settings
 from services.rollout import proxy, registry
 from services.rollout.agents.openai_sdk import NAME as OPENAI_ECHO, first_messages, second_messages
 from services.rollout.context import AgentContext
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
 from shared.models import ensure_tiny_model
+from tests.inference_app import running, settings as inference_settings
 
 INFERENCE = "http://inference"
 
@@ -57,16 +56,7 @@ class FailingStub:
 @pytest.fixture(scope="module")
 async def stub(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FailingStub]:
     model = ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-    app = create_app(Settings(model=str(model), device="cpu", dtype="float32", batch_wait_ms=5.0,
-                              log_format="console", watch_policy=False))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=INFERENCE) as c:
-            for _ in range(1500):
-                if (await c.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                raise AssertionError("inference never ready")
+    async with running(inference_settings(model), INFERENCE) as app:
         yield FailingStub(app)
 
 
