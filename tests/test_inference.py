@@ -22,6 +22,7 @@ from services.inference.api import create_app
 from services.inference.engine import TorchEngine
 from services.inference.settings import Settings
 from shared.models import ensure_tiny_model, load_causal_lm, load_tokenizer, resolve_model
+from tests.inference_app import running, settings as inference_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,26 +47,14 @@ def tokenizer(model_path: Path) -> Any:
 
 
 def _settings(model_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = dict(
-        model=str(model_path), device="cpu", dtype="float32", batch_wait_ms=20.0, log_format="console",
-        watch_policy=False,  # these tests run without NATS; tests/test_weight_sync.py covers the watcher
-    )
-    values.update(overrides)
-    return Settings(**values)
+    return inference_settings(model_path, **{"batch_wait_ms": 20.0, **overrides})
 
 
 @asynccontextmanager
 async def serve(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, TorchEngine]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
+    async with running(settings) as app:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://inference", timeout=60) as client:
-            for _ in range(600):
-                if (await client.get("/readyz")).status_code == 200:
-                    break
-                await asyncio.sleep(0.02)
-            else:
-                raise AssertionError(f"never ready: {(await client.get('/readyz')).json()}")
             engine = app.state.runtime.engine
             assert engine is not None
             yield client, engine
