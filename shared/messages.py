@@ -155,6 +155,7 @@ class RolloutKeys(Message):
     group_size: int = Field(ge=1)
     agent: str
     eval: bool = False  # an evaluation rollout: stored and aggregated, never trained
+    eval_version: int | None = None  # the policy version an evaluation rollout was asked to run on
 
     def keys(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RolloutKeys.model_fields if name != "schema_version"}
@@ -186,6 +187,7 @@ class RolloutRequest(RolloutKeys):
             timeout_s=task.timeout_s,
             min_version=min_version,
             eval=task.eval,
+            eval_version=min_version if task.eval else None,
         )
 
 
@@ -231,6 +233,18 @@ class Reward(BaseModel):
     value: float = Field(allow_inf_nan=False)
     transition: int | None = None
     source: str | None = Field(None, max_length=128)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_event(cls, data: Any) -> Any:
+        # Trajectories published before `source` replaced `event` (still in a stream during an
+        # upgrade) keep decoding: the old event name becomes the source label.
+        if isinstance(data, dict) and "event" in data:
+            data = dict(data)
+            event = data.pop("event")
+            if event is not None and data.get("source") is None:
+                data["source"] = event
+        return data
 
 
 class Event(BaseModel):
@@ -338,12 +352,15 @@ class TaskView(BaseModel):
 
 
 class EvalSummary(BaseModel):
-    """Evaluation rollouts of a run at one policy version (the oldest version that produced a
-    token of the rollout: with greedy decoding and the version barrier, the version asked for)."""
+    """Evaluation rollouts of a run asked to run on one policy version."""
 
-    version: int | None  # None: rollouts with no generated token (failed before any call)
+    version: int
     rollouts: int
     ok: int
+    off_version: int = Field(
+        description="rollouts with a token from another version (inference had moved on, or had "
+        "not reached it within version_wait_s): their results are not this version's alone"
+    )
     reward_mean: float
     accuracy: float = Field(description="share of rollouts with reward >= accuracy_threshold")
     accuracy_threshold: float
@@ -437,14 +454,19 @@ class RuntimeConfig(BaseModel):
     air_rules: list[AirRule] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _one_rule_per_event(self) -> Self:
+    def _every_rule_can_match(self) -> Self:
         seen: list[tuple[str, str]] = []
+        catch_all: set[str] = set()
         for rule in self.air_rules:
             key = (rule.on, json.dumps(rule.where, sort_keys=True, default=str))
+            what = f"event {rule.on!r}" + (f" where {rule.where}" if rule.where else "")
             if key in seen:
-                what = f"event {rule.on!r}" + (f" where {rule.where}" if rule.where else "")
                 raise ValueError(f"air_rules has two rules for {what}")
+            if rule.on in catch_all:  # the first matching rule counts: this one never would
+                raise ValueError(f"air_rules: the rule for {what} comes after a rule for every {rule.on!r} event")
             seen.append(key)
+            if not rule.where:
+                catch_all.add(rule.on)
         return self
 
     def air_values(self) -> list[AirRule] | None:
@@ -529,6 +551,7 @@ class PaceCursor(BaseModel):
     groups_published: int = 0
     done: bool = False
     next_eval: int = 0  # with eval_every: the next policy version to evaluate
+    last_eval: int = -1  # the last version a periodic evaluation was published for
 
 
 class RunView(BaseModel):

@@ -342,3 +342,9 @@ def test_air_rules_can_match_event_data() -> None:
     with pytest.raises(ValidationError, match="two rules"):
         RuntimeConfig(air_rules=[{"on": "retrieval", "where": {"hit": True}, "reward": 1.0},
                                  {"on": "retrieval", "where": {"hit": True}, "reward": 2.0}])
+
+
+def test_a_rule_behind_a_catch_all_for_its_event_is_refused() -> None:
+    with pytest.raises(ValidationError, match="comes after a rule for every 'retrieval' event"):
+        RuntimeConfig(air_rules=[{"on": "retrieval", "reward": -0.05},
+                                 {"on": "retrieval", "where": {"hit": True}, "reward": 0.2}])

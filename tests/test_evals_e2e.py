@@ -35,6 +35,7 @@ def test_eval_runs_greedy_at_version_zero_and_is_reported_per_version(agent_stac
 
     (summary,) = client.evals("eval-e2e")
     assert summary["version"] == 0 and summary["rollouts"] == 4 and summary["ok"] == 4
+    assert summary["off_version"] == 0 and all(t.eval_version == 0 for t in trajs)
     assert summary["accuracy"] == pytest.approx(sum(t.reward >= 1.0 for t in trajs) / 4)
     assert summary["reward_mean"] == pytest.approx(sum(t.reward for t in trajs) / 4)
 

@@ -18,7 +18,7 @@ import pytest
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
-from shared.messages import AgentInfo, RolloutRequest, TrainerProgress, Transition, pack_f32, pack_i32
+from shared.messages import AgentInfo, RolloutRequest, SetRunState, TrainerProgress, Transition, pack_f32, pack_i32
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.store.settings import StoreSettings
@@ -212,24 +212,29 @@ async def test_evaluation_on_request_is_greedy_pinned_to_a_version_and_idempoten
     assert r.json()["version"] == 0 and len(r.json()["tasks"]) == 3
     reqs = await queued(bus, "ev1", eval=True)
     assert len(reqs) == 3 and all(q.eval and q.group_size == 1 and q.min_version == 0 for q in reqs)
-    assert all(q.sampling.temperature == 0.0 for q in reqs)
+    assert all(q.eval_version == 0 and q.sampling.temperature == 0.0 for q in reqs)
     assert sorted(q.input["text"] for q in reqs) == ["e0", "e1", "e2"]
     assert not any(q.eval for q in await queued(bus, "ev1", eval=False))  # training requests apart
-    # The same evaluation again creates nothing new; other rows and a later version do.
+    # The same evaluation again creates nothing new; other rows at the same version do.
     assert (await client.post("/v1/runs/ev1/evals", json={})).status_code == 202
     assert len(await queued(bus, "ev1", eval=True)) == 3
-    r = await client.post("/v1/runs/ev1/evals", json={"rows": [{"text": "x"}], "version": 4})
-    assert r.status_code == 202 and r.json()["version"] == 4
-    assert sorted(q.min_version for q in await queued(bus, "ev1", eval=True)) == [0, 0, 0, 4]
-    # The trainer moves on to version 2: version 1 is no longer served.
-    await consume(bus, "ev1", groups=4)
-    r = await client.post("/v1/runs/ev1/evals", json={"version": 1})
-    assert r.status_code == 409 and "no longer served" in r.json()["detail"]
+    r = await client.post("/v1/runs/ev1/evals", json={"rows": [{"text": "x"}], "version": 0})
+    assert r.status_code == 202 and r.json()["version"] == 0
+    assert sorted(q.input["text"] for q in await queued(bus, "ev1", eval=True)) == ["e0", "e1", "e2", "x"]
+    # Inference serves only the trainer's latest weights: any other version is refused.
+    r = await client.post("/v1/runs/ev1/evals", json={"version": 4})
+    assert r.status_code == 409 and "not served" in r.json()["detail"]
+    await consume(bus, "ev1", groups=4)  # the trainer moves on to version 2
+    assert (await client.post("/v1/runs/ev1/evals", json={"version": 1})).status_code == 409
+    assert (await client.post("/v1/runs/ev1/evals", json={"version": 2})).status_code == 202
     assert (await client.post("/v1/runs/ev1/evals", json={"rows": []})).status_code == 422
     assert (await client.post("/v1/runs/r-none/evals", json={})).status_code == 404
     assert (await client.post("/v1/runs", json=run_body("ev-norows"))).status_code == 201
     r = await client.post("/v1/runs/ev-norows/evals", json={})
     assert r.status_code == 400 and "eval_dataset" in r.json()["detail"]
+    assert (await client.post("/v1/runs/ev-norows/cancel")).status_code == 200
+    r = await client.post("/v1/runs/ev-norows/evals", json={"rows": [{"text": "x"}]})
+    assert r.status_code == 409 and "cancelled" in r.json()["detail"]
 
 
 async def test_periodic_evaluation_every_n_versions(client: httpx.AsyncClient, bus: Bus):
@@ -245,36 +250,38 @@ async def test_periodic_evaluation_every_n_versions(client: httpx.AsyncClient, b
     await consume(bus, "ev2", groups=6)  # version 3: the evaluation due at 2 runs now, at 3
     await wait_until(versions, expect=[0, 3])
     run = (await client.get("/v1/runs/ev2")).json()
-    assert run["cursor"]["next_eval"] == 4
+    assert run["cursor"]["next_eval"] == 4 and run["cursor"]["last_eval"] == 3
 
 
 async def test_eval_results_are_aggregated_per_version_and_never_trained(
     client: httpx.AsyncClient, bus: Bus, store: RunningStore
 ):
     assert (await client.post("/v1/runs", json=eval_body("ev3"))).status_code == 201
-    rewards = {(0, 0): 1.0, (0, 1): 0.0, (0, 2): 1.0, (5, 0): 0.5}
-    for (version, row), reward in rewards.items():
-        t = make_trajectory(f"ev3-eval-v{version}-r{row}.0").model_copy(update={
-            "run_id": "ev3", "group_size": 1, "eval": True, "reward": reward,
+    # (version asked for, versions of the tokens, reward); the last ran on a newer policy.
+    rollouts = [(0, [0, 0], 1.0), (0, [0, 0], 0.0), (0, [0, 0], 1.0), (5, [5, 5], 0.5), (5, [5, 6], 1.0)]
+    for i, (version, tokens, reward) in enumerate(rollouts):
+        t = make_trajectory(f"ev3-eval-v{version}-r{i}.0").model_copy(update={
+            "run_id": "ev3", "group_size": 1, "eval": True, "eval_version": version, "reward": reward,
             "transitions": [Transition(prompt_ids=pack_i32([1]), response_ids=pack_i32([2, 3]),
                                        response_logprobs=pack_f32([-0.1, -0.2]),
-                                       response_versions=pack_i32([version, version + 1]))]})
+                                       response_versions=pack_i32(tokens))]})
         await bus.publish(subjects.trajectories("ev3"), t, t.msg_id())
-    failed = make_trajectory("ev3-eval-v0-r3.0").model_copy(update={
-        "run_id": "ev3", "group_size": 1, "eval": True, "status": "error", "reward": 0.0, "transitions": []})
+    failed = make_trajectory("ev3-eval-v0-r9.0").model_copy(update={
+        "run_id": "ev3", "group_size": 1, "eval": True, "eval_version": 0, "status": "error", "reward": 0.0,
+        "transitions": []})
     await bus.publish(subjects.trajectories("ev3"), failed, failed.msg_id())
 
     async def summaries() -> list[dict[str, Any]]:
         return (await client.get("/v1/runs/ev3/evals")).json()
 
-    got = await wait_until(lambda: _total(summaries(), 5))
-    by_version = {s["version"]: s for s in got}
-    assert by_version[0]["rollouts"] == 3 and by_version[0]["accuracy"] == pytest.approx(2 / 3)
-    assert by_version[0]["reward_mean"] == pytest.approx(2 / 3)
-    assert by_version[5]["rollouts"] == 1 and by_version[5]["accuracy"] == 0.0
-    assert by_version[None]["rollouts"] == 1 and by_version[None]["ok"] == 0
+    got = await wait_until(lambda: _total(summaries(), 6))
+    assert [s["version"] for s in got] == [0, 5]
+    v0, v5 = got
+    assert v0["rollouts"] == 4 and v0["ok"] == 3 and v0["off_version"] == 0
+    assert v0["accuracy"] == pytest.approx(2 / 4) and v0["reward_mean"] == pytest.approx(2 / 4)
+    assert v5["rollouts"] == 2 and v5["off_version"] == 1 and v5["accuracy"] == 0.5
     lenient = (await client.get("/v1/runs/ev3/evals", params={"accuracy_threshold": 0.5})).json()
-    assert {s["version"]: s["accuracy"] for s in lenient}[5] == 1.0
+    assert [s["accuracy"] for s in lenient] == [0.5, 1.0]
     # Complete groups of one, yet nothing went to the trainer's subject.
     info = await bus.js.stream_info(subjects.STREAM_GROUPS, subjects_filter=subjects.groups("ev3"))
     assert not info.state.subjects
@@ -301,3 +308,22 @@ async def test_rollouts_show_which_calls_their_run_trains(client: httpx.AsyncCli
 
     assert await wait_until(lambda: shown("sel-t.0")) == [True, False, True]
     assert await wait_until(lambda: shown("adhoc-t.0")) == [None, None, None]  # no run config
+
+
+async def test_a_finished_run_gets_its_last_version_evaluated(client: httpx.AsyncClient, bus: Bus):
+    assert (await client.post("/v1/runs", json=eval_body("ev4", eval_every=100))).status_code == 201
+
+    async def versions() -> list[int]:
+        return sorted({q.eval_version for q in await queued(bus, "ev4", eval=True)})
+
+    await wait_until(versions, expect=[0])
+    await consume(bus, "ev4", groups=6)  # version 3, not a multiple of 100
+    await asyncio.sleep(0.3)
+    assert await versions() == [0]
+    # The trainer finishes the run: the pacer evaluates version 3 before letting the run go,
+    # and the run's queued training requests are purged but its evaluations are kept.
+    reply = await bus.request(subjects.store_rpc("set_run_state"),
+                              SetRunState(run_id="ev4", state="finished", from_states=["running"]))
+    assert reply.ok
+    await wait_until(versions, expect=[0, 3])
+    await wait_until(lambda: queued_requests(bus, "ev4"), expect=0)

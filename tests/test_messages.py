@@ -103,3 +103,13 @@ def test_transition_token_counts_are_tokens_not_bytes():
     t = make_trajectory(n_tokens=5).transitions[0]
     assert t.num_prompt_tokens == 3 and t.num_response_tokens == 5
     assert len(t.response_ids) == 20  # the packed field itself is bytes
+
+
+def test_rewards_recorded_before_source_replaced_event_still_decode():
+    """A trajectory published by the previous version (still in a stream during an upgrade)."""
+    t = make_trajectory()
+    old = {k: v for k, v in t.model_dump().items() if k not in ("events", "eval", "eval_version")}
+    old["rewards"] = [{"value": 0.3, "transition": 0, "event": "tool_success"}, {"value": 0.1, "transition": None,
+                                                                                   "event": None}]
+    back = Trajectory.decode(msgpack.packb(old, use_bin_type=True))
+    assert [(r.value, r.source) for r in back.rewards] == [(0.3, "tool_success"), (0.1, None)]

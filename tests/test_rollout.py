@@ -64,6 +64,17 @@ def sync_hangs(ctx: AgentContext) -> float:
     return 1.0
 
 
+class CallableAgent:
+    """An agent object whose __call__ is async: awaited on the loop, not sent to the thread pool."""
+
+    async def __call__(self, ctx: AgentContext) -> float:
+        await asyncio.sleep(0)
+        return 0.75
+
+
+registry.register("test-callable", CallableAgent())
+
+
 @registry.agent("test-bad-event")
 async def bad_event(ctx: AgentContext) -> float:
     ctx.event("tool_success", result=object())
@@ -119,6 +130,11 @@ async def test_intermediate_rewards_are_recorded(worker: Worker, bus: Bus):
     assert t.status == "ok" and t.reward == 0.75
     assert [(r.value, r.source, r.transition) for r in t.rewards] == [(0.3, "tool", None)]
     assert [(e.name, e.data, e.transition) for e in t.events] == [("tool_success", {"tool": "calculator", "result": 4}, None)]
+
+
+async def test_an_agent_object_with_an_async_call_is_awaited(worker: Worker, bus: Bus):
+    t = await run_one(bus, "test-callable")
+    assert t.status == "ok" and t.reward == 0.75, t.error
 
 
 async def test_sync_agents_run_in_the_thread_pool(worker: Worker, bus: Bus):

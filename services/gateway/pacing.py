@@ -147,6 +147,7 @@ class Pacer:
         live = {r.run_id: r for r in reply.runs or [] if r.config.mode == "train"}
         for run_id in list(self._leases):
             if run_id not in live:  # finished or cancelled since the last tick
+                await self._final_eval(run_id)
                 await self._forget(run_id)
         for run in live.values():
             if run.state == "running" and (not run.cursor.done or due_eval(run.config, run.cursor, None) is not None):
@@ -170,16 +171,33 @@ class Pacer:
         if specs:
             log.info("published", run_id=run.run_id, groups=len(specs), published=cursor.groups_published, done=cursor.done)
 
-    async def _evaluate(self, run: RunView, version: int) -> PaceCursor:
-        """Publish the periodic evaluation that is due at `version`; the cursor after it."""
+    async def _evaluate(self, run: RunView, version: int, final: bool = False) -> PaceCursor:
+        """Publish the periodic evaluation that is due at `version` (with `final`: the run's last
+        version, unless already evaluated); the cursor after it."""
         due = due_eval(run.config, run.cursor, version)
+        if final and run.config.eval_every and run.config.eval_dataset and run.cursor.last_eval != version:
+            due = version
         if due is None:
             return run.cursor
         specs = eval_tasks(run.config, run.config.eval_dataset, version)
         await submit(self.bus, self.store, specs, min_version=version)
-        log.info("evaluation published", run_id=run.run_id, version=version, tasks=len(specs))
+        log.info("evaluation published", run_id=run.run_id, version=version, tasks=len(specs), final=final)
         every = run.config.eval_every
-        return run.cursor.model_copy(update={"next_eval": (version // every + 1) * every})
+        return run.cursor.model_copy(update={"next_eval": (version // every + 1) * every, "last_eval": version})
+
+    async def _final_eval(self, run_id: str) -> None:
+        """A run that just finished gets its last version evaluated while its weights are still
+        the ones inference serves (periodic evaluations only land on multiples of eval_every)."""
+        lease = self._leases.get(run_id)
+        if lease is None or not lease.held:
+            return
+        run = (await self.store.call("get_run", GetById(id=run_id))).run
+        if run is None or run.state != "finished" or not run.config.eval_every:
+            return
+        progress = await read_progress(self.bus, run_id)
+        cursor = await self._evaluate(run, progress.version if progress else 0, final=True)
+        if cursor != run.cursor:
+            await self.store.call("save_cursor", SaveCursor(run_id=run_id, cursor=cursor))
 
     async def _hold(self, run_id: str) -> bool:
         lease = self._leases.get(run_id)
@@ -204,6 +222,6 @@ class Pacer:
     async def _forget(self, run_id: str) -> None:
         lease = self._leases.pop(run_id)
         if lease.held:
-            await purge_tasks(self.bus, run_id)
+            await purge_tasks(self.bus, run_id)  # training requests only: queued evaluations still run
             await lease.release()
         self._renewed.pop(run_id, None)

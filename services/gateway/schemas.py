@@ -73,6 +73,7 @@ class RolloutOut(BaseModel):
     group_size: int
     agent: str
     eval: bool
+    eval_version: int | None
     status: str
     error: str | None
     reward: float

@@ -113,8 +113,8 @@ class Worker:
         """Async agents run on the loop; sync ones in the worker's thread pool. A sync agent past
         its timeout cannot be interrupted: its thread runs on, but the rollout is over, so its
         later calls to the proxy get 404 and nothing more is recorded."""
-        if inspect.iscoroutinefunction(fn):
-            return await fn(ctx)
+        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+            return await fn(ctx)  # type: ignore[misc]
         return await asyncio.get_running_loop().run_in_executor(self.sync_pool, fn, ctx)
 
     def consumer(self) -> PullConsumer[RolloutRequest]:

@@ -41,6 +41,7 @@ async def create_schema(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
         await conn.run_sync(_add_missing_columns)
+        await conn.run_sync(_add_missing_indexes)
 
 
 def _add_missing_columns(conn: Connection) -> None:
@@ -59,6 +60,14 @@ def _add_missing_columns(conn: Connection) -> None:
                 raise RuntimeError(f"cannot add required column {table.name}.{column.name} to an existing table")
             ddl = CreateColumn(column).compile(dialect=conn.dialect)
             conn.execute(text(f"ALTER TABLE {prep.format_table(table)} ADD COLUMN{guard} {ddl}"))
+
+
+def _add_missing_indexes(conn: Connection) -> None:
+    """`create_all` skips the indexes of a table that already exists: create those a newer
+    version declares (after their columns exist)."""
+    for table in Base.metadata.sorted_tables:
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
 
 
 def sessions(engine: AsyncEngine) -> async_sessionmaker:

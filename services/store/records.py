@@ -36,6 +36,7 @@ def task_row(task: TaskSpec) -> dict[str, Any]:
 
 
 def rollout_row(t: Trajectory) -> dict[str, Any]:
+    versions = version_range(t)
     return {
         "rollout_id": t.rollout_id,
         "run_id": t.run_id,
@@ -54,14 +55,18 @@ def rollout_row(t: Trajectory) -> dict[str, Any]:
         "trace_id": t.trace_id,
         "num_transitions": len(t.transitions),
         "eval": t.eval,
-        "policy_version": oldest_version(t),
+        "eval_version": t.eval_version,
+        "policy_version": versions[0] if versions else None,
+        "newest_version": versions[1] if versions else None,
     }
 
 
-def oldest_version(t: Trajectory) -> int | None:
-    """The oldest policy version among the trajectory's generated tokens (None: no tokens)."""
-    found = [int(unpack_i32(x.response_versions).min()) for x in t.transitions if x.response_versions]
-    return min(found) if found else None
+def version_range(t: Trajectory) -> tuple[int, int] | None:
+    """The oldest and newest policy versions among the trajectory's generated tokens (None: no tokens)."""
+    ranges = [unpack_i32(x.response_versions) for x in t.transitions if x.response_versions]
+    if not ranges:
+        return None
+    return min(int(r.min()) for r in ranges), max(int(r.max()) for r in ranges)
 
 
 def transition_rows(t: Trajectory) -> list[dict[str, Any]]:
@@ -107,6 +112,7 @@ def trajectory_from_rows(
         group_size=r.group_size,
         agent=r.agent,
         eval=bool(r.eval),
+        eval_version=r.eval_version,
         status=r.status,  # type: ignore[arg-type]
         error=r.error,
         reward=r.reward,

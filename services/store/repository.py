@@ -201,22 +201,33 @@ class Repository:
         return out
 
     async def eval_summaries(self, run_id: str, accuracy_threshold: float = 1.0) -> list[EvalSummary]:
-        """A run's evaluation rollouts aggregated per policy version, oldest version first."""
+        """A run's evaluation rollouts aggregated per version asked for, oldest version first."""
         passed = case((RolloutRow.reward >= accuracy_threshold, 1), else_=0)
         ok = case((RolloutRow.status == "ok", 1), else_=0)
+        # Off version: a generated token from another version. A rollout with no token (failed
+        # before any call) ran on no version at all; it counts as failed, not off version.
+        off = case(
+            (
+                (RolloutRow.policy_version != RolloutRow.eval_version)
+                | (RolloutRow.newest_version != RolloutRow.eval_version),
+                1,
+            ),
+            else_=0,
+        )
         q = (
             select(
-                RolloutRow.policy_version,
+                RolloutRow.eval_version,
                 func.count(),
                 func.sum(ok),
+                func.sum(off),
                 func.avg(RolloutRow.reward),
                 func.sum(passed),
                 func.min(RolloutRow.finished_at),
                 func.max(RolloutRow.finished_at),
             )
-            .where(RolloutRow.run_id == run_id, RolloutRow.eval.is_(True))
-            .group_by(RolloutRow.policy_version)
-            .order_by(RolloutRow.policy_version)
+            .where(RolloutRow.run_id == run_id, RolloutRow.eval.is_(True), RolloutRow.eval_version.is_not(None))
+            .group_by(RolloutRow.eval_version)
+            .order_by(RolloutRow.eval_version)
         )
         async with self.sessions() as s:
             rows = (await s.execute(q)).all()
@@ -225,13 +236,14 @@ class Repository:
                 version=version,
                 rollouts=int(n),
                 ok=int(n_ok),
+                off_version=int(n_off),
                 reward_mean=float(mean),
                 accuracy=int(n_passed) / int(n),
                 accuracy_threshold=accuracy_threshold,
                 first_at=float(first),
                 last_at=float(last),
             )
-            for version, n, n_ok, mean, n_passed, first, last in rows
+            for version, n, n_ok, n_off, mean, n_passed, first, last in rows
         ]
 
     async def count_rollouts(self, run_id: str | None = None) -> int:

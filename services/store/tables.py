@@ -99,12 +99,14 @@ class RolloutRow(Base):
     trace_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     num_transitions: Mapped[int] = mapped_column(Integer)
     eval: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    eval_version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the version it was asked for
     # The oldest policy version that produced one of its tokens (None: no token generated).
     policy_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    newest_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         Index("ix_rollouts_run_finished", "run_id", "finished_at"),
-        Index("ix_rollouts_run_eval_version", "run_id", "eval", "policy_version"),
+        Index("ix_rollouts_run_eval_version", "run_id", "eval", "eval_version"),
     )
 
 

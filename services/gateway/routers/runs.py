@@ -145,8 +145,8 @@ class EvalIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     rows: list[dict[str, Any]] | None = Field(None, min_length=1, description="default: the run's eval_dataset")
     version: int | None = Field(
-        None, ge=0, description="policy version to evaluate; default the trainer's current one. A later "
-        "version is evaluated when inference serves it; an earlier one is no longer served (409)."
+        None, ge=0, description="policy version to evaluate: the trainer's current one (the default). "
+        "Inference serves only the latest weights, so another version is refused (409)."
     )
 
 
@@ -167,14 +167,18 @@ async def start_eval(
     """Evaluate rows greedily (temperature 0) at one policy version. Results are aggregated per
     version by `GET /v1/runs/{id}/evals`; evaluation rollouts are never trained on."""
     run = await _run_with_progress(run_id, store, bus)
+    if run.state not in ("running", "paused"):
+        # Inference follows the live run: a finished run's weights may no longer be what it serves.
+        raise HTTPException(409, f"run {run_id} is {run.state}: evaluate a running or paused run "
+                                 "(eval_every evaluates a run's final version when it finishes)")  # fmt: skip
     rows = body.rows or run.config.eval_dataset
     if not rows:
         raise HTTPException(400, "no rows to evaluate: send `rows` or create the run with `eval_dataset`")
     version = run.version if body.version is None else body.version
-    if version < run.version:
+    if version != run.version:
         raise HTTPException(
-            409, f"version {version} is no longer served: inference follows the trainer, now at version "
-            f"{run.version}; evaluate {run.version} or a later version",
+            409, f"version {version} is not served: inference serves the trainer's latest weights, now "
+            f"version {run.version}; evaluate that one",
         )
     await agents.require({run.config.agent})
     specs = eval_tasks(run.config, rows, version)
