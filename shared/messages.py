@@ -439,9 +439,13 @@ class AirRule(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _yaml_on(cls, data: Any) -> Any:
-        # YAML 1.1 (PyYAML's safe_load) reads a bare `on:` key as the boolean True.
-        if isinstance(data, dict) and True in data and "on" not in data:
-            data = {("on" if k is True else k): v for k, v in data.items()}
+        # YAML 1.1 (PyYAML's safe_load) reads a bare `on:` key as the boolean True, which
+        # becomes the key "true" once the config is sent as JSON (`relayrl train`).
+        if isinstance(data, dict) and "on" not in data:
+            for key in (True, "true"):
+                if key in data:
+                    data = {("on" if k == key and type(k) is type(key) else k): v for k, v in data.items()}
+                    break
         return data
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.cli.app import load_run_config
 from services.cli.client import read_tasks_file
+from shared.messages import RunConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -70,3 +72,13 @@ def test_tasks_file_errors_name_the_line(tmp_path: Path):
     f.write_text('{"input": {}}\n{oops\n')
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_tasks_file(f)
+
+
+@pytest.mark.parametrize("example", ["echo_digit", "text_to_sql", "calculator", "multihop_rag", "customer_service"])
+def test_every_example_config_is_accepted_as_relayrl_train_sends_it(example: str):
+    """`relayrl train` reads the YAML and posts it as JSON: what the gateway gets must validate."""
+    config = load_run_config(Path(__file__).parents[1] / "examples" / example / "train.yaml")
+    run = RunConfig.model_validate(json.loads(json.dumps(config)))
+    assert run.dataset and run.agent
+    if run.runtime.air_enabled:
+        assert run.runtime.air_values()

@@ -21,11 +21,13 @@ AIR rules: format_ok -> 0.05, tool_success -> 1.0, tool_failure -> -0.25 ("unrul
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 
 from services.trainer import credit, grpo
@@ -302,8 +304,11 @@ def test_air_rules_validation() -> None:
     assert rt.model_extra == {"custom_key": 3}  # unknown runtime keys still load
     assert RuntimeConfig(air_rules=[{"on": "x", "reward": 1}]).air_values() is None  # AIR off
     assert RuntimeConfig(air_enabled=True).air_values() == []
-    # PyYAML reads a bare `on:` key as True.
+    # PyYAML reads a bare `on:` key as True, and JSON then writes that key as "true".
     assert RuntimeConfig(air_rules=[{True: "tool_failure", "reward": -1}]).air_rules[0].on == "tool_failure"
+    from_yaml = json.loads(json.dumps(yaml.safe_load("air_rules: [{on: tool_success, reward: 0.3}]")))
+    assert from_yaml == {"air_rules": [{"true": "tool_success", "reward": 0.3}]}
+    assert RuntimeConfig(**from_yaml).air_rules == [AirRule(on="tool_success", reward=0.3)]
     for bad in ([{"on": "x"}], [{"reward": 1.0}], [{"on": "", "reward": 1.0}], [{"on": "x", "reward": "lots"}],
                 [{"on": "x", "reward": 1.0, "extra": 1}], [{"on": "x", "reward": float("nan")}],
                 [{"on": "x", "reward": 1.0}, {"on": "x", "reward": 2.0}]):
