@@ -114,6 +114,17 @@ def span_from_headers(name: str, headers: Mapping[str, str] | None, **attributes
         otel_context.detach(token)
 
 
+@contextmanager
+def child_span(name: str, parent: otel_context.Context | None, **attributes: Any) -> Iterator[trace.Span | None]:
+    """A span under `parent` (a context captured earlier, e.g. in another task), or None when
+    nothing exports spans (then this costs nothing)."""
+    if not _exporting:
+        yield None
+        return
+    with tracer().start_as_current_span(name, context=parent, attributes=attributes) as span:
+        yield span
+
+
 def current_trace_id() -> str | None:
     ctx = trace.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else None

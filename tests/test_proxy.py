@@ -307,3 +307,34 @@ async def test_worker_runs_the_openai_agent_from_the_task_stream(stub: FailingSt
                 await task
     assert traj.rollout_id == "n.0" and traj.status == "ok", traj.error
     assert len(traj.transitions) == 2 and 0.0 <= traj.reward <= 1.0
+
+
+# --- tracing ------------------------------------------------------------------------------------------
+
+
+async def test_each_proxied_call_is_a_span_under_its_rollout(worker: Worker, monkeypatch: pytest.MonkeyPatch):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shared import telemetry
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(telemetry, "_exporting", True)
+    monkeypatch.setattr(telemetry, "_tracer", provider.get_tracer("test"))
+    with telemetry.tracer().start_as_current_span("rollout") as rollout_span:
+        ctx = AgentContext(request=request("none"), client=worker.client, proxy=worker.proxy)
+    # The call arrives through the proxy, in another task than the one that made the context.
+    with worker.proxy.track(ctx):
+        await ctx.openai(role="writer").chat.completions.create(
+            model=ctx.model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    await ctx.aclose()
+    (call,) = [s for s in exporter.get_finished_spans() if s.name == "llm_call"]
+    assert call.parent is not None and call.parent.span_id == rollout_span.get_span_context().span_id
+    assert call.context.trace_id == rollout_span.get_span_context().trace_id
+    (t,) = ctx.transitions
+    assert call.attributes["role"] == "writer"
+    assert call.attributes["completion_tokens"] == t.num_response_tokens
+    assert call.attributes["prompt_tokens"] == t.num_prompt_tokens

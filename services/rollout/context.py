@@ -15,6 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from opentelemetry import context as otel_context
+
+from shared import telemetry
 from shared.messages import Event, Reward, RolloutRequest, Transition
 from services.rollout.capture import CHAT, MODEL, Captured, CaptureClient, Completion, InferenceError, completion_from
 
@@ -36,6 +39,8 @@ class AgentContext:
     proxy: CaptureProxy | None = None
     # Set when the rollout is over: a call still in flight then is answered but not recorded.
     closed: bool = False
+    # The rollout's trace context: calls arriving through the proxy (another task) are its children.
+    trace_context: otel_context.Context = field(default_factory=otel_context.get_current, repr=False)
     _openai: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -111,7 +116,14 @@ class AgentContext:
         if self.client is None:
             raise InferenceError("this worker has no inference configured", 503, kind="inference_unavailable")
         replica = self.client.replica_for(self.request.rollout_id)
-        captured = await self.client.capture(replica, path, self.with_sampling_defaults(body), role)
+        with telemetry.child_span("llm_call", self.trace_context, role=role, endpoint=path, replica=replica) as span:
+            captured = await self.client.capture(replica, path, self.with_sampling_defaults(body), role)
+            if span is not None:
+                span.set_attributes({
+                    "prompt_tokens": sum(t.num_prompt_tokens for t in captured.transitions),
+                    "completion_tokens": sum(t.num_response_tokens for t in captured.transitions),
+                    "policy_version": int(captured.data.get("policy_version", 0)),
+                })  # fmt: skip
         if not self.closed:
             self.transitions.extend(captured.transitions)
         return captured
