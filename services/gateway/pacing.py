@@ -90,14 +90,16 @@ def next_tasks(config: RunConfig, rows: list[dict], cursor: PaceCursor, n: int) 
     return after, specs
 
 
-def due_eval(config: RunConfig, cursor: PaceCursor, version: int | None) -> int | None:
-    """The version a periodic evaluation is due for (None: none due). With `version` None:
-    whether one could still become due (the run has an eval schedule at all)."""
-    if not config.eval_every or not config.eval_dataset:
-        return None
-    if version is None:
-        return cursor.next_eval
-    return version if version >= cursor.next_eval else None
+def has_eval_schedule(config: RunConfig) -> bool:
+    return bool(config.eval_every and config.eval_dataset)
+
+
+def eval_due(config: RunConfig, cursor: PaceCursor, version: int, final: bool = False) -> bool:
+    """Whether a periodic evaluation is due at `version`; with `final` (the run just finished),
+    whether its last version still lacks one."""
+    if not has_eval_schedule(config):
+        return False
+    return version != cursor.last_eval if final else version >= cursor.next_eval
 
 
 async def read_progress(bus: Bus, run_id: str) -> TrainerProgress | None:
@@ -150,7 +152,7 @@ class Pacer:
                 await self._final_eval(run_id)
                 await self._forget(run_id)
         for run in live.values():
-            if run.state == "running" and (not run.cursor.done or due_eval(run.config, run.cursor, None) is not None):
+            if run.state == "running" and (not run.cursor.done or has_eval_schedule(run.config)):
                 await self.pace(run)
 
     async def pace(self, run: RunView) -> None:
@@ -174,10 +176,7 @@ class Pacer:
     async def _evaluate(self, run: RunView, version: int, final: bool = False) -> PaceCursor:
         """Publish the periodic evaluation that is due at `version` (with `final`: the run's last
         version, unless already evaluated); the cursor after it."""
-        due = due_eval(run.config, run.cursor, version)
-        if final and run.config.eval_every and run.config.eval_dataset and run.cursor.last_eval != version:
-            due = version
-        if due is None:
+        if not eval_due(run.config, run.cursor, version, final):
             return run.cursor
         specs = eval_tasks(run.config, run.config.eval_dataset, version)
         await submit(self.bus, self.store, specs, min_version=version)
@@ -192,7 +191,7 @@ class Pacer:
         if lease is None or not lease.held:
             return
         run = (await self.store.call("get_run", GetById(id=run_id))).run
-        if run is None or run.state != "finished" or not run.config.eval_every:
+        if run is None or run.state != "finished" or not has_eval_schedule(run.config):
             return
         progress = await read_progress(self.bus, run_id)
         cursor = await self._evaluate(run, progress.version if progress else 0, final=True)

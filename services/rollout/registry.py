@@ -46,7 +46,9 @@ class RegisteredAgent:
 
     @property
     def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.fn)
+        """Awaited on the worker's loop (else run in its thread pool): an `async def`, or an
+        object whose `__call__` is one."""
+        return inspect.iscoroutinefunction(self.fn) or inspect.iscoroutinefunction(getattr(self.fn, "__call__", None))
 
 
 _REGISTRY: dict[str, RegisteredAgent] = {}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,7 +99,7 @@ class Worker:
             return "error", fill, f"unknown agent {req.agent!r} on worker {self.settings.worker_id}"
         try:
             async with asyncio.timeout(req.timeout_s):  # unlike wait_for, no extra task per rollout
-                value = await self._call(spec.fn, ctx)
+                value = await self._call(spec, ctx)
         except TimeoutError:
             return "timeout", fill, f"agent exceeded its timeout of {req.timeout_s}s"
         except Exception as exc:  # the agent's failure is data, not a worker crash
@@ -109,13 +108,13 @@ class Worker:
             return "error", fill, f"agent returned a non-finite or non-numeric reward: {value!r}"[:2000]
         return "ok", float(value), None
 
-    async def _call(self, fn: registry.AgentFn, ctx: AgentContext) -> object:
+    async def _call(self, spec: registry.RegisteredAgent, ctx: AgentContext) -> object:
         """Async agents run on the loop; sync ones in the worker's thread pool. A sync agent past
         its timeout cannot be interrupted: its thread runs on, but the rollout is over, so its
         later calls to the proxy get 404 and nothing more is recorded."""
-        if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
-            return await fn(ctx)  # type: ignore[misc]
-        return await asyncio.get_running_loop().run_in_executor(self.sync_pool, fn, ctx)
+        if spec.is_async:
+            return await spec.fn(ctx)  # type: ignore[misc]
+        return await asyncio.get_running_loop().run_in_executor(self.sync_pool, spec.fn, ctx)
 
     def consumer(self) -> PullConsumer[RolloutRequest]:
         return PullConsumer(
