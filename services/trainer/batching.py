@@ -109,15 +109,19 @@ def pack(samples: Sequence[Sample], token_budget: int, pad_id: int = 0) -> list[
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) per position; logits (B, T, V) for positions aligned with targets (B, T).
 
-    log_softmax in float32 subtracts the row max first, so it neither overflows nor loses
-    precision in bf16.
+    log_softmax in at least float32 subtracts the row max first, so it neither overflows nor
+    loses precision in bf16 (float64 logits stay float64).
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(_at_least_f32(logits), dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution per position (a metric: no gradient)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    logp = torch.log_softmax(_at_least_f32(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def _at_least_f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))

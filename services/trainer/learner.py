@@ -72,8 +72,11 @@ class Learner:
         pass_threshold: float = 1.0,
         loss_scale_factor: int | None = None,
         air_rules: credit.AirRules | None = None,
+        master_dtype: torch.dtype = torch.float32,
     ) -> None:
-        """`air_rules`: the run's AIR rules (`RuntimeConfig.air_values()`); None = AIR off."""
+        """`air_rules`: the run's AIR rules (`RuntimeConfig.air_values()`); None = AIR off.
+        `master_dtype`: the weights' dtype; float64 gives tests a reference free of float32
+        summation-order rounding."""
         if cfg.kl_coef > 0 and cfg.kl_penalty not in grpo.SUPPORTED_KL_PENALTIES:
             raise ValueError(f"kl_penalty {cfg.kl_penalty!r} is not implemented by verl's kl_penalty")
         self.cfg = cfg
@@ -91,7 +94,7 @@ class Learner:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
         # Master weights stay fp32; on CUDA the forward runs under bf16 autocast.
-        self.model = model.to(device=self.device, dtype=torch.float32)
+        self.model = model.to(device=self.device, dtype=master_dtype)
         # Dropout off: the sampler had none, so ratios against its logprobs must start at 1.
         self.model.eval()
         self.reference = _frozen_copy(self.model) if cfg.kl_coef > 0 else None
