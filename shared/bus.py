@@ -62,6 +62,7 @@ class Bus:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout_s)
         self.timeout = settings.request_timeout_s
+        self.replicas = settings.js_replicas
 
     @classmethod
     async def connect(cls, settings: ServiceSettings, name: str) -> Bus:
@@ -93,13 +94,28 @@ class Bus:
     # --- topology --------------------------------------------------------------------
 
     async def ensure_topology(self) -> None:
-        """Create every stream and bucket relayrl uses; safe to call from every service."""
-        for spec in STREAMS:
-            await self.ensure_stream(spec)
-        await self.kv(subjects.KV_POLICY, history=8)
-        await self.kv(subjects.KV_AGENTS, history=1)
-        await self.kv(subjects.KV_LEASES, history=1, ttl_s=subjects.LEASE_TTL_S)
-        await self.object_store(subjects.OBJ_WEIGHTS)
+        """Create every stream and bucket relayrl uses; safe to call from every service.
+
+        Each gets `js_replicas` replicas (settings); existing ones with fewer are raised."""
+        try:
+            for spec in STREAMS:
+                await self.ensure_stream(spec)
+            for bucket, history, ttl_s in (
+                (subjects.KV_POLICY, 8, None),
+                (subjects.KV_AGENTS, 1, None),
+                (subjects.KV_LEASES, 1, subjects.LEASE_TTL_S),
+            ):
+                await self.kv(bucket, history=history, ttl_s=ttl_s)
+                await self._raise_replicas(f"KV_{bucket}")  # nats-py's stream name for a bucket
+            await self.object_store(subjects.OBJ_WEIGHTS)
+            await self._raise_replicas(f"OBJ_{subjects.OBJ_WEIGHTS}")
+        except nats.js.errors.ServerError as exc:
+            if exc.err_code == 10074:  # replicas > 1 not supported in non-clustered mode
+                raise ValueError(
+                    f"RELAYRL_JS_REPLICAS={self.replicas} needs a clustered NATS with at least that many "
+                    f"JetStream nodes: {exc.description}"
+                ) from exc
+            raise
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
         config = js_api.StreamConfig(
@@ -109,12 +125,24 @@ class Bus:
             storage=js_api.StorageType.FILE,
             max_age=spec.max_age_s,
             duplicate_window=spec.duplicate_window_s,
+            num_replicas=self.replicas,
         )
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:
-            # Exists with another config (e.g. an older max_age): bring it to ours.
+            # Exists with another config (e.g. an older max_age, fewer replicas): bring it to
+            # ours, but never lower its replicas: one service started without the setting must
+            # not shrink a cluster's R3 streams to R1.
+            current = await self.js.stream_info(spec.name)
+            config.num_replicas = max(self.replicas, current.config.num_replicas or 1)
             await self.js.update_stream(config)
+
+    async def _raise_replicas(self, stream: str) -> None:
+        """Bring a bucket's stream up to `js_replicas` (buckets are created elsewhere too, at R1 by older code)."""
+        info = await self.js.stream_info(stream)
+        if (info.config.num_replicas or 1) < self.replicas:
+            info.config.num_replicas = self.replicas
+            await self.js.update_stream(info.config)
 
     async def kv(self, bucket: str, history: int = 1, ttl_s: float | None = None) -> KeyValue:
         try:
@@ -122,7 +150,9 @@ class Bus:
         except nats.js.errors.BucketNotFoundError:
             try:
                 return await self.js.create_key_value(
-                    js_api.KeyValueConfig(bucket=bucket, history=history, ttl=ttl_s, storage=js_api.StorageType.FILE)
+                    js_api.KeyValueConfig(
+                        bucket=bucket, history=history, ttl=ttl_s, storage=js_api.StorageType.FILE, replicas=self.replicas
+                    )
                 )
             except nats.js.errors.BadRequestError:  # another service created it first
                 return await self.js.key_value(bucket)
@@ -133,7 +163,7 @@ class Bus:
         except nats.js.errors.BucketNotFoundError:
             try:
                 return await self.js.create_object_store(
-                    bucket, js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE)
+                    bucket, js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE, replicas=self.replicas)
                 )
             except nats.js.errors.BadRequestError:
                 return await self.js.object_store(bucket)

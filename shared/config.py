@@ -36,6 +36,13 @@ class ServiceSettings(BaseSettings):
         description="OTLP/HTTP endpoint for traces; no export when unset",
     )
     request_timeout_s: float = Field(10.0, gt=0, description="timeout of every NATS request/publish")
+    js_replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description="JetStream replicas of every stream, KV bucket and the object store (3 on a 3-node "
+        "cluster); raises existing ones, never lowers them",
+    )
 
 
 S = TypeVar("S", bound=ServiceSettings)
