@@ -11,6 +11,7 @@ dead-letter stream with the reason, and are acked: never retried forever, never 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, Iterable, TypeVar
 
@@ -27,6 +28,7 @@ from nats.js.object_store import ObjectStore
 
 from shared import subjects, telemetry
 from shared.config import ServiceSettings
+from shared.faults import is_transient
 from shared.messages import DeadLetter, DecodeError, Message, Reply
 
 log = structlog.get_logger("bus")
@@ -36,6 +38,8 @@ M = TypeVar("M", bound=Message)
 WORK_QUEUE = js_api.RetentionPolicy.WORK_QUEUE
 LIMITS = js_api.RetentionPolicy.LIMITS
 DAY_S = 86400.0
+# Room kept in a dead letter for the publish's headers (trace context, msg id).
+_DEAD_LETTER_HEADROOM = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,14 @@ class Bus:
             stream_seq=meta.sequence.stream if meta else None,
         )
         msg_id = f"{stream}:{letter.stream_seq}" if letter.stream_seq is not None else None
+        # A message near max_payload plus the reason and headers would not fit: keep the
+        # letter (the reason is what matters) and say where the full payload still is.
+        room = self.nc.max_payload - _DEAD_LETTER_HEADROOM
+        if len(letter.encode()) > room:
+            keep = max(room - len(letter.encode()) + len(letter.data), 0)
+            where = f"stream {stream} seq {letter.stream_seq}" if letter.stream_seq is not None else "nowhere"
+            letter.reason = f"{letter.reason[:3000]} [data truncated from {len(letter.data)} bytes; the original is in {where}]"
+            letter.data = letter.data[:keep]
         await self.publish(subjects.dlq(stream), letter, msg_id)
         log.warning("dead-lettered", stream=stream, subject=msg.subject, reason=letter.reason)
 
@@ -272,6 +284,9 @@ class Delivery(Generic[M]):
 
     msg: Msg
     value: M
+    # Set by a batch handler (`reject`) for a message it found permanently bad (a row the
+    # database refuses): the consumer dead-letters it with this reason and acks the rest.
+    rejected: str | None = None
 
     @property
     def delivered(self) -> int:
@@ -279,8 +294,17 @@ class Delivery(Generic[M]):
         return meta.num_delivered if meta else 1
 
     @property
+    def stream_seq(self) -> int | None:
+        meta = _metadata(self.msg)
+        return meta.sequence.stream if meta else None
+
+    @property
     def headers(self) -> dict[str, str]:
         return dict(self.msg.headers or {})
+
+    def reject(self, reason: str) -> None:
+        """Mark this message permanently bad: dead-lettered with `reason` once the handler returns."""
+        self.rejected = reason
 
 
 Handler = Callable[[list[Delivery[M]]], Awaitable[None]]
@@ -298,9 +322,19 @@ class ConsumerSpec:
     filter_subject: str
     ack_wait_s: float = 30.0
     max_ack_pending: int = 10000
-    # Deliveries of one message before its handler failures make it poison (dead-lettered).
+    # Handler failures of one message (transient ones excluded) before it is poison (dead-lettered).
     poison_after: int = 5
     retry_delay_s: float = 1.0
+    # False for the consumer of the DLQ itself: a dead letter is never dead-lettered again
+    # (that could loop during a database outage); poison and undecodable messages are logged
+    # and left in the stream (limits retention keeps them whether acked or not).
+    dead_letter: bool = True
+
+
+# Bounds on how long a consumer waits after failing to fetch (server restarting, no leader yet).
+_FETCH_BACKOFF_S = (0.2, 5.0)
+# Per-message failure counts kept at most (oldest forgotten first).
+_MAX_FAILURE_COUNTS = 10000
 
 
 @dataclass
@@ -312,6 +346,11 @@ class PullConsumer(Generic[M]):
     once (bulk SQL writes), one batch at a time so effects are applied in order. While a
     handler runs, every message it holds gets `in_progress()` so JetStream does not redeliver
     work that is alive.
+
+    The loop outlives the server: when fetching fails (reconnecting, JetStream 503, the
+    consumer or stream gone after a restart with a fresh store dir) it waits with bounded
+    backoff, recreates the stream if missing, the consumer and the subscription, and goes on.
+    It ends only when `stop` is set or the connection was closed on purpose.
     """
 
     bus: Bus
@@ -328,6 +367,11 @@ class PullConsumer(Generic[M]):
     _batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Deliveries whose handler is running, kept alive with in_progress().
     _held: dict[int, Delivery[M]] = field(default_factory=dict)
+    # Handler failures per stream sequence. Not JetStream's num_delivered: transient naks
+    # (a database outage) raise that too, and would make the first real error after an outage
+    # poison at once. In memory: a restarted consumer starts counting again, so a poison
+    # message gets at most `poison_after` more tries per restart (bounded, never forever).
+    _failures: OrderedDict[int, int] = field(default_factory=OrderedDict)
 
     async def create(self) -> None:
         await self.bus.js.add_consumer(
@@ -343,13 +387,56 @@ class PullConsumer(Generic[M]):
             ),
         )
 
+    async def _subscribe(self, recreate_stream: bool = False) -> Any:
+        if recreate_stream:
+            # A server restarted with a fresh store dir has no streams: bring ours back.
+            spec = next((s for s in STREAMS if s.name == self.spec.stream), None)
+            if spec is not None:
+                await self.bus.ensure_stream(spec)
+        await self.create()
+        return await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+
+    async def _resubscribe(self, stop: asyncio.Event, old: Any, error: BaseException) -> Any:
+        """After a failed fetch: wait (bounded backoff) and rebuild the subscription until it works."""
+        log.warning("fetch failed; recreating the consumer", durable=self.spec.durable, error=repr(error))
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception:  # noqa: BLE001 - the old subscription may be gone with the connection
+                pass
+        delay = _FETCH_BACKOFF_S[0]
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set() or self.bus.nc.is_closed:
+                return None
+            if not self.bus.nc.is_connected:  # still reconnecting: nothing to ask yet
+                delay = min(delay * 2, _FETCH_BACKOFF_S[1])
+                continue
+            try:
+                sub = await self._subscribe(recreate_stream=True)
+            except Exception as exc:  # noqa: BLE001 - any failure here is retried, bounded
+                log.warning("consumer not recreated yet", durable=self.spec.durable, error=repr(exc))
+                delay = min(delay * 2, _FETCH_BACKOFF_S[1])
+                continue
+            log.info("consumer recreated", durable=self.spec.durable)
+            return sub
+        return None
+
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then wait for in-flight handlers (drain)."""
-        await self.create()
-        sub = await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
+        sub: Any = None
+        try:
+            sub = await self._subscribe()
+        except Exception as exc:  # noqa: BLE001 - e.g. a JetStream 503 right after the server started
+            if not is_transient(exc):
+                raise
+            sub = await self._resubscribe(stop, None, exc)
         keepalive = asyncio.create_task(self._keep_alive())
         try:
-            while not stop.is_set():
+            while not stop.is_set() and sub is not None:
                 free = self.max_in_flight - self._in_flight
                 if free <= 0:
                     self._freed.clear()
@@ -362,21 +449,21 @@ class PullConsumer(Generic[M]):
                     msgs = await sub.fetch(min(self.batch, free), timeout=self.fetch_timeout_s)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     continue
-                except nats.errors.ConnectionClosedError:
-                    break
-                except nats.errors.Error as exc:
-                    log.warning("fetch failed", durable=self.spec.durable, error=str(exc))
-                    await asyncio.sleep(0.5)
+                except Exception as exc:  # noqa: BLE001 - connection, 503, consumer gone: all recoverable
+                    if self.bus.nc.is_closed:  # closed on purpose (shutdown): nothing to come back to
+                        break
+                    sub = await self._resubscribe(stop, sub, exc)
                     continue
                 await self._dispatch(msgs)
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             keepalive.cancel()
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # noqa: BLE001
+                    pass
 
     async def _dispatch(self, msgs: list[Msg]) -> None:
         good: list[Delivery[M]] = []
@@ -400,7 +487,7 @@ class PullConsumer(Generic[M]):
             else:
                 async with self._batch_lock:
                     await self._handle_with_retry(deliveries)
-        except Exception:  # acking/dead-lettering itself failed: JetStream redelivers after ack_wait
+        except Exception:  # acking itself failed: JetStream redelivers after ack_wait
             log.exception("delivery handling failed", durable=self.spec.durable)
         finally:
             self._in_flight -= len(deliveries)
@@ -409,11 +496,11 @@ class PullConsumer(Generic[M]):
     async def _handle_with_retry(self, deliveries: list[Delivery[M]]) -> None:
         try:
             await self._call(deliveries)
-        except TransientError as exc:
-            log.warning("transient failure; will retry", durable=self.spec.durable, error=str(exc))
-            await asyncio.gather(*(d.msg.nak(delay=self.spec.retry_delay_s) for d in deliveries))
-            return
         except Exception as exc:
+            if _is_transient(exc):
+                log.warning("transient failure; will retry", durable=self.spec.durable, error=str(exc))
+                await asyncio.gather(*(d.msg.nak(delay=self.spec.retry_delay_s) for d in deliveries))
+                return
             if len(deliveries) == 1:
                 await self._failed(deliveries[0], exc)
                 return
@@ -422,16 +509,27 @@ class PullConsumer(Generic[M]):
             for d in deliveries:
                 try:
                     await self._call([d])
-                except TransientError:
-                    await d.msg.nak(delay=self.spec.retry_delay_s)
                 except Exception as one_exc:
-                    await self._failed(d, one_exc)
+                    if _is_transient(one_exc):
+                        await d.msg.nak(delay=self.spec.retry_delay_s)
+                    else:
+                        await self._failed(d, one_exc)
                 else:
-                    await d.msg.ack()
+                    await self._done(d)
             return
-        await asyncio.gather(*(d.msg.ack() for d in deliveries))
+        await asyncio.gather(*(self._done(d) for d in deliveries))
+
+    async def _done(self, d: Delivery[M]) -> None:
+        """The handler returned: dead-letter what it rejected, ack the rest."""
+        if d.rejected is not None:
+            await self._dead_letter(d.msg, d.rejected)
+        else:
+            self._forget(d)
+            await d.msg.ack()
 
     async def _call(self, deliveries: list[Delivery[M]]) -> None:
+        for d in deliveries:
+            d.rejected = None  # a retried batch decides again
         self._held.update((id(d), d) for d in deliveries)
         try:
             await self.handler(deliveries)
@@ -449,20 +547,72 @@ class PullConsumer(Generic[M]):
             for d in list(self._held.values()):
                 try:
                     await d.msg.in_progress()
-                except nats.errors.Error:
+                except Exception:  # noqa: BLE001 - disconnected: redelivered after ack_wait at worst
                     pass
 
     async def _failed(self, delivery: Delivery[M], exc: Exception) -> None:
-        reason = f"handler failed {delivery.delivered}x: {type(exc).__name__}: {exc}"
-        if delivery.delivered >= self.spec.poison_after:
+        seq = delivery.stream_seq
+        failures = self._count_failure(seq) if seq is not None else delivery.delivered
+        reason = f"handler failed {failures}x: {type(exc).__name__}: {exc}"
+        if failures >= self.spec.poison_after:
             await self._dead_letter(delivery.msg, reason)
         else:
             log.warning("handler failed; will retry", durable=self.spec.durable, error=reason)
-            await delivery.msg.nak(delay=self.spec.retry_delay_s * delivery.delivered)
+            await delivery.msg.nak(delay=self.spec.retry_delay_s * failures)
+
+    def _count_failure(self, seq: int) -> int:
+        n = self._failures.pop(seq, 0) + 1
+        self._failures[seq] = n  # most recent last: eviction drops the longest-untouched
+        while len(self._failures) > _MAX_FAILURE_COUNTS:
+            self._failures.popitem(last=False)
+        return n
+
+    def _forget(self, d: Delivery[M] | Msg) -> None:
+        if self._failures:
+            meta = _metadata(d.msg if isinstance(d, Delivery) else d)
+            if meta is not None:
+                self._failures.pop(meta.sequence.stream, None)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        await self.bus.dead_letter(self.spec.stream, self.spec.durable, msg, reason)
-        await msg.ack()
+        """Give up on `msg` with the reason. If the dead letter cannot be published (NATS down),
+        the message is nak'ed to come back later: a failed publish never ends the consumer."""
+        if not self.spec.dead_letter:
+            # This consumer reads dead letters: never dead-letter one again. Acked, it stays in
+            # its limits-retention stream for operators; the log line says which and why.
+            log.error("dead letter not handled; left in its stream", durable=self.spec.durable,
+                      subject=msg.subject, seq=_seq(msg), reason=reason[:1000])
+            self._forget(msg)
+            await _quietly(msg.ack())
+            return
+        try:
+            await self.bus.dead_letter(self.spec.stream, self.spec.durable, msg, reason)
+        except Exception as exc:  # noqa: BLE001 - anything: the message must come back, not vanish
+            log.warning("dead-letter publish failed; will retry", durable=self.spec.durable,
+                        seq=_seq(msg), error=repr(exc))
+            await _quietly(msg.nak(delay=self.spec.retry_delay_s))
+            return
+        self._forget(msg)
+        await _quietly(msg.ack())
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A handler failure that is not the message's fault: retried, never counted toward poison."""
+    if isinstance(exc, nats.errors.MaxPayloadError):  # too big now, too big on every retry
+        return False
+    return isinstance(exc, TransientError) or is_transient(exc)
+
+
+def _seq(msg: Msg) -> int | None:
+    meta = _metadata(msg)
+    return meta.sequence.stream if meta else None
+
+
+async def _quietly(op: Awaitable[Any]) -> None:
+    """An ack/nak that may fail while disconnected: JetStream redelivers after ack_wait then."""
+    try:
+        await op
+    except Exception as exc:  # noqa: BLE001
+        log.warning("ack/nak failed", error=repr(exc))
 
 
 async def wait_for_stop(stop: asyncio.Event, *tasks: Awaitable[Any]) -> None:
