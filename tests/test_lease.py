@@ -39,3 +39,28 @@ async def test_an_unrenewed_lease_expires_and_can_be_taken(bus: Bus) -> None:
     await asyncio.sleep(1.6)
     assert await b.acquire()
     assert not await a.renew()  # the old holder learns it lost the lease
+
+
+async def test_a_holder_that_cannot_renew_is_fenced_before_the_lease_can_expire(bus: Bus) -> None:
+    """A paused holder (SIGSTOP, a long GC, NATS down) stops trusting its lease TTL - margin
+    after the last confirmed renewal, before anyone else can have taken it."""
+    from shared.faults import LeaseLost
+    from shared.lease import FENCE_MARGIN_S
+
+    ttl = FENCE_MARGIN_S + 1.0
+    kv = await bus.kv("test-fence-leases", ttl_s=ttl)
+    a = Lease(kv, subjects.lease_key("train", "r"), "paused-trainer", ttl_s=ttl)
+    b = Lease(kv, subjects.lease_key("train", "r"), "new-trainer", ttl_s=ttl)
+    assert await a.acquire()
+    a.check()  # just renewed: trusted
+    await asyncio.sleep(1.1)  # no renewal for longer than ttl - margin
+    assert not a.valid()
+    try:
+        a.check()
+    except LeaseLost as exc:
+        assert "paused-trainer" in str(exc)
+    else:
+        raise AssertionError("a lease past ttl - margin must not be trusted")
+    assert not await b.acquire()  # ... while the server still holds it for a: nobody else yet
+    assert await a.renew()  # renewing in time makes it trusted again
+    a.check()
