@@ -7,6 +7,7 @@ from packed arrays, with old logprobs taken from the model itself so ratios star
 from __future__ import annotations
 
 import hashlib
+import shutil
 import math
 import re
 from pathlib import Path
@@ -353,9 +354,34 @@ def test_checkpoints_keep_the_last_n(tmp_path: Path) -> None:
     state = {"model": {"w": torch.arange(4.0)}, "optimizer": {}, "rng": {}, "step": 0}
     for step in (1, 2, 3, 4):
         save_checkpoint(tmp_path, step, state, {"step": step}, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000004"]
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name != "LATEST")
+    assert [n[: len("step-00000003")] for n in kept] == ["step-00000003", "step-00000004"]
+    assert (tmp_path / "LATEST").read_text() == kept[-1]
     step, loaded, extra = latest_checkpoint(tmp_path)
     assert step == 4 and extra == {"step": 4} and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+
+
+def test_saving_a_step_again_never_leaves_it_missing(tmp_path: Path) -> None:
+    """A resumed trainer saves the same step again: the old one stays current until the new
+    one is complete, and then the pointer moves in one rename."""
+    state = {"model": {"w": torch.zeros(2)}, "optimizer": {}, "rng": {}, "step": 0}
+    first = save_checkpoint(tmp_path, 5, state, {"try": 1}, keep=2)
+    # A crash after the new directory was renamed in but before LATEST moved: the old one wins.
+    orphan = tmp_path / "step-00000005-deadbeef0000"
+    shutil.copytree(first, orphan)
+    (orphan / "extra.json").write_text('{"try": 2}')
+    assert latest_checkpoint(tmp_path)[2] == {"try": 1}
+    second = save_checkpoint(tmp_path, 5, state, {"try": 3}, keep=2)
+    assert latest_checkpoint(tmp_path)[2] == {"try": 3}
+    assert not first.exists() and not orphan.exists() and second.exists()
+
+
+def test_a_checkpoint_from_before_the_pointer_still_loads(tmp_path: Path) -> None:
+    state = {"model": {"w": torch.ones(2)}, "optimizer": {}, "rng": {}, "step": 0}
+    new = save_checkpoint(tmp_path, 3, state, {"step": 3})
+    (tmp_path / "LATEST").unlink()
+    new.rename(tmp_path / "step-00000003")
+    assert latest_checkpoint(tmp_path)[0] == 3
 
 
 def test_a_batch_without_trained_tokens_leaves_the_weights(tiny: Path) -> None:
