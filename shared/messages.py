@@ -50,6 +50,58 @@ def _check_packed(value: bytes) -> bytes:
 Packed = Annotated[bytes, AfterValidator(_check_packed)]
 
 
+def _check_finite_f32(value: bytes) -> bytes:
+    _check_packed(value)
+    if value and not np.isfinite(np.frombuffer(value, dtype=_F32)).all():
+        raise ValueError("packed float32 array holds NaN or infinity")
+    return value
+
+
+# Logprobs: a NaN or infinite one would poison the trainer's ratio; refused at decode.
+FinitePacked = Annotated[bytes, AfterValidator(_check_finite_f32)]
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL: refused here, a dead letter with this reason, rather
+    # than a database error that fails the whole batch it arrived in.
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    return value
+
+
+def _bounded(max_length: int, min_length: int = 0) -> Any:
+    """A string column of the store: at most `max_length` characters (its SQL length), no NUL."""
+    return Annotated[str, Field(min_length=min_length, max_length=max_length), AfterValidator(_no_nul)]
+
+
+def _check_json_data(value: dict[str, Any]) -> dict[str, Any]:
+    """Event data must read back from a JSON column as it was given: text keys, finite numbers."""
+
+    def walk(x: Any, path: str) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if not isinstance(k, str):
+                    raise ValueError(f"{path or 'data'} has a non-text key {k!r} (JSON keys are text)")
+                walk(v, f"{path}.{k}" if path else k)
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, f"{path}[{i}]")
+        elif isinstance(x, float) and not np.isfinite(x):
+            raise ValueError(f"{path or 'data'} is {x!r}: JSON has no NaN or infinity")
+
+    walk(value, "")
+    return value
+
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+RolloutIdText = _bounded(160, 1)
+RunIdText = _bounded(64, 1)
+IdText = _bounded(128, 1)
+Text128 = _bounded(128)
+Text64 = _bounded(64)
+Text32 = _bounded(32)
+
+
 def pack_i32(values: Sequence[int] | np.ndarray) -> bytes:
     return np.asarray(values, dtype=_I32).tobytes()
 
@@ -147,13 +199,15 @@ class TaskSpec(BaseModel):
 class RolloutKeys(Message):
     """What identifies one rollout and its group; carried by the request and its trajectory."""
 
-    rollout_id: str
-    run_id: str
-    task_id: str
-    group_id: str
+    # Bounded as the store's columns are (services/store/tables.py), so a too-long id is a
+    # dead letter at decode, not a database error.
+    rollout_id: RolloutIdText
+    run_id: RunIdText
+    task_id: IdText
+    group_id: IdText
     sample_index: int = Field(ge=0)
     group_size: int = Field(ge=1)
-    agent: str
+    agent: Text128
     eval: bool = False  # an evaluation rollout: stored and aggregated, never trained
     eval_version: int | None = None  # the policy version an evaluation rollout was asked to run on
 
@@ -195,13 +249,13 @@ class Transition(BaseModel):
     """One LLM call: what the policy saw and what it sampled, token for token."""
 
     model_config = ConfigDict(extra="forbid")
-    role: str = "assistant"
+    role: Text64 = "assistant"
     prompt_ids: Packed = b""  # int32
     response_ids: Packed = b""  # int32
-    response_logprobs: Packed = b""  # float32, one per response token
+    response_logprobs: FinitePacked = b""  # float32, one per response token
     response_versions: Packed = b""  # int32, policy version that produced each response token
-    finish_reason: str = "stop"
-    latency_s: float = 0.0
+    finish_reason: Text32 = "stop"
+    latency_s: Finite = 0.0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -232,7 +286,7 @@ class Reward(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: float = Field(allow_inf_nan=False)
     transition: int | None = None
-    source: str | None = Field(None, max_length=128)
+    source: Text128 | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -252,10 +306,10 @@ class Event(BaseModel):
     environment step. With AIR on, a run's `air_rules` turn named events into rewards."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=128)
+    name: IdText
     transition: int | None = None  # the LLM call it follows (None: the last call)
-    data: dict[str, Any] = Field(default_factory=dict)
-    at: float = Field(default_factory=time.time)
+    data: Annotated[dict[str, Any], AfterValidator(_check_json_data)] = Field(default_factory=dict)
+    at: Finite = Field(default_factory=time.time)
 
 
 TrajectoryStatus = Literal["ok", "error", "timeout"]
@@ -266,15 +320,24 @@ class Trajectory(RolloutKeys):
 
     status: TrajectoryStatus
     error: str | None = None
-    reward: float
+    # Non-finite values are refused at decode: SQLite stores NaN as NULL (a NOT NULL failure
+    # for the whole batch) and a NaN reward would poison the group's advantages.
+    reward: Finite
     rewards: list[Reward] = Field(default_factory=list)
     events: list[Event] = Field(default_factory=list)
     transitions: list[Transition] = Field(default_factory=list)
-    started_at: float
-    finished_at: float
-    worker_id: str
+    started_at: Finite
+    finished_at: Finite
+    worker_id: Text128
     attempt: int = Field(1, ge=1)
-    trace_id: str | None = None
+    trace_id: Text32 | None = None
+
+    @field_validator("error")
+    @classmethod
+    def _error_text(cls, value: str | None) -> str | None:
+        # An error message is free text (often an exception's): a NUL in it is replaced, not
+        # refused, so a failed rollout is never lost over how its error was worded.
+        return value.replace("\x00", "\ufffd") if value else value
 
     def msg_id(self) -> str:
         return f"{self.rollout_id}:{self.attempt}"
