@@ -147,9 +147,13 @@ class AgentContext:
     def event(self, name: str, step: int | None = None, **data: Any) -> None:
         """Record what happened (a tool call and its outcome, an environment step), tied to an
         LLM call (default: the latest). With AIR on, `air_rules: [{on: <name>, reward: r}]`
-        turns the event into a reward of r for that call. `data` must be JSON-serializable."""
+        turns the event into a reward of r for that call. `data` must be JSON-serializable; it is
+        kept as it will read back from the store (keys as text, tuples as lists)."""
         try:
-            json.dumps(data, allow_nan=False)
+            # Round-tripped, not only checked: json.dumps turns {1: x} into {"1": x}, but the
+            # wire (MessagePack) would keep the int key and the store's strict decode would
+            # dead-letter the whole trajectory over it.
+            data = json.loads(json.dumps(data, allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise TypeError(f"event {name!r} data is not JSON-serializable: {exc}") from None
         self.events.append(Event(name=name, transition=self._step(step), data=data))
