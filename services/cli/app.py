@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,7 +18,7 @@ from rich.table import Table
 from services.cli.client import GatewayClient, GatewayError, gateway_url, read_tasks_file
 from services.cli.follow import RunFollower, follow
 from services.cli.report import plot_rewards, write_csv
-from services.cli.stack import Stack, StackConfig
+from services.cli.stack import Stack, StackConfig, read_state
 
 app = typer.Typer(help="relayrl: train LLM agents with GRPO over NATS JetStream.", no_args_is_help=True)
 console = Console()
@@ -51,23 +53,25 @@ def up(
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    reported: set[str] = set()
     try:
+        # The supervisor thread restarts what dies and prints a line per exit and restart;
+        # this loop only waits for Ctrl-C or SIGTERM.
         while not stopping:
-            for svc in stack.failed():
-                if svc.name not in reported:
-                    reported.add(svc.name)
-                    console.print(f"[red]{svc.name} exited ({svc.proc.returncode if svc.proc else '?'}); log: {svc.log_path}")
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         console.print("stopping…")
         stack.stop()
         console.print("stopped.")
 
 
+def _print_event(text: str) -> None:
+    colour = "yellow" if "restarted" in text or "stopped" in text else "red"
+    console.print(f"[{colour}]{time.strftime('%H:%M:%S')} {text}")
+
+
 def _start(config: StackConfig) -> Stack:
     with console.status("starting nats-server and services…"):
-        stack = Stack(config).start()
+        stack = Stack(config, on_event=_print_event).start()
     table = Table(title="relayrl is up", show_header=True)
     table.add_column("component")
     table.add_column("where")
@@ -245,10 +249,13 @@ def status(
     gateway: Optional[str] = typer.Option(None, "--gateway"),
     state_dir: Path = StateDir,
 ) -> None:
-    """Show a run (state, version, step, reward, last metrics) or the list of runs."""
+    """Show a run (state, version, step, reward, last metrics), or the stack's processes and the runs."""
     client = GatewayClient(gateway_url(gateway, state_dir))
     try:
         if run_id is None:
+            services = read_state(state_dir)
+            if services:
+                console.print(services_table(services))
             table = Table(title="runs")
             for col in ("run", "agent", "state", "step", "version", "reward"):
                 table.add_column(col)
@@ -262,6 +269,9 @@ def status(
     except GatewayError as exc:
         console.print(f"[red]{exc}")
         raise typer.Exit(1) from None
+    except httpx.HTTPError as exc:
+        console.print(f"[red]gateway unreachable at {client.http.base_url}: {exc!r}")
+        raise typer.Exit(1) from None
     table = Table(title=f"run {run_id}", show_header=False)
     for key in ("state", "step", "total_steps", "version", "groups_consumed", "rows", "reward_mean", "error"):
         table.add_row(key, str(run.get(key)))
@@ -270,6 +280,37 @@ def status(
         for key, value in sorted(metrics[-1]["values"].items()):
             table.add_row(f"  {key}", f"{value:.4g}")
     console.print(table)
+
+
+def services_table(state: dict[str, Any]) -> Table:
+    """The processes `relayrl up` supervises, as its stack.json describes them (alive checked now)."""
+    table = Table(title="services (relayrl up)")
+    for col in ("service", "pid", "alive", "restarts", "last exit", "log"):
+        table.add_column(col)
+    services = state.get("services") or {name: {"pid": pid} for name, pid in dict(state.get("pids") or {}).items()}
+    for name, info in services.items():
+        pid = info.get("pid")
+        alive = pid_alive(pid) if isinstance(pid, int) else False
+        last = info.get("last_exit")
+        table.add_row(
+            name, str(pid or "-"), "[green]yes" if alive else "[red]no", str(info.get("restarts", 0)),
+            "-" if last is None else str(last), str(info.get("log", "")),
+        )  # fmt: skip
+    return table
+
+
+def pid_alive(pid: int) -> bool:
+    """A running process with this pid; a zombie (exited, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) succeeding is the best we know
 
 
 @app.command()

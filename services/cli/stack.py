@@ -3,6 +3,14 @@
 Used by `relayrl up`, `relayrl demo` and the end-to-end tests, so all three run the same
 processes the same way. Each service logs to `<state_dir>/logs/<name>.log`; readiness is its
 HTTP `/readyz` where it has one, else its "ready" log line.
+
+Once started, a supervisor thread restarts any process that exits on its own (a crash, an
+OOM kill, `kill -9` from a shell), nats-server included (same port, same store dir), with
+exponential backoff that resets after a stretch of healthy running. Each restart is counted,
+reported through `on_event` (and `logs/supervisor.log`) and written to `stack.json`.
+What the owner stops on purpose stays stopped: `Stack.stop()`, `Stack.stop_service()` and
+`Service.signal()` with a terminating signal. `Stack.kill()` is a fault instead: the
+supervisor brings the process back, after a chosen delay if one is given (chaos testing).
 """
 
 from __future__ import annotations
@@ -12,13 +20,50 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import httpx
 
 from services.cli.nats_server import NatsServer, free_port
+
+NATS = "nats"  # the name the supervisor, stack.json and `Stack.kill` use for nats-server
+# Signals that pause or resume a process rather than end it: sending one is not a stop.
+_NOT_STOPPING = {signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP, 0}
+
+
+@dataclass
+class Supervision:
+    """What the supervisor knows about one process: restart count, backoff, pending restart."""
+
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    # Consecutive quick deaths: the backoff doubles with each, reset by a healthy stretch.
+    streak: int = 0
+    last_exit: int | None = None
+    restart_at: float | None = None  # set when a death is noticed; the restart happens then
+    delay_once: float | None = None  # a delay chosen by `Stack.kill` for the next restart only
+    held: bool = False  # stopped on purpose: the supervisor leaves it down
+
+
+class Supervised(Protocol):
+    name: str
+    sup: Supervision
+    log_path: Path
+
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def returncode(self) -> int | None: ...
+    def start(self) -> None: ...
+    def send(self, sig: int) -> None: ...
+    def wait(self, timeout_s: float) -> bool: ...
+    def tail(self, lines: int = 30) -> str: ...
 
 
 @dataclass
@@ -31,14 +76,16 @@ class Service:
     ready_url: str | None = None
     ready_line: str | None = None
     proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+    sup: Supervision = field(default_factory=Supervision)
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module, *self.args], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, *self.args], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        self.sup.started_at = time.monotonic()
 
     def is_ready(self) -> bool:
         if self.ready_url:
@@ -57,7 +104,21 @@ class Service:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
     def signal(self, sig: int) -> None:
+        """The owner signals the process by hand: if it ends, the supervisor leaves it down."""
+        if sig not in _NOT_STOPPING:
+            self.sup.held = True
+        self.send(sig)
+
+    def send(self, sig: int) -> None:
         if self.alive:
             assert self.proc is not None
             self.proc.send_signal(sig)
@@ -72,10 +133,57 @@ class Service:
             return False
 
     def tail(self, lines: int = 30) -> str:
+        return _tail(self.log_path, lines)
+
+
+@dataclass
+class NatsProcess:
+    """The stack's own nats-server under supervision: restarts keep its port and store dir."""
+
+    server: NatsServer
+    log_path: Path
+    name: str = NATS
+    sup: Supervision = field(default_factory=Supervision)
+
+    def start(self) -> None:
+        self.server.start(log_file=self.log_path)  # a set port and store dir are reused
+        self.sup.started_at = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.server.running
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.proc.pid if self.server.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.server.proc.poll() if self.server.proc else None
+
+    def send(self, sig: int) -> None:
+        if self.alive:
+            assert self.server.proc is not None
+            self.server.proc.send_signal(sig)
+
+    def wait(self, timeout_s: float) -> bool:
+        if self.server.proc is None:
+            return True
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
+            self.server.proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def tail(self, lines: int = 30) -> str:
+        return _tail(self.log_path, lines)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
 
 
 @dataclass
@@ -97,31 +205,51 @@ class StackConfig:
     database_url: str | None = None
     log_format: str = "json"
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Supervision: restart what exits on its own, after backoff_s doubling up to backoff_max_s;
+    # a process that ran healthy_after_s before dying starts again from backoff_s.
+    supervise: bool = True
+    backoff_s: float = 0.5
+    backoff_max_s: float = 10.0
+    healthy_after_s: float = 60.0
+    supervise_every_s: float = 0.2
 
 
 class Stack:
-    def __init__(self, config: StackConfig) -> None:
+    def __init__(self, config: StackConfig, on_event: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.state_dir = config.state_dir.resolve()
         self.logs = self.state_dir / "logs"
         self.nats: NatsServer | None = None
+        self.nats_proc: NatsProcess | None = None
         self.nats_url = config.nats_url or ""
         self.services: list[Service] = []
         self.gateway_url = ""
         self.inference_urls: list[str] = []
+        self.on_event = on_event
+        self.events: list[dict[str, Any]] = []  # every exit and restart the supervisor saw
+        # One lock for every start, signal and state write: the supervisor thread and the
+        # owner (up loop, tests, chaos) act on the same processes.
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self, timeout_s: float = 180.0) -> Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not self.nats_url:
-            self.nats = NatsServer(store_dir=self.state_dir / "nats").start(log_file=self.logs / "nats.log")
+            self.nats = NatsServer(store_dir=self.state_dir / "nats")
+            self.nats_proc = NatsProcess(self.nats, self.logs / "nats.log")
+            self.nats_proc.start()
             self.nats_url = self.nats.url
         try:
             self._start_services(timeout_s)
         except BaseException:
             self.stop()
             raise
+        if self.config.supervise:
+            self._supervisor = threading.Thread(target=self._supervise, name="relayrl-supervisor", daemon=True)
+            self._supervisor.start()
         self.write_state()
         return self
 
@@ -160,8 +288,11 @@ class Stack:
             **self.config.extra_env,
         }
         svc = Service(name, module, args, env, self.logs / f"{name}.log", ready_url, ready_line)
-        svc.start()
-        self.services.append(svc)
+        with self._lock:
+            svc.start()
+            self.services.append(svc)
+            if self._supervisor is not None:
+                self.write_state()
         return svc
 
     def add_rollout(self, name: str) -> Service:
@@ -200,41 +331,193 @@ class Stack:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM in reverse start order (gateway first, NATS last) so each one drains."""
-        for svc in reversed(self.services):
-            svc.signal(signal.SIGTERM)
-            if not svc.wait(timeout_s):
-                svc.signal(signal.SIGKILL)
-                svc.wait(5)
-        if self.nats is not None:
-            self.nats.stop()
-        state = self.state_dir / "stack.json"
-        if state.exists():
-            state.unlink()
+        self._stopping.set()  # first: nothing stopped from here on is restarted
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=30)
+        with self._lock:
+            for svc in reversed(self.services):
+                svc.sup.held = True
+                svc.send(signal.SIGTERM)
+                svc.send(signal.SIGCONT)  # a paused (SIGSTOPped) process handles the SIGTERM too
+                if not svc.wait(timeout_s):
+                    svc.send(signal.SIGKILL)
+                    svc.wait(5)
+            if self.nats_proc is not None:
+                self.nats_proc.sup.held = True
+                # A stopped (SIGSTOPped) server would ignore SIGTERM.
+                self.nats_proc.send(signal.SIGCONT)
+                self.nats_proc.server.stop()
+            state = self.state_dir / "stack.json"
+            if state.exists():
+                state.unlink()
 
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
 
+    def process(self, name: str) -> Supervised:
+        """A service, or `nats` for the nats-server this stack started."""
+        if name == NATS:
+            if self.nats_proc is None:
+                raise KeyError("this stack uses an external NATS server (NATS_URL); it cannot kill it")
+            return self.nats_proc
+        return self.service(name)
+
+    def processes(self) -> list[Supervised]:
+        return ([self.nats_proc] if self.nats_proc else []) + list(self.services)
+
     def failed(self) -> list[Service]:
         return [s for s in self.services if not s.alive]
+
+    # --- faults and manual control (chaos, tests) -----------------------------------------
+
+    def kill(self, name: str, sig: int = signal.SIGKILL, restart_after_s: float | None = None) -> int | None:
+        """Signal a process as a fault would: if it dies, the supervisor restarts it.
+
+        `restart_after_s` overrides the backoff for this one restart ("restarted 2 s later").
+        Returns the pid signalled (None if it was not running).
+        """
+        with self._lock:
+            proc = self.process(name)
+            proc.sup.held = False
+            proc.sup.delay_once = restart_after_s
+            pid = proc.pid if proc.alive else None
+            proc.send(sig)
+        if sig == signal.SIGKILL and pid is not None:
+            proc.wait(10)  # reaped before we return, so `alive` is false right away
+        return pid
+
+    def stop_service(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
+        """Stop a process on purpose (it stays down until `start_service`); SIGKILL if it hangs."""
+        with self._lock:
+            proc = self.process(name)
+            proc.sup.held = True
+            proc.sup.restart_at = None
+            proc.send(signal.SIGCONT)  # a paused process would never handle the SIGTERM
+            proc.send(sig)
+        if not proc.wait(timeout_s):
+            proc.send(signal.SIGKILL)
+            proc.wait(10)
+        self._event("stopped", proc, f"{name} stopped on request")
+
+    def start_service(self, name: str) -> None:
+        """Start a process again now (after `stop_service`, or to skip a pending backoff)."""
+        with self._lock:
+            proc = self.process(name)
+            proc.sup.held = False
+            if not proc.alive:
+                self._restart(proc, reason="on request")
+
+    # --- supervision -------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(self.config.supervise_every_s):
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                for proc in self.processes():
+                    try:
+                        self._check(proc)
+                    except Exception as exc:  # noqa: BLE001 - one bad restart must not end supervision
+                        proc.sup.restart_at = time.monotonic() + self._backoff(proc)
+                        self._event("restart_failed", proc, f"{proc.name} failed to start: {exc!r}")
+
+    def _check(self, proc: Supervised) -> None:
+        sup = proc.sup
+        now = time.monotonic()
+        if proc.alive:
+            if sup.streak and now - sup.started_at >= self.config.healthy_after_s:
+                sup.streak = 0
+            return
+        if sup.held:
+            return
+        if sup.restart_at is None:  # a death we have not seen yet
+            sup.last_exit = proc.returncode
+            if now - sup.started_at >= self.config.healthy_after_s:
+                sup.streak = 0
+            delay = sup.delay_once if sup.delay_once is not None else self._backoff(proc)
+            sup.delay_once = None
+            sup.restart_at = now + delay
+            self._event("exited", proc, f"{proc.name} exited ({_exit_text(sup.last_exit)}); restart in {delay:.1f}s")
+            self.write_state()
+        elif now >= sup.restart_at:
+            self._restart(proc, reason=f"after exit {_exit_text(sup.last_exit)}")
+
+    def _backoff(self, proc: Supervised) -> float:
+        return min(self.config.backoff_max_s, self.config.backoff_s * 2 ** proc.sup.streak)
+
+    def _restart(self, proc: Supervised, reason: str) -> None:
+        sup = proc.sup
+        sup.restart_at = None
+        sup.streak += 1
+        sup.restarts += 1
+        try:  # a marker in its log, so the lines before and after a restart are told apart
+            with open(proc.log_path, "a") as f:
+                f.write(f"----- relayrl supervisor: restart #{sup.restarts} of {proc.name} ({reason}) -----\n")
+        except OSError:
+            pass
+        proc.start()
+        self._event("restarted", proc, f"{proc.name} restarted ({reason}), restart #{sup.restarts}, pid {proc.pid}")
+        self.write_state()
+
+    def _event(self, kind: str, proc: Supervised, text: str) -> None:
+        event = {"at": time.time(), "kind": kind, "service": proc.name, "exit": proc.sup.last_exit,
+                 "restarts": proc.sup.restarts, "pid": proc.pid, "text": text}  # fmt: skip
+        self.events.append(event)
+        try:
+            self.logs.mkdir(parents=True, exist_ok=True)
+            with open(self.logs / "supervisor.log", "a") as f:
+                f.write(json.dumps(event) + "\n")
+        except OSError:
+            pass  # reporting must never stop supervision
+        if self.on_event is not None:
+            self.on_event(text)
 
     # --- state file --------------------------------------------------------------------
 
     def state(self) -> dict[str, object]:
-        pids = {s.name: s.proc.pid for s in self.services if s.proc}
-        if self.nats and self.nats.proc:
-            pids["nats"] = self.nats.proc.pid
-        return {
-            "nats_url": self.nats_url,
-            "gateway_url": self.gateway_url,
-            "inference_urls": self.inference_urls,
-            "pids": pids,
-            "logs": str(self.logs),
-        }
+        with self._lock:
+            procs = self.processes()
+            return {
+                "nats_url": self.nats_url,
+                "gateway_url": self.gateway_url,
+                "inference_urls": self.inference_urls,
+                "pids": {p.name: p.pid for p in procs if p.pid is not None},
+                "services": {
+                    p.name: {
+                        "pid": p.pid,
+                        "alive": p.alive,
+                        "restarts": p.sup.restarts,
+                        "last_exit": p.sup.last_exit,
+                        "held": p.sup.held,
+                        "log": str(p.log_path),
+                    }
+                    for p in procs
+                },
+                "supervisor_pid": os.getpid() if self._supervisor is not None else None,
+                "logs": str(self.logs),
+                "updated_at": time.time(),
+            }
 
     def write_state(self) -> Path:
+        """Rewrite stack.json atomically: a reader never sees half a file."""
         path = self.state_dir / "stack.json"
-        path.write_text(json.dumps(self.state(), indent=2))
+        if self._stopping.is_set():
+            return path
+        tmp = path.with_name(f".stack.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.state(), indent=2))
+        os.replace(tmp, path)
         return path
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "exit ?"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 def read_state(state_dir: Path = Path(".relayrl")) -> dict[str, object] | None:
