@@ -48,9 +48,25 @@ def test_up_writes_stack_json_serves_and_stops_cleanly_on_sigterm(tmp_path: Path
     assert submit.returncode == 0, submit.stdout + submit.stderr
     assert "submitted 2 task(s), 3 rollout(s)" in submit.stdout and "3 rollouts" in submit.stdout
 
+    # A worker killed from outside comes back: stack.json counts it and `relayrl status` shows it.
+    os.kill(info["pids"]["rollout-1"], signal.SIGKILL)
+    while (now := json.loads(stack_json.read_text()))["services"]["rollout-1"]["restarts"] < 1:
+        assert time.monotonic() < deadline + 60, "rollout-1 was not restarted"
+        time.sleep(0.2)
+    assert now["pids"]["rollout-1"] != info["pids"]["rollout-1"] and _alive(now["pids"]["rollout-1"])
+    status = subprocess.run(
+        [sys.executable, "-m", "services.cli", "status", "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    row = next(line for line in status.stdout.splitlines() if "rollout-1" in line)
+    assert str(now["pids"]["rollout-1"]) in row and "yes" in row and "-9" in row, status.stdout
+
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
-    for name, pid in info["pids"].items():
+    out = proc.stdout.read().decode() if proc.stdout else ""
+    assert "rollout-1 exited (signal SIGKILL)" in out and "restart #1" in out, out
+    for name, pid in {**info["pids"], **now["pids"]}.items():
         assert not _alive(pid), f"{name} (pid {pid}) still running after relayrl up stopped"
     assert not stack_json.exists()
 
