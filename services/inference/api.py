@@ -5,6 +5,13 @@ The model loads in a background thread after startup, so `/healthz` answers at o
 trainer's weights (`watch_policy`), has loaded the latest published version. Every response
 carries the token ids exactly as sampled, a logprob and a policy version per token, which is
 what an RL trainer needs and what re-tokenizing text can never give back.
+
+Run isolation: a request names its run (body `run_id` or header `X-Relayrl-Run`; the rollout
+worker's capture client always does) and is sampled only with that run's weights: a pinned
+replica refuses other runs (409 `wrong_run`), a following one loads the run's weights first
+(503 `run_loading` while they cannot be had). The response says whose weights served it:
+`policy_run_id` (null: the checkpoint's own weights, every run's version 0) and
+`policy_sha256`. See `services.inference.policy` for the two replica modes and their memory.
 """
 
 from __future__ import annotations
@@ -27,21 +34,25 @@ from services.inference.engine import (
     EngineUnavailable,
     Generation,
     InvalidRequest,
+    Key,
+    RunNotLoaded,
     TorchEngine,
     check_engine_kind,
     load_engine,
 )
-from services.inference.policy import PolicySyncError, PolicyWatcher
+from services.inference.policy import PolicySyncError, PolicyWatcher, RunLoading, WrongRun
 from services.inference.sampling import SamplingConfig
 from services.inference.schemas import ChatCompletionRequest, CompletionRequest, _Common
 from services.inference.settings import Settings
 from services.inference.text import TokenTexts
 from services.inference.tools import parse_tool_calls
+from shared import subjects
 
 # Unbound lazy logger: binding at import would freeze structlog's config before telemetry.setup.
 log = structlog.get_logger("inference.api")
 
 MAX_CHOICES = 256
+RUN_HEADER = "x-relayrl-run"
 
 
 class Runtime:
@@ -70,6 +81,8 @@ class Runtime:
                 batch_wait_s=s.batch_wait_ms / 1000.0,
                 max_model_len=s.max_model_len,
                 version=s.initial_version,
+                # A following replica holds each run's weights; a pinned or fixed one only its own.
+                max_sets=s.max_runs if s.watch_policy and s.run_id is None else 1,
             )
         except Exception as exc:  # noqa: BLE001 - reported by /healthz and /readyz
             self.error = f"{type(exc).__name__}: {exc}"
@@ -95,7 +108,38 @@ class Runtime:
         return None
 
     def policy(self) -> dict[str, Any]:
-        return self.watcher.status() if self.watcher is not None else {"policy_run_id": None, "policy_synced": None}
+        if self.watcher is not None:
+            return self.watcher.status()
+        version = self.engine.version if self.engine is not None else None
+        return {"policy_run_id": None, "policy_version": version, "policy_synced": None}
+
+    def advert(self) -> dict[str, Any] | None:
+        """What this replica serves, for the gateway's model check (None while loading)."""
+        if self.engine is None:
+            return None
+        return {"model": self.settings.model, "served_model_name": self.served_name, "path": str(self.model_path)}
+
+    async def weights_for(self, engine: TorchEngine, req: _Common, header_run: str | None) -> Key:
+        """The weight set that serves `req` (its run's, see the module docstring)."""
+        run = req.run_id
+        if header_run is not None:
+            header_run = header_run.strip() or None
+        if header_run is not None and run is not None and header_run != run:
+            raise InvalidRequest(f"the body names run {run!r} and the {RUN_HEADER} header run {header_run!r}")
+        run = run or header_run
+        if run is not None:
+            try:
+                subjects.check_token(run)
+            except ValueError as exc:
+                raise InvalidRequest(f"run: {exc}") from None
+        if self.watcher is None:  # fixed weights (--no-watch-policy): every run gets them
+            await _await_version(engine, req.min_policy_version, self.settings.version_wait_s)
+            return None
+        return await self.watcher.resolve(engine, run, req.min_policy_version, self.settings.version_wait_s)
+
+    def served_by(self, engine: TorchEngine, key: Key) -> dict[str, Any]:
+        applied = self.watcher.served(key) if self.watcher is not None else None
+        return {"policy_run_id": applied.run_id if applied else None, "policy_sha256": applied.sha256 if applied else None}
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -111,7 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
             return runtime.engine
 
         if runtime.watcher is not None:
-            runtime.watcher.start(loaded_engine)
+            runtime.watcher.start(loaded_engine, runtime.advert)
         try:
             yield
         finally:
@@ -171,7 +215,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
-        return _error(503, str(exc), "service_unavailable")
+        code = "run_loading" if isinstance(exc, RunNotLoaded) else None
+        return _error(503, str(exc), "service_unavailable", code=code)
+
+    @app.exception_handler(WrongRun)
+    async def _wrong_run(_: Request, exc: WrongRun) -> JSONResponse:
+        return _error(409, str(exc), "invalid_request_error", code=exc.code)
+
+    @app.exception_handler(RunLoading)
+    async def _run_loading(_: Request, exc: RunLoading) -> JSONResponse:
+        response = _error(503, str(exc), "service_unavailable", code=exc.code)
+        response.headers["Retry-After"] = "1"
+        return response
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
@@ -196,7 +251,7 @@ def _health_router() -> APIRouter:
     async def readyz(request: Request) -> JSONResponse:
         rt = _runtime(request)
         failed = rt.failure()
-        body = {"model": rt.served_name, "policy_version": rt.engine.version if rt.engine else None, **rt.policy()}
+        body = {"model": rt.served_name, **rt.policy()}
         if failed:
             return JSONResponse({"status": "failed", "error": failed, **body}, status_code=503)
         if rt.engine is None:
@@ -226,7 +281,7 @@ def _openai_router() -> APIRouter:
                     "owned_by": "relayrl",
                     "root": str(rt.model_path),
                     "max_model_len": engine.max_model_len,
-                    "policy_version": engine.version,
+                    "policy_version": rt.policy().get("policy_version"),
                 }
             ],
         }
@@ -236,7 +291,6 @@ def _openai_router() -> APIRouter:
         rt = _runtime(request)
         engine = rt.ready_engine()
         return {
-            "policy_version": engine.version,
             **rt.policy(),
             "active_rows": engine.active_rows,
             "max_batch_size": engine.max_batch_size,
@@ -245,11 +299,11 @@ def _openai_router() -> APIRouter:
 
     @router.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> dict[str, Any]:
-        return await _completions(_runtime(request), body)
+        return await _completions(_runtime(request), body, request.headers.get(RUN_HEADER))
 
     @router.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
-        return await _chat(_runtime(request), body)
+        return await _chat(_runtime(request), body, request.headers.get(RUN_HEADER))
 
     return router
 
@@ -257,10 +311,9 @@ def _openai_router() -> APIRouter:
 # --- completions -------------------------------------------------------------------------------
 
 
-async def _completions(rt: Runtime, req: CompletionRequest) -> dict[str, Any]:
+async def _completions(rt: Runtime, req: CompletionRequest, header_run: str | None = None) -> dict[str, Any]:
     engine = rt.ready_engine()
     _reject_unsupported(req)
-    await _await_version(engine, req.min_policy_version, rt.settings.version_wait_s)
     if req.echo:
         raise InvalidRequest("echo is not supported")
     prompts = _completion_prompts(engine, req.prompt)
@@ -273,7 +326,8 @@ async def _completions(rt: Runtime, req: CompletionRequest) -> dict[str, Any]:
             cfg = _sampling(req, max(budget, 1), top_logprobs=req.logprobs or 0, choice=i)
             engine.validate(ids, cfg)
             jobs.append((ids, cfg))
-    gens = await _generate_all(engine, jobs)
+    key = await rt.weights_for(engine, req, header_run)
+    gens = await _generate_all(engine, jobs, key)
     assert rt.texts is not None
     choices = []
     for index, gen in enumerate(gens):
@@ -295,7 +349,8 @@ async def _completions(rt: Runtime, req: CompletionRequest) -> dict[str, Any]:
         "model": rt.served_name,
         "choices": choices,
         "usage": _usage(prompts, gens),
-        "policy_version": _policy_version(engine, gens),
+        "policy_version": _policy_version(engine, gens, key),
+        **rt.served_by(engine, key),
     }
 
 
@@ -325,10 +380,9 @@ def _completion_logprobs(texts: TokenTexts, gen: Generation) -> dict[str, Any]:
 # --- chat --------------------------------------------------------------------------------------
 
 
-async def _chat(rt: Runtime, req: ChatCompletionRequest) -> dict[str, Any]:
+async def _chat(rt: Runtime, req: ChatCompletionRequest, header_run: str | None = None) -> dict[str, Any]:
     engine = rt.ready_engine()
     _reject_unsupported(req)
-    await _await_version(engine, req.min_policy_version, rt.settings.version_wait_s)
     prompt_ids = _chat_prompt(engine, req)
     budget = req.token_budget()
     if budget is None:
@@ -339,7 +393,8 @@ async def _chat(rt: Runtime, req: ChatCompletionRequest) -> dict[str, Any]:
         cfg = _sampling(req, budget, top_logprobs=top_k, choice=i)
         engine.validate(prompt_ids, cfg)
         jobs.append((prompt_ids, cfg))
-    gens = await _generate_all(engine, jobs)
+    key = await rt.weights_for(engine, req, header_run)
+    gens = await _generate_all(engine, jobs, key)
     assert rt.texts is not None
     choices = []
     for index, gen in enumerate(gens):
@@ -361,7 +416,8 @@ async def _chat(rt: Runtime, req: ChatCompletionRequest) -> dict[str, Any]:
         "model": rt.served_name,
         "choices": choices,
         "usage": _usage([prompt_ids], gens),
-        "policy_version": _policy_version(engine, gens),
+        "policy_version": _policy_version(engine, gens, key),
+        **rt.served_by(engine, key),
     }
     if req.return_token_ids:
         response["prompt_token_ids"] = prompt_ids
@@ -452,11 +508,11 @@ async def _await_version(engine: TorchEngine, version: int | None, timeout_s: fl
         await asyncio.sleep(0.005)
 
 
-async def _generate_all(engine: TorchEngine, jobs: list[tuple[list[int], SamplingConfig]]) -> list[Generation]:
+async def _generate_all(engine: TorchEngine, jobs: list[tuple[list[int], SamplingConfig]], key: Key) -> list[Generation]:
     # A TaskGroup cancels the siblings if one fails, so no orphaned rows keep decoding.
     try:
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(engine.generate(ids, cfg)) for ids, cfg in jobs]
+            tasks = [group.create_task(engine.generate(ids, cfg, key)) for ids, cfg in jobs]
     except ExceptionGroup as group_error:
         raise group_error.exceptions[0] from None  # so the error handlers see the real error
     return [t.result() for t in tasks]
@@ -472,5 +528,5 @@ def _usage(prompts: list[list[int]], gens: list[Generation]) -> dict[str, int]:
     }
 
 
-def _policy_version(engine: TorchEngine, gens: list[Generation]) -> int:
-    return max((g.policy_version for g in gens), default=engine.version)
+def _policy_version(engine: TorchEngine, gens: list[Generation], key: Key) -> int:
+    return max((g.policy_version for g in gens), default=engine.versions.get(key, engine.version))

@@ -7,6 +7,17 @@ batch: new requests are prefilled as a group and merged into it at step boundari
 every live row at once. A weight swap requested from any thread is applied by the worker
 between two steps; every generated token is stamped with the policy version of the step
 that produced it.
+
+Weight sets per run (run isolation). The engine can hold several weight sets, keyed by run
+(`None` is the checkpoint's own weights). One set is *active* (it is in the model's
+parameters); the others wait in memory as tensors of the model's device and dtype. A batch
+only ever holds rows of the active set: requests are admitted in arrival order, and when the
+oldest waiting request belongs to another run the running batch stops taking new rows, drains,
+and the worker then swaps that run's set in (a copy in each direction per tensor, between two
+batches, never inside one). So a token is always sampled with its own run's weights, and each
+run's rows wait at most one batch of another run. Memory: one full copy of the weights per
+held set besides the active one; sets beyond `max_sets` are dropped least recently used first
+(never the checkpoint's, the active one, a protected one or one with requests in flight).
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import inspect
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +61,13 @@ class EngineUnavailable(RuntimeError):
     """The engine is stopping or has failed (the API answers 503)."""
 
 
+class RunNotLoaded(EngineUnavailable):
+    """The run's weight set is not held by this engine (not loaded yet, or dropped): retry later."""
+
+
+Key = str | None  # a weight set: a run id, or None for the checkpoint's own weights
+
+
 @dataclass
 class Generation:
     prompt_ids: list[int]
@@ -77,6 +95,7 @@ class _Row:
     stop_at: int | None = None  # text index where a stop string begins
     stopped_on_token: bool = False  # ended by an eos / stop token id, which the text omits
     cancelled: bool = False
+    run: Key = None  # whose weight set samples this row
 
     @property
     def done(self) -> bool:
@@ -106,6 +125,7 @@ class EngineStats:
     prefills: int = 0
     decode_steps: int = 0
     weight_swaps: int = 0
+    run_switches: int = 0  # weight sets swapped in between batches (several runs served)
     max_batch_size_seen: int = 0
     batch_sizes: Counter[int] = field(default_factory=Counter)  # decode steps by batch size
     prefill_sizes: Counter[int] = field(default_factory=Counter)  # prefills by group size
@@ -126,6 +146,7 @@ class EngineStats:
             "prefills": self.prefills,
             "decode_steps": self.decode_steps,
             "weight_swaps": self.weight_swaps,
+            "run_switches": self.run_switches,
             "max_batch_size_seen": self.max_batch_size_seen,
             "mean_batch_size": rows / steps if steps else 0.0,
             "batch_sizes": {str(k): v for k, v in sorted(batch_sizes.items())},
@@ -144,6 +165,7 @@ class TorchEngine:
         batch_wait_s: float = 0.005,
         version: int = 0,
         max_model_len: int | None = None,
+        max_sets: int = 1,
     ) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
@@ -152,7 +174,11 @@ class TorchEngine:
         self.device: torch.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.version = version
+        self.version = version  # of the active set
+        self.active: Key = None  # whose weights are in the model's parameters
+        self.versions: dict[Key, int] = {None: version}  # every held set's version
+        self.max_sets = max(1, max_sets)  # run sets held besides the checkpoint's
+        self.protected: set[Key] = set()  # sets never dropped (the replica's default run)
         self.max_model_len = max_model_len or int(getattr(model.config, "max_position_embeddings", 0) or 4096)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.eos_ids = frozenset(stop_token_ids(model, tokenizer))
@@ -165,7 +191,11 @@ class TorchEngine:
         self._keep_last = _logits_to_keep_kwarg(model)
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
-        self._pending_swap: tuple[dict[str, torch.Tensor], int, concurrent.futures.Future[int]] | None = None
+        self._pending_swaps: dict[Key, tuple[dict[str, torch.Tensor], int, concurrent.futures.Future[int]]] = {}
+        self._sets: dict[Key, dict[str, torch.Tensor]] = {}  # inactive sets (the active one is the model's)
+        self._last_used: dict[Key, float] = {None: time.monotonic()}
+        self._in_flight: Counter[Key] = Counter()  # rows submitted and not settled, per set
+        self._parked: deque[_Row] = deque()  # arrivals not admitted yet, oldest first (worker thread only)
         self._stopping = threading.Event()
         self._batch: _Batch | None = None
         # Arrivals taken while a batch decodes, held until enough gather for one prefill (worker thread only).
@@ -212,11 +242,23 @@ class TorchEngine:
         if any(t < 0 or t >= self.vocab_size for t in config.stop_token_ids):
             raise InvalidRequest(f"stop_token_ids must be in [0, {self.vocab_size})")
 
-    async def generate(self, prompt_ids: list[int], config: SamplingConfig) -> Generation:
+    def holds(self, run: Key) -> bool:
+        return run in self.versions
+
+    async def generate(self, prompt_ids: list[int], config: SamplingConfig, run: Key = None) -> Generation:
+        """Sample with the weight set of `run` (None: the checkpoint's own weights)."""
         self.validate(prompt_ids, config)
         if self._stopping.is_set() or not self.alive:
             raise EngineUnavailable("the engine is stopping" if self._stopping.is_set() else f"engine failed: {self.error}")
-        row = _Row(prompt_ids=list(prompt_ids), config=config, future=concurrent.futures.Future())
+        with self._lock:  # counted before the check so the set cannot be dropped in between
+            self._in_flight[run] += 1
+            self._last_used[run] = time.monotonic()
+            held = run in self.versions
+        if not held:
+            self._settled(run)
+            raise RunNotLoaded(f"the weights of run {run!r} are not loaded on this replica")
+        row = _Row(prompt_ids=list(prompt_ids), config=config, future=concurrent.futures.Future(), run=run)
+        row.future.add_done_callback(lambda _f, key=run: self._settled(key))
         # Made here so a row that cannot be set up fails alone, not the prefill group it joins.
         row.generator = config.make_generator(self.device)
         if config.stop:
@@ -229,17 +271,29 @@ class TorchEngine:
             row.cancelled = True  # the worker drops the row at its next step
             raise
 
-    def swap_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> concurrent.futures.Future[int]:
-        """Schedule new weights; they take effect between two decode steps.
+    def _settled(self, run: Key) -> None:
+        with self._lock:
+            self._in_flight[run] -= 1
+            if self._in_flight[run] <= 0:
+                del self._in_flight[run]
+
+    def swap_weights(
+        self, state_dict: dict[str, torch.Tensor], version: int, run: Key = None
+    ) -> concurrent.futures.Future[int]:
+        """Schedule new weights for the set of `run`; they take effect between two decode steps
+        (the active set) or are held until that run's next batch (another set).
 
         Checked here, in the caller's thread, so a bad state dict fails its caller and never
         the worker. The returned future resolves to the live version once applied (a swap
         overtaken by a newer one before it was applied resolves too, to the newer version).
+        The tensors are kept as given (already on the model's device and dtype) when held.
         """
         self._check_state_dict(state_dict)
+        state_dict = self._untied(state_dict)
         fut: concurrent.futures.Future[int] = concurrent.futures.Future()
         with self._lock:
-            superseded, self._pending_swap = self._pending_swap, (state_dict, int(version), fut)
+            superseded = self._pending_swaps.get(run)
+            self._pending_swaps[run] = (state_dict, int(version), fut)
         if superseded is not None:
             fut.add_done_callback(lambda f, old=superseded[2]: _chain(f, old))
         if self._thread.is_alive():
@@ -247,6 +301,15 @@ class TorchEngine:
         else:
             self._apply_swap()
         return fut
+
+    def _untied(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One name per tied group: a held set is swapped in and out tensor by tensor, and two
+        names of one storage would swap it twice (leaving it where it started)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in state_dict.items():
+            if not (self._tied.get(name, set()) & out.keys()):
+                out[name] = tensor
+        return out
 
     # --- worker thread -------------------------------------------------------------------
 
@@ -294,15 +357,21 @@ class TorchEngine:
         rows, self._gathering = self._gathering, []
         if not rows:
             # Idle: wait for a first request, then briefly for its concurrent peers.
-            first = self._take(timeout=_IDLE_POLL_S)
+            self._pull(timeout=None if self._parked else _IDLE_POLL_S)
+            first = self._pop(switch=True)
             if first is None:
                 return []
             rows.append(first)
             deadline = time.monotonic() + self.batch_wait_s
             while len(rows) < capacity and (left := deadline - time.monotonic()) > 0:
-                if (row := self._take(timeout=left)) is not None:
+                if (row := self._pop()) is not None:
                     rows.append(row)
-        while len(rows) < capacity and (row := self._take(timeout=None)) is not None:
+                elif self._parked:
+                    break  # another run's request is next in line: start this batch now
+                elif not self._pull(timeout=left):
+                    break  # woken (a swap is pending, or stopping)
+        self._pull(timeout=None)
+        while len(rows) < capacity and (row := self._pop()) is not None:
             rows.append(row)
         return rows
 
@@ -310,34 +379,81 @@ class TorchEngine:
         """While a batch decodes, arrivals are prefilled together: once they fill the batch or
         the first has waited `batch_wait_s`. Clients answered by the same decode step send their
         next requests a few ms apart; prefilling each as it comes costs a forward pass apiece
-        (measured through the capture proxy: 1.5x the prefills, 10-20 % fewer tokens/s)."""
-        while len(self._gathering) < capacity and (row := self._take(timeout=None)) is not None:
+        (measured through the capture proxy: 1.5x the prefills, 10-20 % fewer tokens/s).
+        Only rows of the active set join; once another run's row is next in line, no more do."""
+        self._pull(timeout=None)
+        while len(self._gathering) < capacity and (row := self._pop()) is not None:
             if not self._gathering:
                 self._gathering_since = time.monotonic()
             self._gathering.append(row)
         if not self._gathering:
             return []
         full = len(self._gathering) >= capacity
-        if full or self._stopping.is_set() or time.monotonic() - self._gathering_since >= self.batch_wait_s:
+        waited = time.monotonic() - self._gathering_since >= self.batch_wait_s
+        if full or waited or self._stopping.is_set() or self._parked:
             rows, self._gathering = self._gathering, []
             return rows
         return []
 
-    def _take(self, timeout: float | None) -> _Row | None:
-        """Next admissible row: waits up to `timeout`, or not at all when None."""
+    def _pull(self, timeout: float | None) -> bool:
+        """Move queued requests to `_parked`, in arrival order. With `timeout`, wait up to that
+        long for the first one. False when woken by a swap or stop instead."""
+        block = timeout
         while True:
             try:
-                item = self._queue.get(timeout=timeout) if timeout is not None else self._queue.get_nowait()
+                item = self._queue.get(timeout=block) if block is not None else self._queue.get_nowait()
             except queue.Empty:
-                return None
+                return True
             if item is _WAKE:
-                if timeout is not None:
-                    return None
+                if block is not None:
+                    return False
                 continue
-            if item.cancelled or not item.future.set_running_or_notify_cancel():
+            block = None  # the first one came: take the rest without waiting
+            self._parked.append(item)
+
+    def _pop(self, switch: bool = False) -> _Row | None:
+        """The oldest parked request if it uses the active set (FIFO across runs, so no run
+        starves). With `switch` (no batch running, none gathering) the oldest request's set is
+        made active first."""
+        while self._parked:
+            row = self._parked[0]
+            if row.cancelled or row.future.cancelled():
+                self._parked.popleft()
+                _settle(row.future, exc=EngineUnavailable("cancelled"))
                 self.stats.requests_cancelled += 1
                 continue
-            return item
+            if row.run != self.active:
+                if not switch:
+                    return None
+                if not self._activate(row.run):
+                    self._parked.popleft()
+                    _settle(row.future, exc=RunNotLoaded(f"the weights of run {row.run!r} were dropped; retry"))
+                    continue
+            self._parked.popleft()
+            if not row.future.set_running_or_notify_cancel():
+                self.stats.requests_cancelled += 1
+                continue
+            return row
+        return None
+
+    def _activate(self, run: Key) -> bool:
+        """Swap the set of `run` into the model's parameters and keep the previous one in the
+        tensors it came in (one copy each way, no extra memory). Only between batches."""
+        assert self._batch is None and not self._gathering
+        incoming = self._sets.pop(run, None)
+        if incoming is None:
+            return False
+        with torch.no_grad():
+            for name, tensor in incoming.items():
+                target = self._targets[name]
+                previous = target.clone()
+                target.copy_(tensor)
+                tensor.copy_(previous)
+        self._sets[self.active] = incoming
+        old, self.active, self.version = self.active, run, self.versions[run]
+        self.stats.run_switches += 1
+        log.debug("weight set switched", old_run=old, run=run, version=self.version)
+        return True
 
     def _prefill(self, rows: list[_Row]) -> None:
         version = self.version
@@ -467,22 +583,43 @@ class TorchEngine:
 
     def _apply_swap(self) -> None:
         with self._lock:
-            pending, self._pending_swap = self._pending_swap, None
-        if pending is None:
-            return
-        state_dict, version, fut = pending
-        try:
-            with torch.no_grad():
-                for name, tensor in state_dict.items():
-                    self._targets[name].copy_(tensor)
-        except Exception as exc:  # noqa: BLE001 - shapes were checked; report anything else to the caller
-            log.exception("weight swap failed", version=version)
-            fut.set_exception(exc)
-            return
-        old, self.version = self.version, version
-        self.stats.weight_swaps += 1
-        log.info("weights swapped", old_version=old, version=version, active_rows=self.active_rows)
-        fut.set_result(version)
+            pending, self._pending_swaps = self._pending_swaps, {}
+        for run, (state_dict, version, fut) in pending.items():
+            try:
+                with torch.no_grad():
+                    if run == self.active:
+                        for name, tensor in state_dict.items():
+                            self._targets[name].copy_(tensor)
+                    else:  # held until that run's next batch
+                        self._sets[run] = state_dict
+            except Exception as exc:  # noqa: BLE001 - shapes were checked; report anything else to the caller
+                log.exception("weight swap failed", version=version, run=run)
+                fut.set_exception(exc)
+                continue
+            old = self.versions.get(run)
+            with self._lock:
+                self.versions[run] = version
+                self._last_used.setdefault(run, time.monotonic())
+            if run == self.active:
+                self.version = version
+            self.stats.weight_swaps += 1
+            log.info("weights swapped", run=run, old_version=old, version=version, active_rows=self.active_rows,
+                     active=run == self.active)  # fmt: skip
+            fut.set_result(version)
+        if pending:
+            self._drop_extra_sets()
+
+    def _drop_extra_sets(self) -> None:
+        """Keep at most `max_sets` run sets: drop the least recently used idle ones."""
+        with self._lock:
+            spare = [k for k in self.versions if k is not None and k != self.active and k not in self.protected
+                     and not self._in_flight.get(k)]  # fmt: skip
+            extra = len(self.versions) - 1 - self.max_sets
+            for run in sorted(spare, key=lambda k: self._last_used.get(k, 0.0))[: max(extra, 0)]:
+                self.versions.pop(run, None)
+                self._sets.pop(run, None)
+                self._last_used.pop(run, None)
+                log.info("weight set dropped", run=run, reason=f"more than {self.max_sets} runs held")
 
     def _check_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         unknown = sorted(set(state_dict) - set(self._targets))
@@ -498,12 +635,10 @@ class TorchEngine:
             raise ValueError(f"state dict lacks {len(missing)} of the model's tensors: {missing[:5]}")
 
     def _reject_queued(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not _WAKE and item.future.set_running_or_notify_cancel():
+        self._pull(timeout=None)
+        while self._parked:
+            item = self._parked.popleft()
+            if item.future.set_running_or_notify_cancel():
                 _settle(item.future, exc=EngineUnavailable("the engine is stopping"))
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -644,6 +779,7 @@ def load_engine(
     batch_wait_s: float = 0.005,
     max_model_len: int | None = None,
     version: int = 0,
+    max_sets: int = 1,
 ) -> tuple[TorchEngine, Any]:
     """Resolve, load and start the engine; returns it with the checkpoint path it loaded."""
     from shared.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_model
@@ -660,6 +796,7 @@ def load_engine(
         batch_wait_s=batch_wait_s,
         version=version,
         max_model_len=max_model_len,
+        max_sets=max_sets,
     )
     engine.start()
     log.info(

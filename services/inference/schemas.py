@@ -32,6 +32,9 @@ class _Common(BaseModel):
     return_token_ids: bool = False
     # relayrl: wait (bounded by the server's version_wait_s) until this policy version is live.
     min_policy_version: int | None = Field(None, ge=0)
+    # relayrl: the run whose weights must serve this request (also the `X-Relayrl-Run` header).
+    # Unset: the replica's default (its pinned run, or the run that published last).
+    run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     stream: bool = False
     user: str | None = None
 

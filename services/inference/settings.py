@@ -35,7 +35,14 @@ class Settings(ServiceSettings):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: torch's (all cores)")
     run_id: str | None = Field(
-        None, description="run whose weights to follow; unset: follow whichever run published weights last"
+        None,
+        description="pin the replica to this run (requests of other runs get 409 wrong_run); unset: serve every "
+        "run with its own weights, and requests naming no run with the run that published last",
+    )
+    max_runs: int = Field(
+        4, ge=1, le=64,
+        description="following replicas: how many runs' weights to hold at once (each one more copy of the "
+        "weights in memory); a pinned replica (--run-id) holds one",
     )
     graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight requests")
 
