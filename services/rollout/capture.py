@@ -4,6 +4,10 @@ It always asks for token ids, logprobs and per-token policy versions, so the tra
 exact tokens the policy sampled (never re-tokenized text). One rollout sticks to one inference
 replica so the replica's prefix cache is reused across its turns.
 
+Every call names the rollout's run (body `run_id`, replacing whatever the agent sent), so
+inference samples it only with that run's weights; an answer produced with another run's
+weights is refused here as well (502), never recorded.
+
 This is the single recording path: `AgentContext.chat` and the worker's HTTP capture proxy
 (`services.rollout.proxy`, what OpenAI-SDK agents talk to) both go through `CaptureClient.capture`.
 """
@@ -63,10 +67,13 @@ class Completion:
     finish_reason: str
 
 
-def force_capture(path: str, body: dict[str, Any]) -> dict[str, Any]:
-    """The request as sent to inference: token ids and logprobs always on (nothing else changes)."""
+def force_capture(path: str, body: dict[str, Any], run_id: str | None = None) -> dict[str, Any]:
+    """The request as sent to inference: token ids and logprobs always on, and the rollout's
+    run named (an agent cannot ask for another run's weights); nothing else changes."""
     out = dict(body)
     out["return_token_ids"] = True
+    if run_id is not None:
+        out["run_id"] = run_id
     if path == CHAT:
         out["logprobs"] = True
     else:  # completions: logprobs is the number of alternatives; 0 still returns the sampled ones
@@ -143,14 +150,24 @@ class CaptureClient:
     def replica_for(self, rollout_id: str) -> str:
         return self.base_urls[zlib.crc32(rollout_id.encode()) % len(self.base_urls)]
 
-    async def capture(self, base_url: str, path: str, body: dict[str, Any], role: str) -> Captured:
-        """Send one completion request (capture forced on); the response and its transitions."""
+    async def capture(
+        self, base_url: str, path: str, body: dict[str, Any], role: str, run_id: str | None = None
+    ) -> Captured:
+        """Send one completion request (capture forced on, sampled with `run_id`'s weights);
+        the response and its transitions."""
         start = time.perf_counter()
-        resp = await self.request("POST", base_url + path, force_capture(path, body))
+        resp = await self.request("POST", base_url + path, force_capture(path, body, run_id))
         try:
             data = resp.json()
         except ValueError:
             raise InferenceError(f"inference answered {resp.status_code} with a non-JSON body", status=502) from None
+        served = data.get("policy_run_id") if isinstance(data, dict) else None
+        if run_id is not None and served is not None and served != run_id:
+            # Defence in depth: tokens of another run's policy must never be trained as this run's.
+            raise InferenceError(
+                f"inference sampled run {run_id!r}'s call with run {served!r}'s weights; not recorded", status=502,
+                kind="wrong_run",
+            )  # fmt: skip
         return Captured(data, transitions_from(path, data, role, time.perf_counter() - start), resp.content)
 
     async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:

@@ -117,7 +117,8 @@ class AgentContext:
             raise InferenceError("this worker has no inference configured", 503, kind="inference_unavailable")
         replica = self.client.replica_for(self.request.rollout_id)
         with telemetry.child_span("llm_call", self.trace_context, role=role, endpoint=path, replica=replica) as span:
-            captured = await self.client.capture(replica, path, self.with_sampling_defaults(body), role)
+            body = self.with_sampling_defaults(body)
+            captured = await self.client.capture(replica, path, body, role, run_id=self.request.run_id)
             if span is not None:
                 span.set_attributes({
                     "prompt_tokens": sum(t.num_prompt_tokens for t in captured.transitions),
