@@ -35,7 +35,7 @@ import torch
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api as js_api
-from nats.js.kv import MSG_ROLLUP_SUBJECT
+from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
 from nats.js.object_store import (
     OBJ_CHUNKS_PRE_TEMPLATE,
     OBJ_DIGEST_TEMPLATE,
@@ -47,6 +47,7 @@ from nats.nuid import NUID
 
 from shared import subjects
 from shared.bus import Bus
+from shared.faults import LeaseLost
 from shared.messages import DecodeError, PolicyVersion
 
 log = structlog.get_logger("weights")
@@ -109,6 +110,44 @@ def load_state_dict(data: bytes | bytearray | memoryview) -> dict[str, torch.Ten
 # --- writing -----------------------------------------------------------------------------
 
 
+@dataclass
+class PolicyFence:
+    """Compare-and-set on a run's PolicyVersion entry: the KV revision this writer last saw
+    (None: the entry must not exist yet). A publish succeeds only if nobody wrote the entry
+    since, so two trainers can never both publish: the second gets `LeaseLost`."""
+
+    revision: int | None
+
+    @classmethod
+    async def read(cls, bus: Bus, run_id: str) -> PolicyFence:
+        """The fence at the entry's current revision (taken right after acquiring the run's lease)."""
+        kv = await bus.kv(subjects.KV_POLICY)
+        try:
+            entry = await kv.get(subjects.policy_key(run_id))
+        except nats.js.errors.NotFoundError:  # also KeyDeletedError
+            return cls(None)
+        return cls(entry.revision)
+
+    async def check(self, kv: KeyValue, key: str) -> None:
+        """Raise `LeaseLost` if the entry moved since this fence's revision."""
+        try:
+            entry = await kv.get(key)
+            current = entry.revision if entry.value else None
+        except nats.js.errors.NotFoundError:
+            current = None
+        if current != self.revision and not (self.revision is None and current is None):
+            raise LeaseLost(f"KV {subjects.KV_POLICY}/{key} is at revision {current}, this writer saw {self.revision}")
+
+    async def write(self, kv: KeyValue, key: str, value: bytes) -> None:
+        try:
+            if self.revision is None:
+                self.revision = await kv.create(key, value)
+            else:
+                self.revision = await kv.update(key, value, last=self.revision)
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise LeaseLost(f"KV {subjects.KV_POLICY}/{key} was written by someone else: {exc}") from None
+
+
 async def publish_weights(
     bus: Bus,
     run_id: str,
@@ -116,15 +155,22 @@ async def publish_weights(
     step: int,
     state_dict: Mapping[str, torch.Tensor],
     keep: int = 2,
+    fence: PolicyFence | None = None,
 ) -> PolicyVersion:
     """Store `state_dict` as version `version` of `run_id` and make it the run's latest.
 
     Order matters for readers: the object is complete (all chunks acked, meta written)
     before the KV entry that points at it, so a replica never sees a version it cannot read.
     Then versions beyond the newest `keep` are deleted (`keep=1` keeps only this one).
+    With a `fence` (the trainer's), the entry is written with compare-and-set, and checked
+    before the object is written, so a fenced-out writer changes neither.
     """
     if keep < 1:
         raise ValueError("keep must be >= 1: the version just published is always kept")
+    kv = await bus.kv(subjects.KV_POLICY)
+    key = subjects.policy_key(run_id)
+    if fence is not None:
+        await fence.check(kv, key)
     # One metadata key: safetensors writes the header's metadata map in hash order, so two
     # keys would make equal weights hash differently from process to process. No run id either:
     # equal weights give an equal sha256 in any run (replay checks this).
@@ -134,8 +180,10 @@ async def publish_weights(
     pv = PolicyVersion(
         run_id=run_id, version=version, object=stored.name, sha256=stored.sha256, size=stored.size, step=step
     )
-    kv = await bus.kv(subjects.KV_POLICY)
-    await kv.put(subjects.policy_key(run_id), pv.encode())
+    if fence is None:
+        await kv.put(key, pv.encode())
+    else:
+        await fence.write(kv, key, pv.encode())
     log.info("weights published", run_id=run_id, version=version, step=step, size=stored.size, chunks=stored.chunks)
     await prune_weights(bus, run_id, keep=keep, current=version)
     return pv

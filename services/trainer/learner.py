@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import torch
 from services.trainer import credit, grpo
 from services.trainer.batching import MicroBatch, pack, token_entropy, token_logprobs
 from services.trainer.samples import Sample, build_samples, min_version
-from shared.messages import Group, TrainingConfig
+from shared.messages import Group, TrainingConfig, unpack_i32
 from shared.models import load_causal_lm, resolve_device
 
 
@@ -47,6 +48,7 @@ class StepResult:
     samples: int
     sample_versions: list[int] = field(default_factory=list)  # oldest version behind each trained sample
     skipped: bool = False  # no trained token in the batch: the weights did not change
+    nonfinite: bool = False  # the loss or a gradient was NaN/inf: the update was not applied
 
     def staleness(self, current_version: int) -> dict[int, int]:
         """Versions behind `current_version` -> trained samples (for StepMetrics.staleness)."""
@@ -95,6 +97,7 @@ class Learner:
 
         # Master weights stay fp32; on CUDA the forward runs under bf16 autocast.
         self.model = model.to(device=self.device, dtype=master_dtype)
+        self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
         # Dropout off: the sampler had none, so ratios against its logprobs must start at 1.
         self.model.eval()
         self.reference = _frozen_copy(self.model) if cfg.kl_coef > 0 else None
@@ -114,6 +117,18 @@ class Learner:
         return cls(load_causal_lm(path, device=device, dtype=torch.float32), cfg, **kwargs)
 
     # --- the step ----------------------------------------------------------------------
+
+    def out_of_vocabulary(self, group: Group) -> str | None:
+        """Why `group` holds a token id the model has no embedding for, or None. Such an id
+        would crash the step (on CUDA, a device assert) or index garbage."""
+        for t in group.trajectories:
+            for i, tr in enumerate(t.transitions):
+                for name in ("prompt_ids", "response_ids"):
+                    ids = unpack_i32(getattr(tr, name))
+                    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+                        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+                        return f"token id {bad} outside the vocabulary [0, {self.vocab_size}) in {t.rollout_id} call {i} {name}"
+        return None
 
     def samples(self, groups: Sequence[Group]) -> list[Sample]:
         """The training samples of `groups`, per-token advantages filled in, in group order."""
@@ -137,21 +152,28 @@ class Learner:
         for mb in batches:
             totals.add(self._forward_backward(mb.to(self.device)), mb, loss_tokens)
 
+        metrics = totals.metrics()
         skipped = loss_tokens == 0
+        nonfinite = False
         grad_norm = 0.0
         if not skipped:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
-            self.optimizer.step()
+            # A NaN/inf loss or gradient never reaches the weights (they would be published and
+            # checkpointed). The loss is checked too: clipping can zero a NaN ratio's gradient.
+            losses = [v for k, v in metrics.items() if k.endswith("_loss")]
+            nonfinite = not all(math.isfinite(v) for v in [grad_norm, *losses])
+            if not nonfinite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
 
-        metrics = totals.metrics()
+        metrics.update(nonfinite=float(nonfinite))
         metrics.update(grad_norm=grad_norm, loss_tokens=float(loss_tokens), samples=float(len(samples)))
         metrics.update(micro_batches=float(len(batches)), lr=self.cfg.learning_rate)
         metrics.update(_reward_metrics(groups, self.pass_threshold))
         metrics.update(_advantage_metrics(samples))
         versions = [v for v in (min_version(s) for s in samples) if v is not None]
-        return StepResult(self.step_count, metrics, len(samples), versions, skipped)
+        return StepResult(self.step_count, metrics, len(samples), versions, skipped or nonfinite, nonfinite)
 
     def _set_denominators(self, samples: Sequence[Sample], loss_tokens: int) -> None:
         trained = sum(1 for s in samples if s.loss_tokens)

@@ -8,6 +8,14 @@ and trains nothing twice):
   -> progress to the KV (unblocks pacing) -> ack the step's groups.
 A restarted trainer loads the newest checkpoint, re-sends that step's metrics and weights
 (both idempotent), and skips redelivered groups the checkpoint already covers.
+
+Faults, by type (shared/faults.py). A transient one (NATS reconnecting, a JetStream 503, the
+store restarting, a timeout) never changes the run's state: the trainer waits with bounded
+backoff, logging what it waits for, and resumes from its checkpoint, exactly as a restarted
+process would. Losing the lease (another trainer took the run) stops this one writing and
+sends it back to claiming. A run is marked failed only for a reason that recurs: a
+`PermanentRunError` (a model that cannot load, non-finite updates `max_nonfinite_steps` in a
+row), or the same unexpected error `max_unexpected_failures` times without progress.
 """
 
 from __future__ import annotations
@@ -21,24 +29,25 @@ from typing import Any
 
 import structlog
 
-from shared import subjects
 from shared.bus import Bus
+from shared.faults import LeaseLost, NotFound, PermanentRunError, Rejected, is_transient
 from shared.lease import Lease
 from shared.messages import Group, RunView, StepMetrics, TrainerProgress
 from shared.models import resolve_model
-from shared.weights import latest_policy, publish_weights
+from shared.weights import PolicyFence, latest_policy, publish_weights
 from services.trainer import checkpoint
 from services.trainer.feed import GroupFeed
 from services.trainer.credit import has_signal
 from services.trainer.learner import Learner
-from services.trainer.progress import StoreError, get_run, publish_metrics, put_progress, runs_to_train, set_state
+from services.trainer.progress import get_run, publish_metrics, put_progress, runs_to_train, set_state
 from services.trainer.samples import group_min_version, merge_mismatches
 from services.trainer.settings import TrainerSettings
 
 log = structlog.get_logger("trainer")
 
 # Consumed group ids remembered in checkpoints: enough to recognise any redelivery (only the
-# groups of steps after the last ack can come back), bounded so checkpoints stay small.
+# groups of steps after the last ack can come back, and groups are acked at checkpoints, so
+# more than `checkpoint_every` steps), bounded so checkpoints stay small.
 _REMEMBERED_STEPS = 64
 
 
@@ -51,9 +60,10 @@ class Counters:
     groups_dropped: int = 0
     # group id -> the step that consumed it (trained or dropped)
     seen: dict[str, int] = field(default_factory=dict)
+    nonfinite_streak: int = 0  # consecutive steps whose update was NaN/inf (not applied)
 
-    def forget_old(self) -> None:
-        horizon = self.step - _REMEMBERED_STEPS
+    def forget_old(self, checkpoint_every: int = 1) -> None:
+        horizon = self.step - max(_REMEMBERED_STEPS, 2 * checkpoint_every + 1)
         self.seen = {g: s for g, s in self.seen.items() if s > horizon}
 
     def to_json(self) -> dict[str, Any]:
@@ -64,11 +74,12 @@ class Counters:
             "groups_trained": self.groups_trained,
             "groups_dropped": self.groups_dropped,
             "seen": self.seen,
+            "nonfinite_streak": self.nonfinite_streak,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Counters:
-        return cls(**{k: data[k] for k in ("step", "version", "groups_consumed", "groups_trained", "groups_dropped", "seen")})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass
@@ -81,8 +92,12 @@ class Batch:
 class RunTrainer:
     """Trains one run until it finishes, is cancelled, or the service stops."""
 
-    def __init__(self, bus: Bus, settings: TrainerSettings, run: RunView, stop: asyncio.Event) -> None:
+    def __init__(
+        self, bus: Bus, settings: TrainerSettings, run: RunView, stop: asyncio.Event, lease: Lease, fence: PolicyFence
+    ) -> None:
         self.bus = bus
+        self.lease = lease  # checked before every write only the run's trainer may make
+        self.fence = fence  # compare-and-set of the run's PolicyVersion
         self.settings = settings
         self.run = run
         self.cfg = run.config
@@ -99,6 +114,7 @@ class RunTrainer:
         self._last_state_check = time.monotonic()
         self._last_group_at = time.monotonic()
         self.cancelled = False
+        self._saved_step = 0  # the step the newest checkpoint on disk covers
         # Kept groups waiting for the next step: not reported as consumed until that step's
         # weights are out, or pacing would admit requests sampled by the version they will be
         # trained against plus one (stale by one more than max_staleness allows).
@@ -106,9 +122,17 @@ class RunTrainer:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def ended(self) -> bool:
+        """The run reached an end state (finished here, or cancelled/failed/finished elsewhere)."""
+        return self.cancelled or (self._finished() and not self.stop.is_set())
+
     async def train(self) -> None:
         log.info("training run", run_id=self.run.run_id, mode=self.cfg.mode, planned_steps=self.run.total_steps)
-        await asyncio.to_thread(self._load)
+        try:
+            await asyncio.to_thread(self._load)
+        except (OSError, ValueError) as exc:  # the model cannot be found or built: retrying cannot help
+            raise PermanentRunError(f"cannot load model {self.cfg.model!r}: {type(exc).__name__}: {exc}") from exc
         await self._publish_current_weights()
         await self._put_progress(force=True)
         await self.feed.start()
@@ -121,13 +145,14 @@ class RunTrainer:
                     await self._step(batch)
                 elif batch.dropped:  # nothing trainable: still record that these were consumed
                     await self._save(None)
-                    await self.feed.ack_held()
+                    await self._ack_held()
                     await self._put_progress(force=True)
             if self._finished() and not self.stop.is_set():
                 if self.counters.version != self.counters.step:  # the last steps fell between syncs
                     self.counters.version = self.counters.step
                     await self._publish_weights(self.counters.step)
                 await self._put_progress(force=True, finished=True)
+                self.lease.check()
                 await set_state(self.bus, self.run.run_id, "finished", self.settings.store_timeout_s)
                 log.info("run finished", run_id=self.run.run_id, step=self.counters.step)
         finally:
@@ -148,6 +173,7 @@ class RunTrainer:
             step, state, extra = found
             self.learner.load_state_dict(state)
             self.counters = Counters.from_json(extra["counters"])
+            self._saved_step = self.counters.step
             self._resent_metrics = extra.get("metrics")
             log.info("resumed from checkpoint", run_id=self.run.run_id, step=step)
         else:
@@ -157,6 +183,7 @@ class RunTrainer:
         """Make the KV name the weights this trainer starts from (fresh run, or a checkpoint
         newer or older than the last broadcast), and re-send the last step's metrics."""
         if self._resent_metrics is not None:
+            self.lease.check()
             await publish_metrics(self.bus, StepMetrics.model_validate(self._resent_metrics))
         latest = await latest_policy(self.bus, self.run.run_id)
         if latest is None or latest.version != self.counters.version or latest.step != self.counters.step:
@@ -183,8 +210,13 @@ class RunTrainer:
                 continue
             msg, group = item
             self._last_group_at = time.monotonic()
-            if group.group_id in self.counters.seen:  # covered by the checkpoint we resumed from
-                await self.feed.ack(msg)
+            consumed_at = self.counters.seen.get(group.group_id)
+            if consumed_at is not None:
+                if consumed_at <= self._saved_step:  # covered by a checkpoint on disk: done with
+                    self.lease.check()
+                    await self.feed.ack(msg)
+                else:  # consumed, not yet checkpointed (redelivered while held): ack it with them
+                    self.feed.hold(msg)
                 continue
             self.feed.hold(msg)
             self._consume(group, batch)
@@ -205,6 +237,10 @@ class RunTrainer:
         self._unsettled += 1
 
     def _drop_reason(self, group: Group) -> str | None:
+        assert self.learner is not None
+        bad = self.learner.out_of_vocabulary(group)
+        if bad is not None:
+            return f"bad data: {bad}"
         oldest = group_min_version(group, self.roles)
         if oldest is None:
             return "no trainable tokens"
@@ -220,7 +256,13 @@ class RunTrainer:
         if time.monotonic() - self._last_state_check < self.settings.poll_s:
             return
         self._last_state_check = time.monotonic()
-        run = await get_run(self.bus, self.run.run_id, self.settings.store_timeout_s)
+        try:
+            run = await get_run(self.bus, self.run.run_id, self.settings.store_timeout_s)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("cannot read the run's state; will look again", run_id=self.run.run_id, error=str(exc))
+            return
         if run.state in ("cancelled", "failed", "finished"):
             log.info("run ended elsewhere; stopping", run_id=self.run.run_id, state=run.state)
             self.cancelled = True
@@ -236,6 +278,12 @@ class RunTrainer:
         c.step += 1
         c.groups_trained += len(batch.kept)
         self._unsettled = 0
+        c.nonfinite_streak = c.nonfinite_streak + 1 if result.nonfinite else 0
+        if c.nonfinite_streak >= self.settings.max_nonfinite_steps:
+            raise PermanentRunError(
+                f"non-finite loss or gradients {c.nonfinite_streak} steps in a row (last at step {c.step}); "
+                "updates were not applied"
+            )
         sync = c.step % self.train_cfg.sync_every == 0 or self._finished()
         if sync:
             c.version = c.step
@@ -250,15 +298,16 @@ class RunTrainer:
             staleness=result.staleness(c.step - 1),
             trainer_id=self.settings.trainer_id,
         )
-        c.forget_old()
+        c.forget_old(self.train_cfg.checkpoint_every)
         if c.step % self.train_cfg.checkpoint_every == 0 or self._finished():
             await self._save(metrics)
+        self.lease.check()
         await publish_metrics(self.bus, metrics)
         if sync:
             await self._publish_weights(c.step)
         await self._put_progress(force=True)
         if c.step % self.train_cfg.checkpoint_every == 0 or self._finished():
-            await self.feed.ack_held()
+            await self._ack_held()
         log.info(
             "step",
             run_id=self.run.run_id,
@@ -295,14 +344,23 @@ class RunTrainer:
         if metrics is not None:
             self._resent_metrics = extra["metrics"]
         state = self.learner.state_dict()
+        self.lease.check()
         await asyncio.to_thread(
             checkpoint.save_checkpoint, self.ckpt_dir, self.counters.step, state, extra, self.settings.keep_checkpoints
         )
+        self._saved_step = self.counters.step
+
+    async def _ack_held(self) -> None:
+        self.lease.check()
+        await self.feed.ack_held()
 
     async def _publish_weights(self, step: int) -> None:
         assert self.learner is not None
         weights = await asyncio.to_thread(self.learner.policy_state)
-        pv = await publish_weights(self.bus, self.run.run_id, step, step, weights, keep=self.train_cfg.keep_versions)
+        self.lease.check()
+        pv = await publish_weights(
+            self.bus, self.run.run_id, step, step, weights, keep=self.train_cfg.keep_versions, fence=self.fence
+        )
         log.info("weights published", run_id=self.run.run_id, version=pv.version, size=pv.size)
 
     async def _put_progress(self, force: bool = False, finished: bool = False) -> None:
@@ -312,6 +370,7 @@ class RunTrainer:
             return
         self._last_progress = time.monotonic()
         c = self.counters
+        self.lease.check()
         await put_progress(
             self.bus,
             TrainerProgress(
@@ -339,21 +398,18 @@ class Trainer:
         while not stop.is_set():
             try:
                 claimed = await self._claim()
-            except (TimeoutError, StoreError) as exc:  # the store restarting: look again shortly
-                log.warning("cannot list runs; retrying", error=str(exc))
+            except Exception as exc:  # never exit the service over a lookup: look again shortly
+                log.warning("cannot claim a run; retrying", error=f"{type(exc).__name__}: {exc}", transient=is_transient(exc))
                 claimed = None
             if claimed is None:
                 await _sleep(stop, self.settings.poll_s)
                 continue
             run, lease = claimed
             try:
-                await self._train_holding(run, lease, stop)
-            except Exception as exc:
-                log.exception("run failed", run_id=run.run_id)
-                await set_state(self.bus, run.run_id, "failed", self.settings.store_timeout_s, error=f"{type(exc).__name__}: {exc}")
+                ended = await self._train_holding(run, lease, stop)
             finally:
                 await lease.release()
-            if self.settings.exit_when_done and self.settings.run_id:
+            if ended and self.settings.exit_when_done and self.settings.run_id:
                 return
 
     async def _claim(self) -> tuple[RunView, Lease] | None:
@@ -366,30 +422,100 @@ class Trainer:
                 return run, lease
         return None
 
-    async def _train_holding(self, run: RunView, lease: Lease, stop: asyncio.Event) -> None:
-        """Train while renewing the lease; losing it (another trainer took over) stops training."""
-        lost = asyncio.Event()
+    async def _train_holding(self, run: RunView, lease: Lease, stop: asyncio.Event) -> bool:
+        """Train `run` while holding its lease, through any number of transient faults.
+
+        Returns True when the run reached an end state, False when this trainer stopped
+        (service stopping, lease lost) and the run is left for whoever holds it next."""
         run_stop = asyncio.Event()
-
-        async def renew() -> None:
-            while not run_stop.is_set():
-                await _sleep(run_stop, subjects.LEASE_TTL_S / 4)
-                if not await lease.renew():
-                    log.error("lost the run's lease; stopping", run_id=run.run_id)
-                    lost.set()
-                    run_stop.set()
-
-        async def forward_stop() -> None:
-            await stop.wait()
-            run_stop.set()
-
-        helpers = [asyncio.create_task(renew()), asyncio.create_task(forward_stop())]
+        helpers = [asyncio.create_task(self._keep_lease(run, lease, run_stop)), asyncio.create_task(_forward(stop, run_stop))]
+        delay = self.settings.retry_initial_s
+        strikes: tuple[int, int] = (-1, 0)  # (step of the last unexpected failure, failures there in a row)
         try:
-            await RunTrainer(self.bus, self.settings, run, run_stop).train()
+            while not run_stop.is_set():
+                trainer: RunTrainer | None = None
+                try:
+                    fence = await PolicyFence.read(self.bus, run.run_id)
+                    trainer = RunTrainer(self.bus, self.settings, run, run_stop, lease, fence)
+                    await trainer.train()
+                    return trainer.ended
+                except LeaseLost as exc:
+                    log.warning("cannot prove the run's lease; stopping writes", run_id=run.run_id, reason=str(exc))
+                    return False
+                except PermanentRunError as exc:
+                    await self._fail(run, lease, str(exc), stop)
+                    return True
+                except Exception as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    step = trainer.counters.step if trainer is not None else -1
+                    if is_transient(exc):
+                        log.warning("transient fault; waiting, then resuming from the checkpoint",
+                                    run_id=run.run_id, waiting_for=_waiting_for(exc), error=reason, retry_in_s=delay)  # fmt: skip
+                    else:
+                        strikes = (step, strikes[1] + 1 if strikes[0] == step else 1)
+                        if strikes[1] >= self.settings.max_unexpected_failures:
+                            await self._fail(run, lease, f"{reason} ({strikes[1]} times in a row at step {step})", stop)
+                            return True
+                        log.exception("unexpected error; resuming from the checkpoint", run_id=run.run_id,
+                                      failures=strikes[1], retry_in_s=delay)  # fmt: skip
+                    await _sleep(run_stop, delay)
+                    delay = min(delay * 2, self.settings.retry_max_s)
+            return False
         finally:
             run_stop.set()
             for h in helpers:
                 h.cancel()
+
+    async def _keep_lease(self, run: RunView, lease: Lease, run_stop: asyncio.Event) -> None:
+        """Renew every TTL/4. A renewal that fails (NATS reconnecting) is retried; meanwhile the
+        lease's fence stops writes. Only a lease someone else holds ends the run here."""
+        while not run_stop.is_set():
+            await _sleep(run_stop, lease.ttl_s / 4)
+            if run_stop.is_set():
+                return
+            try:
+                if not await lease.renew():
+                    log.error("another trainer holds the run's lease; stopping", run_id=run.run_id)
+                    run_stop.set()
+                    return
+            except Exception as exc:
+                log.warning("cannot renew the run's lease; retrying", run_id=run.run_id, error=f"{type(exc).__name__}: {exc}")
+
+    async def _fail(self, run: RunView, lease: Lease, reason: str, stop: asyncio.Event) -> None:
+        """Mark the run failed with `reason`, waiting out transient faults; only the lease holder may."""
+        log.error("run failed", run_id=run.run_id, reason=reason)
+        delay = self.settings.retry_initial_s
+        while not stop.is_set():
+            try:
+                lease.check()
+                await set_state(self.bus, run.run_id, "failed", self.settings.store_timeout_s, error=reason)
+                return
+            except (NotFound, Rejected, LeaseLost) as exc:
+                log.warning("could not mark the run failed", run_id=run.run_id, error=str(exc))
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("waiting to mark the run failed", run_id=run.run_id, waiting_for=_waiting_for(exc), error=str(exc))
+                await _sleep(stop, delay)
+                delay = min(delay * 2, self.settings.retry_max_s)
+                try:  # keep the lease alive while waiting (its keeper stopped with the run)
+                    await lease.renew()
+                except Exception:
+                    pass
+
+
+def _waiting_for(exc: BaseException) -> str:
+    """What a transient fault says the trainer is waiting for, for the log."""
+    text = f"{type(exc).__name__} {exc}".lower()
+    if "store" in text:
+        return "store"
+    return "nats"
+
+
+async def _forward(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:

@@ -27,3 +27,7 @@ class TrainerSettings(ServiceSettings):
     replay_idle_s: float = Field(10.0, gt=0, description="a replay run ends after this long without new groups")
     exit_when_done: bool = Field(False, description="exit after the run (with --run-id) finishes instead of waiting")
     store_timeout_s: float = Field(10.0, gt=0)
+    retry_initial_s: float = Field(0.5, gt=0, description="first wait after a transient fault (doubles)")
+    retry_max_s: float = Field(5.0, gt=0, description="longest wait between attempts while a fault lasts")
+    max_unexpected_failures: int = Field(3, ge=1, description="the same unexpected error this often at one step fails the run")
+    max_nonfinite_steps: int = Field(3, ge=1, description="NaN/inf updates in a row (not applied) before the run fails")
