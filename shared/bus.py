@@ -325,9 +325,10 @@ class ConsumerSpec:
     # Handler failures of one message (transient ones excluded) before it is poison (dead-lettered).
     poison_after: int = 5
     retry_delay_s: float = 1.0
-    # False for the consumer of the DLQ itself: a dead letter is never dead-lettered again
-    # (that could loop during a database outage); poison and undecodable messages are logged
-    # and left in the stream (limits retention keeps them whether acked or not).
+    # False for the consumer of the DLQ itself: a message whose handler keeps failing is never
+    # dead-lettered (during a database outage that would feed the DLQ from itself); it is
+    # logged and retried at a slow pace instead. Undecodable messages are still dead-lettered:
+    # the wrapper is a valid DeadLetter (deduplicated by stream sequence), so that happens once.
     dead_letter: bool = True
 
 
@@ -335,6 +336,8 @@ class ConsumerSpec:
 _FETCH_BACKOFF_S = (0.2, 5.0)
 # Per-message failure counts kept at most (oldest forgotten first).
 _MAX_FAILURE_COUNTS = 10000
+# Longest wait between retries of a message a consumer must never dead-letter.
+_SLOW_RETRY_S = 60.0
 
 
 @dataclass
@@ -554,7 +557,11 @@ class PullConsumer(Generic[M]):
         seq = delivery.stream_seq
         failures = self._count_failure(seq) if seq is not None else delivery.delivered
         reason = f"handler failed {failures}x: {type(exc).__name__}: {exc}"
-        if failures >= self.spec.poison_after:
+        if failures >= self.spec.poison_after and not self.spec.dead_letter:
+            log.error("handler keeps failing; retried slowly, never dead-lettered", durable=self.spec.durable,
+                      seq=seq, error=reason)
+            await delivery.msg.nak(delay=min(self.spec.retry_delay_s * failures, _SLOW_RETRY_S))
+        elif failures >= self.spec.poison_after:
             await self._dead_letter(delivery.msg, reason)
         else:
             log.warning("handler failed; will retry", durable=self.spec.durable, error=reason)
@@ -576,14 +583,6 @@ class PullConsumer(Generic[M]):
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         """Give up on `msg` with the reason. If the dead letter cannot be published (NATS down),
         the message is nak'ed to come back later: a failed publish never ends the consumer."""
-        if not self.spec.dead_letter:
-            # This consumer reads dead letters: never dead-letter one again. Acked, it stays in
-            # its limits-retention stream for operators; the log line says which and why.
-            log.error("dead letter not handled; left in its stream", durable=self.spec.durable,
-                      subject=msg.subject, seq=_seq(msg), reason=reason[:1000])
-            self._forget(msg)
-            await _quietly(msg.ack())
-            return
         try:
             await self.bus.dead_letter(self.spec.stream, self.spec.durable, msg, reason)
         except Exception as exc:  # noqa: BLE001 - anything: the message must come back, not vanish
