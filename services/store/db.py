@@ -1,4 +1,5 @@
-"""Database engine: SQLite (aiosqlite) by default, PostgreSQL (asyncpg) when the URL says so."""
+"""Database engine: SQLite (aiosqlite) by default, PostgreSQL (asyncpg) when the URL says so;
+which database errors are about a row (`is_row_error`) and which are transient."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from sqlalchemy import Connection, event, inspect, text
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.schema import CreateColumn
@@ -90,3 +92,26 @@ def upsert(engine: AsyncEngine, table: Any, keys: Sequence[str], newer: str | No
     update = {c.name: stmt.excluded[c.name] for c in columns if c.name not in keys}
     where = columns[newer] <= stmt.excluded[newer] if newer else None
     return stmt.on_conflict_do_update(index_elements=list(keys), set_=update, where=where)
+
+
+# SQLSTATE classes about the row itself: 22 data exception (too long, NUL byte, bad JSON),
+# 23 integrity constraint violation (NOT NULL, unique, foreign key).
+_ROW_SQLSTATE_CLASSES = ("22", "23")
+
+
+def is_row_error(exc: BaseException) -> bool:
+    """True when the database refused the data (retrying the same row fails the same way):
+    the row is isolated and dead-lettered. Everything else a database raises (connection lost,
+    locked, out of resources, a missing table) is transient: the batch is retried later and
+    no durable state changes because of it.
+
+    asyncpg's data errors reach SQLAlchemy as a plain DBAPIError, so the SQLSTATE decides there;
+    SQLite reports a NaN stored as NULL as an IntegrityError."""
+    if isinstance(exc, (IntegrityError, DataError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return isinstance(state, str) and state[:2] in _ROW_SQLSTATE_CLASSES
+    if isinstance(exc, StatementError):  # a bound value the driver could not take
+        return isinstance(exc.orig, (ValueError, TypeError))
+    return isinstance(exc, ValueError)

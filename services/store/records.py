@@ -1,4 +1,5 @@
-"""Conversion between wire messages and table rows."""
+"""Conversion between wire messages and table rows, and the failed member a dead letter
+stands for (`failed_member`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import json
 import math
 from typing import Any
 
+import msgpack
+from pydantic import ValidationError
+
+from shared import subjects
 from shared.messages import (
+    DeadLetter,
     Event,
     PaceCursor,
     Reward,
+    RolloutKeys,
     RunConfig,
     RunView,
     StepMetrics,
@@ -140,6 +147,45 @@ def trajectory_from_rows(
         attempt=r.attempt,
         trace_id=r.trace_id,
     )
+
+
+# Streams whose messages are group members: a rollout request (TASKS) or its trajectory.
+_MEMBER_STREAMS = (subjects.STREAM_TASKS, subjects.STREAM_TRAJECTORIES)
+# Who stored a member made from a dead letter (shown as the rollout's worker).
+DEAD_LETTER_WORKER = "store:dead-letter"
+
+
+def failed_member(letter: DeadLetter) -> Trajectory | None:
+    """The failed trajectory a dead-lettered rollout request or trajectory stands for, so its
+    group can still complete (status error, reward 0, error = the dead letter's reason).
+
+    Decoded leniently (int map keys allowed, unknown fields ignored): the letter is there
+    because strict decoding refused it, but its rollout keys usually survive. None when they
+    do not (not MessagePack, keys missing or invalid) or the letter is not a group member.
+    """
+    if letter.stream not in _MEMBER_STREAMS:
+        return None
+    try:
+        obj = msgpack.unpackb(letter.data, raw=False, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - msgpack raises several unrelated types
+        return None
+    if not isinstance(obj, dict):
+        return None
+    keys = {k: obj[k] for k in RolloutKeys.model_fields if k != "schema_version" and k in obj}
+    attempt = obj.get("attempt")
+    try:
+        return Trajectory(
+            **keys,
+            status="error",
+            error=f"dead-lettered from {letter.stream}: {letter.reason}"[:4000],
+            reward=0.0,
+            started_at=letter.at,
+            finished_at=letter.at,
+            worker_id=DEAD_LETTER_WORKER,
+            attempt=attempt if isinstance(attempt, int) and attempt >= 1 else 1,
+        )
+    except (ValidationError, TypeError):
+        return None
 
 
 def task_spec_from_row(row: TaskRow) -> TaskSpec:

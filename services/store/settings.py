@@ -13,3 +13,6 @@ class StoreSettings(ServiceSettings):
     )
     batch_size: int = Field(256, ge=1, le=4096, description="trajectories written per SQL transaction")
     ack_wait_s: float = Field(60.0, gt=0)
+    reconcile_every_s: float = Field(
+        30.0, gt=0, description="how often the store sweeps for complete groups never published (and once at start)"
+    )
