@@ -353,6 +353,49 @@ class Group(Message):
     completed_at: float = Field(default_factory=time.time)
 
 
+class GroupRef(Message):
+    """A complete group too large for one NATS message, published to GROUPS in its place: the
+    trainer fetches its `size` members from the store in pages (`GetGroupMembers`), each page
+    under max_payload. Same subject and Nats-Msg-Id as the whole group would have had."""
+
+    run_id: str
+    group_id: str
+    task_id: str
+    size: int = Field(ge=1, description="members the group has (the trainer checks it got them all)")
+    nbytes: int = Field(0, ge=0, description="packed size of the whole group (why it went by reference)")
+    completed_at: float = Field(default_factory=time.time)
+
+
+def decode_group(data: bytes) -> Group | GroupRef:
+    """A message from GROUPS: a whole `Group`, or a `GroupRef` to fetch it by. DecodeError if neither."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"not MessagePack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a map for a group, got {type(obj).__name__}")
+    model: type[Group] | type[GroupRef] = Group if "trajectories" in obj else GroupRef
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise DecodeError(f"invalid {model.__name__}: {_short(exc)}") from None
+
+
+class GetGroupMembers(Message):
+    """Trainer -> store (`relayrl.rpc.store.get_group_members`): members of a stored group with
+    sample_index > `after_index`, as many as fit one message."""
+
+    group_id: str
+    after_index: int = -1
+
+
+class GroupMembers(Message):
+    """Store -> trainer: one page of a group's members in sample order; `more` while members remain."""
+
+    trajectories: list[Trajectory]
+    more: bool = False
+
+
 class DeadLetter(Message):
     """A message a consumer gave up on, with the reason; published to DLQ."""
 
