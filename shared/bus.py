@@ -29,11 +29,15 @@ from nats.js.object_store import ObjectStore
 from shared import subjects, telemetry
 from shared.config import ServiceSettings
 from shared.faults import is_transient
-from shared.messages import DeadLetter, DecodeError, Message, Reply
+from shared.messages import DeadLetter, DecodeError, Failure, Message
 
 log = structlog.get_logger("bus")
 
 M = TypeVar("M", bound=Message)
+R = TypeVar("R", bound=Message)
+
+# Marks a request/reply answer that is a `Failure` rather than the reply type asked for.
+FAILURE_HEADER = "Relayrl-Failure"
 
 WORK_QUEUE = js_api.RetentionPolicy.WORK_QUEUE
 LIMITS = js_api.RetentionPolicy.LIMITS
@@ -225,8 +229,11 @@ class Bus:
 
     # --- request/reply ---------------------------------------------------------------
 
-    async def request(self, subject: str, msg: Message, timeout: float | None = None) -> Reply:
-        """Core NATS request expecting a `Reply`; raises TimeoutError when nobody answers."""
+    async def request(
+        self, subject: str, msg: Message, reply_cls: type[R], timeout: float | None = None
+    ) -> R | Failure:
+        """Core NATS request: the reply decoded as `reply_cls`, or the `Failure` the server sent
+        instead. Raises TimeoutError when nobody answers (no responders, or too late)."""
         try:
             resp = await self.nc.request(
                 subject, msg.encode(), timeout=timeout or self.timeout, headers=telemetry.inject_headers()
@@ -235,29 +242,44 @@ class Bus:
             raise TimeoutError(f"no responders on {subject}") from None
         except nats.errors.TimeoutError:
             raise TimeoutError(f"request on {subject} timed out") from None
-        return Reply.decode(resp.data)
+        if resp.headers and FAILURE_HEADER in resp.headers:
+            return Failure.decode(resp.data)
+        return reply_cls.decode(resp.data)
 
     async def serve(
-        self, subject: str, queue: str, request_cls: type[M], handler: Callable[[M], Awaitable[Reply]]
+        self, subject: str, queue: str, request_cls: type[M], handler: Callable[[M], Awaitable[Message]]
     ) -> Any:
-        """Answer requests on `subject` (queue group: replicas share); bad requests get a 400 reply."""
+        """Answer requests on `subject` (queue group: replicas share) with what `handler` returns.
+
+        A handler may return a `Failure`; an undecodable request gets a 400 Failure, a handler
+        that raises gets a 503 (transient, per `is_transient`) or a 500 Failure, and a reply too
+        big for one message a 500: the caller always gets an answer, never a timeout."""
 
         async def on_request(msg: Msg) -> None:
             try:
                 req = request_cls.decode(msg.data)
             except DecodeError as exc:
-                reply = Reply.fail(400, str(exc))
+                reply: Message = Failure(code=400, error=str(exc))
             else:
                 try:
                     with telemetry.span_from_headers(f"serve {subject}", msg.headers):
                         reply = await handler(req)
                 except Exception as exc:  # a failing query must answer, not leave the caller hanging
-                    log.exception("request handler failed", subject=subject)
-                    reply = Reply.fail(500, f"{type(exc).__name__}: {exc}")
-            if msg.reply:
-                await msg.respond(reply.encode())
+                    transient = is_transient(exc)
+                    log.warning("request handler failed", subject=subject, error=str(exc), exc_info=not transient)
+                    reply = Failure(code=503 if transient else 500, error=f"{type(exc).__name__}: {exc}", transient=transient)
+            if not msg.reply:
+                return
+            try:
+                await self._respond(msg.reply, reply)
+            except nats.errors.MaxPayloadError:
+                await self._respond(msg.reply, Failure(code=500, error=f"reply to {subject} exceeds max_payload"))
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_request)
+
+    async def _respond(self, inbox: str, reply: Message) -> None:
+        headers = {FAILURE_HEADER: str(reply.code)} if isinstance(reply, Failure) else None
+        await self.nc.publish(inbox, reply.encode(), headers=headers)
 
     async def close(self) -> None:
         """Drain: finish in-flight callbacks and flush pending publishes, then disconnect."""

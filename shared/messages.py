@@ -94,6 +94,7 @@ def _check_json_data(value: dict[str, Any]) -> dict[str, Any]:
 
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+INT32_MAX = 2**31 - 1  # the store's INTEGER columns (PostgreSQL int4)
 RolloutIdText = _bounded(160, 1)
 RunIdText = _bounded(64, 1)
 IdText = _bounded(128, 1)
@@ -205,8 +206,8 @@ class RolloutKeys(Message):
     run_id: RunIdText
     task_id: IdText
     group_id: IdText
-    sample_index: int = Field(ge=0)
-    group_size: int = Field(ge=1)
+    sample_index: int = Field(ge=0, le=INT32_MAX)
+    group_size: int = Field(ge=1, le=INT32_MAX)
     agent: Text128
     eval: bool = False  # an evaluation rollout: stored and aggregated, never trained
     eval_version: int | None = None  # the policy version an evaluation rollout was asked to run on
@@ -329,7 +330,7 @@ class Trajectory(RolloutKeys):
     started_at: Finite
     finished_at: Finite
     worker_id: Text128
-    attempt: int = Field(1, ge=1)
+    attempt: int = Field(1, ge=1, le=INT32_MAX)
     trace_id: Text32 | None = None
 
     @field_validator("error")
@@ -753,6 +754,8 @@ class SaveCursor(Message):
 class ListRuns(Message):
     states: list[RunState] = Field(default_factory=list)
     limit: int = Field(100, ge=1, le=10000)
+    # Keyset page: only runs listed after this (created_at, run_id), from the previous page's `next`.
+    after: tuple[float, str] | None = None
 
 
 class GetMetrics(Message):
@@ -780,28 +783,17 @@ class PutDataset(Message):
     rows: list[dict[str, Any]] = Field(min_length=1)
 
 
-# --- the store's one reply type --------------------------------------------------------
+# --- request/reply failures ------------------------------------------------------------
 
 
-class Reply(Message):
-    """The store's answer to any request: `ok`, or an error with an HTTP-like code."""
+class Failure(Message):
+    """What a request/reply server answers instead of its reply type when it could not do what
+    was asked (sent with the `Relayrl-Failure` header, see `Bus.serve`).
 
-    ok: bool
-    code: int = 200
-    error: str | None = None
-    task: TaskView | None = None
-    trajectory: Trajectory | None = None
-    stored: int | None = None
-    run: RunView | None = None
-    runs: list[RunView] | None = None
-    metrics: list[StepMetrics] | None = None
-    rows: list[dict[str, Any]] | None = None
-    evals: list[EvalSummary] | None = None
+    `code` is HTTP-like: 4xx the request is wrong and will stay wrong (bad data, missing object,
+    conflicting state); 503 with `transient` the server or its database is unavailable right
+    now and the same request may succeed later; 500 a server bug."""
 
-    @classmethod
-    def fail(cls, code: int, error: str) -> Reply:
-        return cls(ok=False, code=code, error=error)
-
-    @classmethod
-    def of(cls, **fields: Any) -> Reply:
-        return cls(ok=True, **fields)
+    code: int
+    error: str
+    transient: bool = False

@@ -7,9 +7,10 @@ import msgpack
 import pytest
 
 from shared import subjects
-from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, TransientError
+from shared.bus import FAILURE_HEADER, Bus, ConsumerSpec, Delivery, PullConsumer, TransientError
 from shared.config import ServiceSettings
-from shared.messages import DeadLetter, Ping, Reply
+from shared.messages import DeadLetter, Failure, Ping
+from shared.store_api import Stored
 from tests.conftest import wait_until
 from tests.test_messages import make_trajectory
 from shared.messages import Trajectory
@@ -141,16 +142,32 @@ async def test_long_handler_is_kept_alive_not_redelivered(bus: Bus):
 
 
 async def test_request_reply_bad_request_gets_400(bus: Bus):
-    async def handler(_: Ping) -> Reply:
-        return Reply.of(stored=1)
+    async def handler(_: Ping) -> Stored:
+        return Stored(stored=1)
 
     await bus.serve("relayrl.rpc.test", "q", Ping, handler)
-    assert (await bus.request("relayrl.rpc.test", Ping())).stored == 1
+    assert (await bus.request("relayrl.rpc.test", Ping(), Stored)) == Stored(stored=1)
     raw = await bus.nc.request("relayrl.rpc.test", b"garbage", timeout=2)
-    reply = Reply.decode(raw.data)
+    assert raw.headers and FAILURE_HEADER in raw.headers
+    reply = Failure.decode(raw.data)
     assert reply.code == 400 and "MessagePack" in reply.error
     with pytest.raises(TimeoutError):
-        await bus.request("relayrl.rpc.nobody", Ping(), timeout=0.5)
+        await bus.request("relayrl.rpc.nobody", Ping(), Stored, timeout=0.5)
+
+
+async def test_a_failing_handler_answers_transient_or_permanent(bus: Bus):
+    async def down(_: Ping) -> Stored:
+        raise ConnectionRefusedError("database restarting")
+
+    async def bug(_: Ping) -> Stored:
+        raise KeyError("oops")
+
+    await bus.serve("relayrl.rpc.down", "q", Ping, down)
+    await bus.serve("relayrl.rpc.bug", "q", Ping, bug)
+    transient = await bus.request("relayrl.rpc.down", Ping(), Stored)
+    assert isinstance(transient, Failure) and transient.code == 503 and transient.transient
+    permanent = await bus.request("relayrl.rpc.bug", Ping(), Stored)
+    assert isinstance(permanent, Failure) and permanent.code == 500 and not permanent.transient
 
 
 async def test_connect_gives_up_after_its_attempts() -> None:

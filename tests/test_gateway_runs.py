@@ -18,7 +18,8 @@ import pytest
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
-from shared.messages import AgentInfo, RolloutRequest, SetRunState, TrainerProgress, Transition, pack_f32, pack_i32
+from shared.messages import AgentInfo, RolloutRequest, TrainerProgress, Transition, pack_f32, pack_i32
+from shared.store_api import StoreClient
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 from services.store.settings import StoreSettings
@@ -322,8 +323,6 @@ async def test_a_finished_run_gets_its_last_version_evaluated(client: httpx.Asyn
     assert await versions() == [0]
     # The trainer finishes the run: the pacer evaluates version 3 before letting the run go,
     # and the run's queued training requests are purged but its evaluations are kept.
-    reply = await bus.request(subjects.store_rpc("set_run_state"),
-                              SetRunState(run_id="ev4", state="finished", from_states=["running"]))
-    assert reply.ok
+    await StoreClient(bus, timeout_s=5).set_run_state("ev4", "finished", from_states=["running"])
     await wait_until(versions, expect=[0, 3])
     await wait_until(lambda: queued_requests(bus, "ev4"), expect=0)

@@ -10,7 +10,9 @@ from sqlalchemy import func, select
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
-from shared.messages import Event, GetById, Group, PutTasks, Reward, TaskSpec
+from shared.faults import NotFound
+from shared.messages import Event, Failure, GetById, Group, Reward, TaskSpec
+from shared.store_api import Pong, StoreClient
 from services.store.db import create_engine, create_schema
 from services.store.service import Store
 from services.store.settings import StoreSettings
@@ -122,21 +124,21 @@ async def test_store_restarted_mid_stream_loses_nothing(settings: ServiceSetting
 
 
 async def test_queries_and_task_progress(store: RunningStore, bus: Bus):
+    api = StoreClient(bus, timeout_s=5)
     spec = TaskSpec(task_id="q1", run_id="r", agent="copy", input={"text": "x"}, group_size=2)
-    reply = await bus.request(subjects.store_rpc("put_tasks"), PutTasks(tasks=[spec]))
-    assert reply.ok and reply.stored == 1
-    again = await bus.request(subjects.store_rpc("put_tasks"), PutTasks(tasks=[spec]))
-    assert again.stored == 0  # idempotent
-    view = (await bus.request(subjects.store_rpc("get_task"), GetById(id="q1"))).task
+    assert await api.put_tasks([spec]) == 1
+    assert await api.put_tasks([spec]) == 0  # idempotent
+    view = await api.get_task("q1")
     assert view.status == "pending" and view.rollouts == []
     t = trajectory("q1", 0, 2)
     await bus.publish(subjects.trajectories("r"), t, t.msg_id())
     await wait_until(store.count, expect=1)
-    view = (await bus.request(subjects.store_rpc("get_task"), GetById(id="q1"))).task
+    view = await api.get_task("q1")
     assert view.status == "running" and view.rollouts[0].rollout_id == "q1.0"
-    missing = await bus.request(subjects.store_rpc("get_rollout"), GetById(id="nope"))
-    assert not missing.ok and missing.code == 404
-    assert (await bus.request(subjects.store_rpc("ping"), GetById(id="x"))).code == 400  # wrong type
+    with pytest.raises(NotFound):
+        await api.get_rollout("nope")
+    wrong_type = await bus.request(subjects.store_rpc("ping"), GetById(id="x"), Pong)
+    assert isinstance(wrong_type, Failure) and wrong_type.code == 400
 
 
 async def test_malformed_trajectory_is_dead_lettered_and_persisted(store: RunningStore, bus: Bus):

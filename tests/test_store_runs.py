@@ -5,36 +5,22 @@ import asyncio
 import math
 
 import msgpack
+import pytest
 from sqlalchemy import text
 
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import (
-    GetById,
-    GetMetrics,
-    Group,
-    ListRuns,
-    Message,
-    PaceCursor,
-    PutDataset,
-    PutRun,
-    PutTasks,
-    ReplayRequest,
-    Reply,
-    RunConfig,
-    SaveCursor,
-    SetRunState,
-    StepMetrics,
-    TaskSpec,
-)
+from shared.faults import NotFound, Rejected
+from shared.messages import Failure, Group, PaceCursor, RunConfig, RunView, StepMetrics, TaskSpec
+from shared.store_api import StoreClient
 from services.store.db import create_engine, create_schema
 from services.store.runs import RunRepository
 from tests.conftest import wait_until
 from tests.test_store import RunningStore, published_groups, store, trajectory  # noqa: F401  (store is a fixture)
 
 
-async def rpc(bus: Bus, method: str, msg: Message) -> Reply:
-    return await bus.request(subjects.store_rpc(method), msg)
+def client(bus: Bus) -> StoreClient:
+    return StoreClient(bus, timeout_s=5.0)
 
 
 def config(run_id: str, rows: int = 4, **training: object) -> RunConfig:
@@ -46,8 +32,8 @@ def config(run_id: str, rows: int = 4, **training: object) -> RunConfig:
     )
 
 
-async def put_run(bus: Bus, cfg: RunConfig) -> Reply:
-    return await rpc(bus, "put_run", PutRun(config=cfg, rows=len(cfg.dataset)))
+async def put_run(bus: Bus, cfg: RunConfig) -> RunView:
+    return await client(bus).put_run(cfg, len(cfg.dataset))
 
 
 def step(run_id: str, n: int, version: int, group_ids: list[str], **values: float) -> StepMetrics:
@@ -69,55 +55,65 @@ async def replayed(bus: Bus, run_id: str) -> list[Group]:
 
 
 async def test_put_get_list_runs_idempotent_and_conflicting(store: RunningStore, bus: Bus):
+    api = client(bus)
     first = await put_run(bus, config("a"))
-    assert first.ok and first.run.state == "running" and first.run.cursor == PaceCursor()
-    assert first.run.rows == 4 and first.run.total_steps == 2  # 4 rows x 1 epoch / batch 2
-    assert (first.run.step, first.run.version, first.run.groups_consumed, first.run.reward_mean) == (0, 0, 0, None)
+    assert first.state == "running" and first.cursor == PaceCursor()
+    assert first.rows == 4 and first.total_steps == 2  # 4 rows x 1 epoch / batch 2
+    assert (first.step, first.version, first.groups_consumed, first.reward_mean) == (0, 0, 0, None)
     await asyncio.sleep(0.01)
-    assert (await put_run(bus, config("b", rows=6))).ok
+    await put_run(bus, config("b", rows=6))
 
     again = await put_run(bus, config("a"))
-    assert again.ok and again.run == first.run  # idempotent: the stored run, unchanged
-    clash = await put_run(bus, config("a", learning_rate=0.5))
-    assert clash.code == 409 and "training" in clash.error
+    assert again == first  # idempotent: the stored run, unchanged
+    with pytest.raises(Rejected) as clash:
+        await put_run(bus, config("a", learning_rate=0.5))
+    assert clash.value.code == 409 and "training" in clash.value.reason
 
-    got = await rpc(bus, "get_run", GetById(id="a"))
-    assert got.run == first.run and got.run.config == config("a")
-    assert (await rpc(bus, "get_run", GetById(id="nope"))).code == 404
-    listed = await rpc(bus, "list_runs", ListRuns())
-    assert [r.run_id for r in listed.runs] == ["b", "a"]  # newest first
-    await rpc(bus, "set_run_state", SetRunState(run_id="b", state="paused"))
-    only = await rpc(bus, "list_runs", ListRuns(states=["paused", "finished"]))
-    assert [r.run_id for r in only.runs] == ["b"]
-    assert [r.run_id for r in (await rpc(bus, "list_runs", ListRuns(limit=1))).runs] == ["b"]
+    got = await api.get_run("a")
+    assert got == first and got.config == config("a")
+    with pytest.raises(NotFound):
+        await api.get_run("nope")
+    listed = await api.list_runs()
+    assert [r.run_id for r in listed] == ["b", "a"]  # newest first
+    # Listed without inline rows; get_run has them.
+    assert all(r.config.rows_omitted and r.config.dataset == [] for r in listed) and listed[1].rows == 4
+    await api.set_run_state("b", "paused")
+    only = await api.list_runs(states=["paused", "finished"])
+    assert [r.run_id for r in only] == ["b"]
+    assert [r.run_id for r in await api.list_runs(limit=1)] == ["b"]
 
 
 async def test_adhoc_task_runs_are_not_runs_until_put(store: RunningStore, bus: Bus):
+    api = client(bus)
     spec = TaskSpec(task_id="t1", run_id="adhoc", agent="copy", input={}, group_size=2)
-    assert (await rpc(bus, "put_tasks", PutTasks(tasks=[spec]))).stored == 1
-    assert (await rpc(bus, "get_run", GetById(id="adhoc"))).code == 404
-    assert (await rpc(bus, "list_runs", ListRuns())).runs == []
-    assert (await rpc(bus, "set_run_state", SetRunState(run_id="adhoc", state="paused"))).code == 404
+    assert await api.put_tasks([spec]) == 1
+    with pytest.raises(NotFound):
+        await api.get_run("adhoc")
+    assert await api.list_runs() == []
+    with pytest.raises(NotFound):
+        await api.set_run_state("adhoc", "paused")
     # Creating a run of that id adopts the bucket; later tasks of the run keep its config.
-    assert (await put_run(bus, config("adhoc"))).run.state == "running"
+    assert (await put_run(bus, config("adhoc"))).state == "running"
     spec2 = spec.model_copy(update={"task_id": "t2"})
-    assert (await rpc(bus, "put_tasks", PutTasks(tasks=[spec2]))).stored == 1
-    assert (await rpc(bus, "get_run", GetById(id="adhoc"))).run.config == config("adhoc")
+    assert await api.put_tasks([spec2]) == 1
+    assert (await api.get_run("adhoc")).config == config("adhoc")
 
 
 async def test_state_transitions_and_refused_transition(store: RunningStore, bus: Bus):
+    api = client(bus)
     await put_run(bus, config("s"))
-    paused = await rpc(bus, "set_run_state", SetRunState(run_id="s", state="paused", from_states=["running"]))
-    assert paused.ok and paused.run.state == "paused"
-    resumed = await rpc(bus, "set_run_state", SetRunState(run_id="s", state="running", from_states=["paused"]))
-    assert resumed.run.state == "running" and resumed.run.updated_at >= paused.run.updated_at
-    failed = await rpc(bus, "set_run_state", SetRunState(run_id="s", state="failed", error="trainer crashed"))
-    assert failed.run.state == "failed" and failed.run.error == "trainer crashed"
-    refused = await rpc(bus, "set_run_state", SetRunState(run_id="s", state="running", from_states=["paused"]))
-    assert refused.code == 409 and "is failed" in refused.error and "paused" in refused.error
-    assert (await rpc(bus, "get_run", GetById(id="s"))).run.state == "failed"  # unchanged
-    missing = await rpc(bus, "set_run_state", SetRunState(run_id="none", state="paused"))
-    assert missing.code == 404
+    paused = await api.set_run_state("s", "paused", from_states=["running"])
+    assert paused.state == "paused"
+    resumed = await api.set_run_state("s", "running", from_states=["paused"])
+    assert resumed.state == "running" and resumed.updated_at >= paused.updated_at
+    failed = await api.set_run_state("s", "failed", error="trainer crashed")
+    assert failed.state == "failed" and failed.error == "trainer crashed"
+    with pytest.raises(Rejected) as refused:
+        await api.set_run_state("s", "running", from_states=["paused"])
+    assert refused.value.code == 409 and "is failed" in refused.value.reason and "paused" in refused.value.reason
+    assert (await api.get_run("s")).state == "failed"  # unchanged
+    with pytest.raises(NotFound):
+        await api.set_run_state("none", "paused")
 
 
 async def test_concurrent_transitions_one_wins(store: RunningStore, bus: Bus, database_url: str):
@@ -135,35 +131,41 @@ async def test_concurrent_transitions_one_wins(store: RunningStore, bus: Bus, da
     won = [r for r in results if not isinstance(r, Exception)]
     lost = [r for r in results if isinstance(r, Exception)]
     assert len(won) == 1 and len(lost) == 1 and lost[0].code == 409
-    assert (await rpc(bus, "get_run", GetById(id="race"))).run.state == won[0].state
+    assert (await client(bus).get_run("race")).state == won[0].state
 
 
 async def test_cursor_never_moves_back(store: RunningStore, bus: Bus):
+    api = client(bus)
     await put_run(bus, config("c"))
     ahead = PaceCursor(epoch=0, row=3, groups_published=3)
-    assert (await rpc(bus, "save_cursor", SaveCursor(run_id="c", cursor=ahead))).stored == 1
+    assert await api.save_cursor("c", ahead)
     stale = PaceCursor(epoch=0, row=1, groups_published=1)
-    assert (await rpc(bus, "save_cursor", SaveCursor(run_id="c", cursor=stale))).stored == 0
-    assert (await rpc(bus, "get_run", GetById(id="c"))).run.cursor == ahead
+    assert not await api.save_cursor("c", stale)
+    assert (await api.get_run("c")).cursor == ahead
     done = PaceCursor(epoch=1, row=0, groups_published=3, done=True)
-    assert (await rpc(bus, "save_cursor", SaveCursor(run_id="c", cursor=done))).stored == 1
-    assert (await rpc(bus, "get_run", GetById(id="c"))).run.cursor == done
-    assert (await rpc(bus, "save_cursor", SaveCursor(run_id="x", cursor=done))).code == 404
+    assert await api.save_cursor("c", done)
+    assert (await api.get_run("c")).cursor == done
+    with pytest.raises(NotFound):
+        await api.save_cursor("x", done)
 
 
 # --- datasets ------------------------------------------------------------------------------
 
 
 async def test_datasets_are_immutable_by_name(store: RunningStore, bus: Bus):
+    api = client(bus)
     rows = [{"q": "1+1", "a": 2}, {"q": "2+2", "a": 4, "tags": ["x"]}]
-    assert (await rpc(bus, "put_dataset", PutDataset(name="math.v1", rows=rows))).stored == 2
-    assert (await rpc(bus, "put_dataset", PutDataset(name="math.v1", rows=rows))).stored == 2  # same: ok
-    clash = await rpc(bus, "put_dataset", PutDataset(name="math.v1", rows=rows[:1]))
-    assert clash.code == 409
-    assert (await rpc(bus, "get_dataset", GetById(id="math.v1"))).rows == rows
-    assert (await rpc(bus, "get_dataset", GetById(id="nope"))).code == 404
-    bad = await rpc(bus, "put_dataset", PutDataset(name="nan", rows=[{"x": math.nan}]))
-    assert bad.code == 400 and "JSON" in bad.error
+    assert await api.put_dataset("math.v1", rows) == 2
+    assert await api.put_dataset("math.v1", rows) == 2  # same: ok
+    with pytest.raises(Rejected) as clash:
+        await api.put_dataset("math.v1", rows[:1])
+    assert clash.value.code == 409
+    assert await api.get_dataset("math.v1") == rows
+    with pytest.raises(NotFound):
+        await api.get_dataset("nope")
+    with pytest.raises(Rejected) as bad:
+        await api.put_dataset("nan", [{"x": math.nan}])
+    assert bad.value.code == 400 and "JSON" in bad.value.reason
 
 
 # --- metrics -------------------------------------------------------------------------------
@@ -179,13 +181,13 @@ async def test_metrics_are_stored_and_a_retrained_step_replaces_its_row(store: R
     )
 
     async def steps(after: int = 0, limit: int = 100) -> list[StepMetrics]:
-        return (await rpc(bus, "get_metrics", GetMetrics(run_id="m", after_step=after, limit=limit))).metrics
+        return await client(bus).get_metrics("m", after_step=after, limit=limit)
 
     await wait_until(lambda: _len(steps()), expect=3)
     stored = await steps()
     assert [m.step for m in stored] == [1, 2, 3] and stored[0].group_ids == ["g1", "g2"]
     assert math.isnan(stored[1].values["loss"]) and stored[0].staleness == {0: 4}
-    run = (await rpc(bus, "get_run", GetById(id="m"))).run
+    run = await client(bus).get_run("m")
     assert (run.step, run.version, run.reward_mean) == (3, 3, 0.3)
 
     # The trainer restarted from its step-1 checkpoint and trained step 2 again, other groups.
@@ -241,22 +243,20 @@ async def test_replay_publishes_trained_groups_in_consumed_order(store: RunningS
     )
     await wait_until(lambda: _len(rpc_metrics(bus, "src")), expect=3)
 
-    reply = await rpc(bus, "replay", ReplayRequest(run_id="src", into="dst"))
-    assert reply.ok and reply.stored == 6
+    assert await client(bus).replay("src", into="dst") == 6
     groups = await replayed(bus, "dst")
     assert [g.group_id for g in groups] == ["g3", "g1", "g0", "g5", "g4", "g2"]
     assert all(g.run_id == "dst" and len(g.trajectories) == 2 for g in groups)
     original = await store.store.repo.load_trajectories(["g3"])
     assert groups[0].trajectories == original["g3"]  # trajectories unchanged
 
-    created = (await rpc(bus, "get_run", GetById(id="dst"))).run
+    created = await client(bus).get_run("dst")
     # Like the gateway's replay endpoint: a run trained only from replayed groups.
     assert created.state == "running" and created.config == config("src").model_copy(
         update={"run_id": "dst", "mode": "replay"}
     )
 
-    again = await rpc(bus, "replay", ReplayRequest(run_id="src", into="dst"))
-    assert again.ok and again.stored == 0  # within the duplicate window: each group once
+    assert await client(bus).replay("src", into="dst") == 0  # within the duplicate window: each group once
     assert len(await replayed(bus, "dst")) == 6
 
 
@@ -272,24 +272,25 @@ async def test_replay_filters_by_version_and_reward(store: RunningStore, bus: Bu
     )
     await wait_until(lambda: _len(rpc_metrics(bus, "src")), expect=3)
 
-    by_version = await rpc(bus, "replay", ReplayRequest(run_id="src", into="v23", versions=(2, 3)))
-    assert by_version.stored == 4
+    api = client(bus)
+    assert await api.replay("src", into="v23", versions=(2, 3)) == 4
     assert [g.group_id for g in await replayed(bus, "v23")] == ["g0", "g5", "g4", "g2"]
 
-    by_reward = await rpc(bus, "replay", ReplayRequest(run_id="src", into="good", min_reward=0.25))
-    assert by_reward.stored == 3
+    assert await api.replay("src", into="good", min_reward=0.25) == 3
     assert [g.group_id for g in await replayed(bus, "good")] == ["g3", "g5", "g4"]
 
-    both = await rpc(bus, "replay", ReplayRequest(run_id="src", versions=(1, 2), min_reward=0.25))
-    assert both.stored == 2  # into the same run by default
+    assert await api.replay("src", versions=(1, 2), min_reward=0.25) == 2  # into the same run by default
     assert [g.group_id for g in await replayed(bus, "src")] == ["g3", "g5"]
 
-    assert (await rpc(bus, "replay", ReplayRequest(run_id="nope"))).code == 404
-    assert (await rpc(bus, "replay", ReplayRequest(run_id="src", into="no.dots"))).code == 400
+    with pytest.raises(NotFound):
+        await api.replay("nope")
+    with pytest.raises(Rejected) as bad_into:
+        await api.replay("src", into="no.dots")
+    assert bad_into.value.code == 400
 
 
 async def rpc_metrics(bus: Bus, run_id: str) -> list[StepMetrics]:
-    return (await rpc(bus, "get_metrics", GetMetrics(run_id=run_id))).metrics or []
+    return await client(bus).get_metrics(run_id)
 
 
 # --- requests and schema -------------------------------------------------------------------
@@ -298,10 +299,10 @@ async def rpc_metrics(bus: Bus, run_id: str) -> list[StepMetrics]:
 async def test_undecodable_requests_get_400(store: RunningStore, bus: Bus):
     for method in ("put_run", "replay", "save_cursor", "get_metrics"):
         resp = await bus.nc.request(subjects.store_rpc(method), b"\xc1 not msgpack", timeout=5)
-        reply = Reply.decode(resp.data)
-        assert reply.code == 400 and "MessagePack" in reply.error
+        reply = Failure.decode(resp.data)
+        assert reply.code == 400 and "MessagePack" in reply.error and resp.headers
     wrong = await bus.nc.request(subjects.store_rpc("put_run"), msgpack.packb({"rows": 1}), timeout=5)
-    assert Reply.decode(wrong.data).code == 400
+    assert Failure.decode(wrong.data).code == 400
 
 
 async def test_schema_upgrade_adds_run_columns_to_an_old_database(database_url: str):
@@ -323,6 +324,6 @@ async def test_schema_upgrade_adds_run_columns_to_an_old_database(database_url: 
 async def test_get_metrics_pages_in_order(store: RunningStore, bus: Bus):
     await publish_metrics(bus, *(step("p", i, i, [f"g{i}"]) for i in range(1, 4)))
     await wait_until(lambda: _len(rpc_metrics(bus, "p")), expect=3)
-    page = (await rpc(bus, "get_metrics", GetMetrics(run_id="p", after_step=1, limit=1))).metrics
+    page = await client(bus).get_metrics("p", after_step=1, limit=1)
     assert [m.step for m in page] == [2]
-    assert (await rpc(bus, "get_metrics", GetMetrics(run_id="p", after_step=3))).metrics == []
+    assert await client(bus).get_metrics("p", after_step=3) == []

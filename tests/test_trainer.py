@@ -35,6 +35,7 @@ from shared.messages import (
     pack_f32,
     pack_i32,
 )
+from shared.store_api import RPCS, StoreClient
 from shared.weights import latest_policy
 from services.store.settings import StoreSettings
 from tests.test_store import RunningStore
@@ -84,9 +85,8 @@ def run_config(run_id: str, rows: int, **training: object) -> RunConfig:
 
 
 async def rpc(bus: Bus, method: str, msg) -> object:  # type: ignore[no-untyped-def]
-    reply = await bus.request(subjects.store_rpc(method), msg, timeout=10)
-    assert reply.ok, reply.error
-    return reply
+    """One store RPC by name through the typed client (raises on a refusal)."""
+    return await StoreClient(bus, timeout_s=10).call({r.method: r for r in RPCS}[method], msg)
 
 
 def trajectories(run_id: str, task: int, rewards: list[float]) -> list[Trajectory]:
@@ -193,3 +193,37 @@ async def test_replay_into_a_fresh_trainer_reproduces_the_final_weights_bit_for_
     assert a.sha256 == b.sha256
     # The weights did change: the final version differs from the initial one.
     assert original[-1].values["grad_norm"] > 0
+
+
+async def test_a_store_outage_pauses_the_trainer_and_never_fails_the_run(
+    store: RunningStore, bus: Bus, nats_url: str, tmp_path: Path
+) -> None:
+    """The store stops mid-run (its RPCs get no responders, its consumers stop): the trainer
+    waits and logs what it waits for; once a store is back on the same database the run
+    finishes with every group trained once."""
+    run_id, rows = "outage", 12
+    await rpc(bus, "put_run", PutRun(config=run_config(run_id, rows, batch_size=3), rows=rows))
+    trainer = TrainerProcess(nats_url, tmp_path, run_id)
+    await publish_groups(bus, run_id, range(0, 6))
+
+    async def two_steps() -> bool:
+        return len(await metrics(bus, run_id)) >= 2
+
+    await wait_for(two_steps, 120, "two steps before the outage")
+    await store.stop()
+    await publish_groups(bus, run_id, range(6, rows))  # kept by the stream until a store is back
+    await asyncio.sleep(4.0)  # dozens of the trainer's run-state checks fail meanwhile
+    assert trainer.proc.poll() is None, "the trainer exited during a store outage"
+    back = await RunningStore(store.settings).start()
+    try:
+        assert await trainer.wait(120) == 0
+        steps = await metrics(bus, run_id)
+        ids = trained_ids(steps)
+        assert len(ids) == len(set(ids)), "a group was trained twice"
+        assert set(ids) == {f"{run_id}-t{t}" for t in range(rows) if t % 5 != 4}
+        assert [m.step for m in steps] == list(range(1, len(steps) + 1))
+        assert (await run_view(bus, run_id)).state == "finished"
+        assert "run failed" not in trainer.log.read_text()
+    finally:
+        await back.stop()
+        await back.engine.dispose()

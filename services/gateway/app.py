@@ -6,16 +6,22 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
+import nats.errors
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from shared.bus import Bus
-from services.gateway.deps import AgentCatalog, StoreClient
+from shared.faults import NotFound, Rejected, StoreError, StoreUnavailable, is_transient
+from shared.store_api import StoreClient
+from services.gateway.agents import AgentCatalog
 from services.gateway.limits import BodySizeLimit
 from services.gateway.pacing import Pacer
 from services.gateway.routers import health, rollouts, runs, tasks
 from services.gateway.settings import GatewaySettings
+
+# What a client is told to wait before retrying a 503 (the store or NATS restarting).
+RETRY_AFTER_S = 2
 
 
 def create_app(settings: GatewaySettings) -> FastAPI:
@@ -26,22 +32,25 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.bus = bus
         app.state.store = StoreClient(bus, settings.store_timeout_s)
         app.state.agents = AgentCatalog(bus, settings.agents_cache_s)
-        app.state.pacer = Pacer(bus, app.state.store, interval_s=settings.pace_interval_s)
+        app.state.pacer = Pacer(bus, app.state.store, interval_s=settings.pace_interval_s, max_backoff_s=settings.pace_max_backoff_s)
         stop = asyncio.Event()
-        pacing = asyncio.create_task(app.state.pacer.run(stop)) if settings.pace_runs else None
+        app.state.pacing = asyncio.create_task(app.state.pacer.run(stop)) if settings.pace_runs else None
         try:
             yield
         finally:
             stop.set()
             app.state.pacer.wake.set()
-            if pacing is not None:
-                await pacing
+            if app.state.pacing is not None:
+                await asyncio.gather(app.state.pacing, return_exceptions=True)
             await bus.close()
 
     app = FastAPI(title="relayrl gateway", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.pacing = None
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    for fault in (StoreError, TimeoutError, ConnectionError, nats.errors.Error):
+        app.add_exception_handler(fault, fault_response)  # type: ignore[arg-type]
     for router in (health.router, tasks.router, rollouts.router, runs.router):
         app.include_router(router)
     return app
@@ -52,3 +61,18 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
     code = 400 if any(e["type"] == "json_invalid" for e in errors) else 422
     return JSONResponse(status_code=code, content={"detail": errors})
+
+
+async def fault_response(_: Request, exc: Exception) -> JSONResponse:
+    """The one place errors from below the routes become HTTP: transient faults (the store, its
+    database or NATS unavailable) are 503 with Retry-After, a missing object 404, a refused
+    request its own 4xx; anything else the store failed with is 502."""
+    if isinstance(exc, StoreUnavailable) or (not isinstance(exc, StoreError) and is_transient(exc)):
+        detail = str(exc) if isinstance(exc, StoreUnavailable) else f"unavailable, retry later: {exc}"
+        return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, NotFound):
+        return JSONResponse(status_code=404, content={"detail": str(exc)})
+    if isinstance(exc, Rejected):
+        code = exc.code if 400 <= exc.code < 500 else 400
+        return JSONResponse(status_code=code, content={"detail": exc.reason})
+    return JSONResponse(status_code=502, content={"detail": f"store failed: {exc}"})

@@ -7,6 +7,11 @@ at most `max_staleness` versions behind the one that trains on it. The trainer's
 read from the policy KV; the cursor (epoch, row, groups published) is stored through the
 store after every publication, so a restarted gateway resumes where it stopped. One gateway
 holds a run's pacing lease at a time.
+
+The pacer supervises itself: a failing tick is retried with bounded backoff and never changes
+durable state (the cursor is saved only after its requests are published); a transient fault
+(the store, its database or NATS restarting) is waited out, anything else is logged with its
+traceback and the loop carries on the same way. `/readyz` reports how long it has been failing.
 """
 
 from __future__ import annotations
@@ -18,30 +23,24 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Awaitable
 
-import nats.errors
 import nats.js.errors
 import structlog
-from fastapi import HTTPException
 
 from shared import subjects
 from shared.bus import Bus
+from shared.faults import StoreError, is_transient
 from shared.lease import Lease
-from shared.messages import (
-    GetById,
-    ListRuns,
-    PaceCursor,
-    RunConfig,
-    RunView,
-    SaveCursor,
-    TaskSpec,
-    TrainerProgress,
-)
-from services.gateway.deps import StoreClient
+from shared.messages import PaceCursor, RunConfig, RunView, TaskSpec, TrainerProgress
+from shared.store_api import StoreClient
 from services.gateway.evals import eval_tasks
 from services.gateway.submit import submit
 
 log = structlog.get_logger("gateway.pacing")
+
+# ListRuns' largest page size: the client pages on until every live run is listed.
+_ALL_RUNS = 10000
 
 
 def task_id(run_id: str, epoch: int, row: int) -> str:
@@ -124,39 +123,95 @@ class Pacer:
     bus: Bus
     store: StoreClient
     interval_s: float = 0.25
+    max_backoff_s: float = 10.0
     holder: str = field(default_factory=lambda: f"gateway-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Since when ticks have been failing (monotonic), and why; None while they succeed.
+    failing_since: float | None = None
+    last_error: str | None = None
     _leases: dict[str, Lease] = field(default_factory=dict)
     _renewed: dict[str, float] = field(default_factory=dict)
     _rows: dict[str, list[dict]] = field(default_factory=dict)
+    # Full configs (inline rows included) of the runs paced here; a run's config never changes.
+    _configs: dict[str, RunConfig] = field(default_factory=dict)
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except (HTTPException, TimeoutError, nats.errors.Error) as exc:
-                log.warning("pacing tick failed; retrying", error=getattr(exc, "detail", str(exc)))
-            self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=self.interval_s)
-            except asyncio.TimeoutError:
-                pass
-        for lease in self._leases.values():
-            await lease.release()
+        """Tick until `stop`; a failed tick is logged and retried after a bounded backoff."""
+        failures = 0
+        try:
+            while not stop.is_set():
+                try:
+                    await self.tick()
+                except Exception as exc:  # supervised: the loop must outlive any one failure
+                    failures += 1
+                    self._failed(exc, failures)
+                else:
+                    failures, self.failing_since, self.last_error = 0, None, None
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=self._delay(failures))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for lease in self._leases.values():
+                try:
+                    await lease.release()
+                except Exception as exc:  # NATS gone at shutdown: the lease expires by its TTL
+                    log.warning("pacing lease not released", error=str(exc))
+
+    def failing_for(self) -> float:
+        """Seconds ticks have been failing without a success in between (0 while they succeed)."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
+
+    def _failed(self, exc: Exception, failures: int) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if is_transient(exc):
+            log.warning("pacing waits for the store / NATS", error=self.last_error, failures=failures)
+        else:
+            log.exception("pacing tick failed; retrying with backoff", failures=failures)
+
+    def _delay(self, failures: int) -> float:
+        if failures == 0:
+            return self.interval_s
+        # Exponential with jitter, bounded: gateways restarted together do not retry in step.
+        return min(self.interval_s * 2 ** min(failures, 20), self.max_backoff_s) * random.uniform(0.5, 1.0)
 
     async def tick(self) -> None:
-        reply = await self.store.call("list_runs", ListRuns(states=["running", "paused"], limit=1000))
-        live = {r.run_id: r for r in reply.runs or [] if r.config.mode == "train"}
+        live = {
+            r.run_id: r
+            for r in await self.store.list_runs(states=["running", "paused"], limit=_ALL_RUNS)
+            if r.config.mode == "train"
+        }
         for run_id in list(self._leases):
             if run_id not in live:  # finished or cancelled since the last tick
-                await self._final_eval(run_id)
+                await self._for_run(run_id, self._final_eval(run_id))
                 await self._forget(run_id)
+        for run_id in self._configs.keys() - live.keys():
+            del self._configs[run_id]
         for run in live.values():
-            if run.state == "running" and (not run.cursor.done or has_eval_schedule(run.config)):
-                await self.pace(run)
+            if run.state == "running":
+                await self._for_run(run.run_id, self.pace(run))
+
+    async def _for_run(self, run_id: str, step: Awaitable[None]) -> None:
+        """Run one run's step; the store refusing it (e.g. a task too big to store) is logged and
+        the other runs go on. A transient fault stops the tick: the store is down for every run."""
+        try:
+            await step
+        except StoreError as exc:
+            if is_transient(exc):
+                raise
+            log.warning("pacing refused for this run", run_id=run_id, error=str(exc))
 
     async def pace(self, run: RunView) -> None:
+        # The listing leaves eval rows out: `eval_every` alone says an evaluation may still be due.
+        if run.cursor.done and not run.config.eval_every:
+            return
         if not await self._hold(run.run_id):
+            return
+        run = await self._with_config(run)
+        if run.cursor.done and not has_eval_schedule(run.config):
             return
         progress = await read_progress(self.bus, run.run_id)
         version = progress.version if progress else 0
@@ -169,9 +224,16 @@ class Pacer:
             if specs:
                 await submit(self.bus, self.store, specs, min_version=version)
         if cursor != run.cursor:
-            await self.store.call("save_cursor", SaveCursor(run_id=run.run_id, cursor=cursor))
+            await self.store.save_cursor(run.run_id, cursor)
         if specs:
             log.info("published", run_id=run.run_id, groups=len(specs), published=cursor.groups_published, done=cursor.done)
+
+    async def _with_config(self, run: RunView) -> RunView:
+        """The listed run with its whole config: listings leave inline rows out."""
+        config = self._configs.get(run.run_id)
+        if config is None:
+            config = self._configs[run.run_id] = (await self.store.get_run(run.run_id)).config
+        return run.model_copy(update={"config": config})
 
     async def _evaluate(self, run: RunView, version: int, final: bool = False) -> PaceCursor:
         """Publish the periodic evaluation that is due at `version` (with `final`: the run's last
@@ -190,13 +252,13 @@ class Pacer:
         lease = self._leases.get(run_id)
         if lease is None or not lease.held:
             return
-        run = (await self.store.call("get_run", GetById(id=run_id))).run
-        if run is None or run.state != "finished" or not has_eval_schedule(run.config):
+        run = await self.store.get_run(run_id)
+        if run.state != "finished" or not has_eval_schedule(run.config):
             return
         progress = await read_progress(self.bus, run_id)
         cursor = await self._evaluate(run, progress.version if progress else 0, final=True)
         if cursor != run.cursor:
-            await self.store.call("save_cursor", SaveCursor(run_id=run_id, cursor=cursor))
+            await self.store.save_cursor(run_id, cursor)
 
     async def _hold(self, run_id: str) -> bool:
         lease = self._leases.get(run_id)
@@ -215,7 +277,7 @@ class Pacer:
             return run.config.dataset
         name = run.config.dataset_name or ""
         if name not in self._rows:
-            self._rows[name] = (await self.store.call("get_dataset", GetById(id=name))).rows or []
+            self._rows[name] = await self.store.get_dataset(name)
         return self._rows[name]
 
     async def _forget(self, run_id: str) -> None:
@@ -224,3 +286,4 @@ class Pacer:
             await purge_tasks(self.bus, run_id)  # training requests only: queued evaluations still run
             await lease.release()
         self._renewed.pop(run_id, None)
+        self._configs.pop(run_id, None)

@@ -15,3 +15,7 @@ class GatewaySettings(ServiceSettings):
     pace_runs: bool = Field(True, description="publish training runs' rollout requests (one gateway per run holds a lease)")
     pace_interval_s: float = Field(0.25, gt=0, description="how often pacing re-reads trainer progress")
     replay_timeout_s: float = Field(600.0, gt=0, description="how long POST /v1/runs/{id}/replay waits for the store")
+    pace_max_backoff_s: float = Field(10.0, gt=0, description="longest wait between pacing attempts while they fail")
+    pace_unready_after_s: float = Field(
+        60.0, gt=0, description="/readyz reports not ready once pacing has failed for this long (or its task died)"
+    )

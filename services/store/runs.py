@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any, Sequence
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.messages import PaceCursor, RunConfig, RunState, RunView, StepMetrics
@@ -69,11 +69,17 @@ class RunRepository:
             latest = await _latest_metrics(s, [run_id])
         return records.run_view(row, latest.get(run_id))
 
-    async def list_runs(self, states: Sequence[RunState], limit: int) -> list[RunView]:
-        """Configured runs, newest first, optionally only those in `states`."""
+    async def list_runs(
+        self, states: Sequence[RunState], limit: int, after: tuple[float, str] | None = None
+    ) -> list[RunView]:
+        """Configured runs, newest first, optionally only those in `states`; with `after`
+        (created_at, run_id of the last run of a previous page), only the runs listed after it."""
         q = select(RunRow).where(RunRow.state.is_not(None))
         if states:
             q = q.where(RunRow.state.in_(list(states)))
+        if after is not None:
+            created, run_id = after
+            q = q.where(or_(RunRow.created_at < created, and_(RunRow.created_at == created, RunRow.run_id > run_id)))
         q = q.order_by(RunRow.created_at.desc(), RunRow.run_id).limit(limit)
         async with self.sessions() as s:
             rows = (await s.execute(q)).scalars().all()

@@ -4,18 +4,18 @@ answers queries, and replays a run's trained groups."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Awaitable, Callable, Iterable, TypeVar
 
-import msgpack
 import structlog
-from pydantic import BaseModel
-from sqlalchemy.exc import DBAPIError, OperationalError
+from pydantic import ValidationError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import subjects
 from shared.bus import Bus, ConsumerSpec, Delivery, Handler, PullConsumer, TransientError, wait_for_stop
 from shared.messages import (
     DeadLetter,
+    Failure,
     GetById,
     GetEvals,
     GetMetrics,
@@ -27,27 +27,53 @@ from shared.messages import (
     PutRun,
     PutTasks,
     ReplayRequest,
-    Reply,
     SaveCursor,
     SetRunState,
     StepMetrics,
     Trajectory,
 )
+from shared.store_api import (
+    PAYLOAD_HEADROOM,
+    RPCS,
+    DatasetPage,
+    Evals,
+    GetDataset,
+    ListedRun,
+    MetricsPage,
+    Pong,
+    RolloutFound,
+    RunFound,
+    RunPage,
+    Stored,
+    TaskFound,
+    packed_size,
+)
 from services.store.repository import Repository
 from services.store.runs import Refused, RunRepository
 from services.store.settings import StoreSettings
 
+# The data path: isolating refused rows, groups by reference, dead-lettered members, the reconciler.
+from shared.faults import is_transient
+from shared.messages import GetGroupMembers, GroupMembers, GroupRef
+from sqlalchemy.exc import SQLAlchemyError
+from services.store import records
+from services.store.db import is_row_error
+
 log = structlog.get_logger("store")
 
 M = TypeVar("M", bound=Message)
-T = TypeVar("T", bound=BaseModel)
+T = TypeVar("T")  # a model or plain data (dataset rows)
 
 # Failures outside the message: retried later, never counted toward poison.
 _TRANSIENT = (OperationalError, DBAPIError, ConnectionError, OSError)
-# Room left in a reply for everything but its list (error text, field names, envelope).
-_REPLY_HEADROOM = 64 * 1024
 # Groups loaded from SQL at once while replaying (bounds memory, not order).
 _REPLAY_CHUNK = 64
+# Room kept in a group message for its headers (trace context, Nats-Msg-Id).
+_GROUP_HEADROOM = 16 * 1024
+# Members read from SQL at once while filling one get_group_members reply.
+_MEMBERS_PER_READ = 4
+# Groups one reconciler query returns (it pages until none are left).
+_SWEEP_GROUPS = 500
 
 
 class Store:
@@ -60,110 +86,250 @@ class Store:
     # --- trajectories -> SQL -> groups -------------------------------------------------
 
     async def on_trajectories(self, batch: list[Delivery[Trajectory]]) -> None:
-        """Store a batch, then publish every group it completed. Acked by the consumer after."""
+        """Store a batch, then publish every group it completed. Acked by the consumer after.
+
+        A row the database refuses for its data (a constraint, a value too long) is isolated
+        from the batch and rejected: the consumer dead-letters it with the reason (and the dead
+        letter completes its group as a failed member, see `on_dead_letters`); the rest is
+        stored. Any other failure (database down or locked, NATS) is transient: the whole
+        batch comes back later, and nothing counts toward poison.
+        """
         trajectories = [d.value for d in batch]
         try:
-            inserted = await self.repo.put_trajectories(trajectories)
+            inserted, refused = await self.repo.put_trajectories_isolating(trajectories)
+            for i, reason in refused.items():
+                batch[i].reject(reason)
             # Checked for every group in the batch, not only new rows: a redelivery after a
             # crash between commit and publish must still publish the group.
-            complete = await self.repo.complete_unpublished_groups(t.group_id for t in trajectories)
+            complete = await self.repo.complete_unpublished_groups(
+                t.group_id for i, t in enumerate(trajectories) if i not in refused
+            )
             if complete:
                 await self.publish_groups(complete, known=inserted)
-        except _TRANSIENT as exc:
-            raise TransientError(f"database unavailable: {exc}") from exc
+        except Exception as exc:
+            _raise_transient(exc)
+            raise
+        if refused:
+            log.warning("rows refused by the database; dead-lettered", refused=len(refused), stored=len(inserted))
         log.debug("stored trajectories", received=len(trajectories), new=len(inserted), groups=len(complete))
 
     async def publish_groups(self, group_ids: list[str], known: dict[str, Trajectory] | None = None) -> None:
+        """Publish complete groups (each whole, or by reference when too big), then mark them published.
+
+        Publish before mark: a crash in between publishes again, and the stream drops the copy
+        (same Nats-Msg-Id within its duplicate window)."""
         members = await self.repo.load_trajectories(group_ids, known)
         groups = [
             Group(run_id=m[0].run_id, group_id=g, task_id=m[0].task_id, trajectories=m) for g, m in members.items()
         ]
         # Evaluation groups are complete once stored: they are aggregated, never trained.
         await self.bus.publish_many(
-            (subjects.groups(g.run_id), g, f"group:{g.group_id}") for g in groups if not g.trajectories[0].eval
+            (subjects.groups(g.run_id), self.group_message(g), f"group:{g.group_id}")
+            for g in groups
+            if not g.trajectories[0].eval
         )
         await self.repo.mark_published([(g.group_id, g.run_id, g.task_id, len(g.trajectories)) for g in groups])
         for g in groups:
             log.info("group complete", run_id=g.run_id, group_id=g.group_id, size=len(g.trajectories))
 
+    def group_message(self, group: Group) -> Group | GroupRef:
+        """`group` itself when it fits one message under the server's max_payload, else a
+        `GroupRef` the trainer resolves through `get_group_members` (services/trainer/groups_in.py).
+
+        Measured (tests/test_store_faults.py): a 20-call trajectory at an 8k-token context packs
+        to about 0.7 MB (8k prompt + 0.5k response tokens a call, 4 bytes a prompt token, 12 a
+        response token), so the default 8 MB max_payload holds about 11 of them: groups of 16
+        such rollouts go by reference. One member must still fit a message: the worker
+        publishes it alone."""
+        nbytes = len(group.encode())
+        if nbytes <= self.bus.nc.max_payload - _GROUP_HEADROOM:
+            return group
+        log.info("group too big for one message; published by reference", group_id=group.group_id, nbytes=nbytes,
+                 max_payload=self.bus.nc.max_payload)
+        return GroupRef(
+            run_id=group.run_id,
+            group_id=group.group_id,
+            task_id=group.task_id,
+            size=len(group.trajectories),
+            nbytes=nbytes,
+            completed_at=group.completed_at,
+        )
+
+    async def rpc_get_group_members(self, req: GetGroupMembers) -> GroupMembers:
+        """Members of a stored group after `after_index`, as many as fit one reply (at least one)."""
+        budget = self.bus.nc.max_payload - PAYLOAD_HEADROOM
+        out: list[Trajectory] = []
+        size = 0
+        after = req.after_index
+        while True:
+            page = await self.repo.group_members_page(req.group_id, after, _MEMBERS_PER_READ)
+            for t in page:
+                n = len(t.encode())
+                if out and size + n > budget:
+                    return GroupMembers(trajectories=out, more=True)
+                out.append(t)
+                size += n
+            if len(page) < _MEMBERS_PER_READ:
+                break
+            after = page[-1].sample_index
+        if not out and req.after_index < 0:
+            raise Refused(404, f"group {req.group_id!r} has no stored members")
+        return GroupMembers(trajectories=out, more=False)
+
     async def on_metrics(self, batch: list[Delivery[StepMetrics]]) -> None:
         """Store trainer steps; a re-sent step replaces the stored one (see RunRepository.put_metrics)."""
         try:
             await self.runs.put_metrics([(d.value, d.msg.metadata.sequence.stream) for d in batch])
-        except _TRANSIENT as exc:
-            raise TransientError(f"database unavailable: {exc}") from exc
+        except Exception as exc:
+            _raise_transient(exc)
+            raise
 
     async def on_dead_letters(self, batch: list[Delivery[DeadLetter]]) -> None:
-        await self.repo.put_dead_letters([d.value for d in batch])
+        """Store dead letters; one that stands for a group member (its rollout request or its
+        trajectory) also stores that member as a failed trajectory (status error, reward 0,
+        error = the reason) and publishes the group if that completed it, so the run moves on.
+
+        Insert-ignore: a member stored before (the real trajectory) wins. Database failures
+        here are transient, whatever they are: this consumer never dead-letters (spec)."""
+        letters = [d.value for d in batch]
+        members: list[Trajectory] = []
+        for letter in letters:
+            member = records.failed_member(letter)
+            if member is not None:
+                members.append(member)
+            elif letter.stream in (subjects.STREAM_TASKS, subjects.STREAM_TRAJECTORIES):
+                log.error("dead letter names no rollout: its group cannot complete", stream=letter.stream,
+                          subject=letter.subject, seq=letter.stream_seq, reason=letter.reason[:500])
+        try:
+            await self.repo.put_dead_letters(letters)
+            if not members:
+                return
+            inserted, refused = await self.repo.put_trajectories_isolating(members)
+            for i, reason in refused.items():
+                log.error("failed member not stored", rollout_id=members[i].rollout_id, reason=reason)
+            complete = await self.repo.complete_unpublished_groups(m.group_id for m in members)
+            if complete:
+                await self.publish_groups(complete, known=inserted)
+        except Exception as exc:
+            if isinstance(exc, SQLAlchemyError) or is_transient(exc):
+                raise TransientError(f"dead letters not stored yet: {type(exc).__name__}: {exc}") from exc
+            raise
+        for rollout_id in inserted:
+            log.warning("dead-lettered rollout stored as failed", rollout_id=rollout_id)
+
+    # --- reconciliation ------------------------------------------------------------------
+
+    async def reconcile(self, stop: asyncio.Event) -> None:
+        """At start and every `reconcile_every_s`: publish complete groups never published (a
+        crash between storing a group's last member and publishing it; a group completed while
+        NATS was away). Failures are logged and tried again next period."""
+        while not stop.is_set():
+            try:
+                await self.reconcile_once()
+            except Exception as exc:  # noqa: BLE001 - a sweep must never end the store
+                log.warning("reconcile failed; retried next period", error=f"{type(exc).__name__}: {exc}")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.reconcile_every_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def reconcile_once(self) -> int:
+        """One sweep; returns how many groups it published."""
+        total = 0
+        while True:
+            ids = await self.repo.sweep_complete_groups(_SWEEP_GROUPS)
+            if ids:
+                await self.publish_groups(ids)
+                total += len(ids)
+            if len(ids) < _SWEEP_GROUPS:
+                break
+        if total:
+            log.info("reconciler published complete groups", groups=total)
+        return total
 
     # --- queries (core NATS request/reply) ---------------------------------------------
 
-    async def rpc_put_tasks(self, req: PutTasks) -> Reply:
+    async def rpc_put_tasks(self, req: PutTasks) -> Stored:
         if not req.tasks:
-            return Reply.fail(400, "no tasks")
-        new = await self.repo.put_tasks(req.tasks)
-        return Reply.of(stored=new)
+            raise Refused(400, "no tasks")
+        return Stored(stored=await self.repo.put_tasks(req.tasks))
 
-    async def rpc_get_task(self, req: GetById) -> Reply:
+    async def rpc_get_task(self, req: GetById) -> TaskFound:
         task = await self.repo.get_task(req.id)
-        return Reply.of(task=task) if task else Reply.fail(404, f"task {req.id!r} not found")
+        if task is None:
+            raise Refused(404, f"task {req.id!r} not found")
+        return TaskFound(task=task)
 
-    async def rpc_get_rollout(self, req: GetById) -> Reply:
+    async def rpc_get_rollout(self, req: GetById) -> RolloutFound:
         traj = await self.repo.get_trajectory(req.id)
-        return Reply.of(trajectory=traj) if traj else Reply.fail(404, f"rollout {req.id!r} not found")
+        if traj is None:
+            raise Refused(404, f"rollout {req.id!r} not found")
+        return RolloutFound(trajectory=traj)
 
-    async def rpc_ping(self, _: Ping) -> Reply:
+    async def rpc_ping(self, _: Ping) -> Pong:
         await self.repo.count_rollouts("__ping__")  # proves the database answers, not just the process
-        return Reply.of()
+        return Pong()
 
     # --- runs, datasets, metrics ------------------------------------------------------
 
-    async def rpc_put_run(self, req: PutRun) -> Reply:
-        return Reply.of(run=await self.runs.put_run(req.config, req.rows))
+    async def rpc_put_run(self, req: PutRun) -> RunFound:
+        return RunFound(run=await self.runs.put_run(req.config, req.rows))
 
-    async def rpc_get_run(self, req: GetById) -> Reply:
+    async def rpc_get_run(self, req: GetById) -> RunFound:
         run = await self.runs.get_run(req.id)
-        return Reply.of(run=run) if run else Reply.fail(404, f"run {req.id!r} not found")
+        if run is None:
+            raise Refused(404, f"run {req.id!r} not found")
+        return RunFound(run=run)
 
-    async def rpc_list_runs(self, req: ListRuns) -> Reply:
-        runs = await self.runs.list_runs(req.states, req.limit)
-        return Reply.of(runs=self._fit(runs, "runs"))
+    async def rpc_list_runs(self, req: ListRuns) -> RunPage:
+        """Runs newest first without their inline rows (a listing of many runs must not grow
+        with their datasets); cut to one message, with `next` to page on from."""
+        runs = [ListedRun.of(r) for r in await self.runs.list_runs(req.states, req.limit, req.after)]
+        kept = self._fit(runs, "runs")
+        last = kept[-1] if kept else None
+        return RunPage(runs=kept, next=(last.created_at, last.run_id) if last and len(kept) < len(runs) else None)
 
-    async def rpc_set_run_state(self, req: SetRunState) -> Reply:
-        return Reply.of(run=await self.runs.set_state(req.run_id, req.state, req.error, req.from_states))
+    async def rpc_set_run_state(self, req: SetRunState) -> RunFound:
+        return RunFound(run=await self.runs.set_state(req.run_id, req.state, req.error, req.from_states))
 
-    async def rpc_save_cursor(self, req: SaveCursor) -> Reply:
+    async def rpc_save_cursor(self, req: SaveCursor) -> Stored:
         """`stored` is 1 when the cursor was applied, 0 when a further one was already stored."""
-        return Reply.of(stored=int(await self.runs.save_cursor(req.run_id, req.cursor)))
+        return Stored(stored=int(await self.runs.save_cursor(req.run_id, req.cursor)))
 
-    async def rpc_put_dataset(self, req: PutDataset) -> Reply:
+    async def rpc_put_dataset(self, req: PutDataset) -> Stored:
         await self.runs.put_dataset(req.name, req.rows)
-        return Reply.of(stored=len(req.rows))
+        return Stored(stored=len(req.rows))
 
-    async def rpc_get_dataset(self, req: GetById) -> Reply:
-        rows = await self.runs.get_dataset(req.id)
-        return Reply.of(rows=rows) if rows is not None else Reply.fail(404, f"dataset {req.id!r} not found")
+    async def rpc_get_dataset(self, req: GetDataset) -> DatasetPage:
+        """Rows from `offset` on, as many as fit in one message."""
+        rows = await self.runs.get_dataset(req.name)
+        if rows is None:
+            raise Refused(404, f"dataset {req.name!r} not found")
+        kept = self._fit(rows[req.offset :], "dataset rows")
+        end = req.offset + len(kept)
+        return DatasetPage(rows=kept, total=len(rows), next_offset=end if end < len(rows) else None)
 
-    async def rpc_get_metrics(self, req: GetMetrics) -> Reply:
-        """Steps after `after_step`, oldest first; fewer than `limit` when the reply would not
-        fit in one NATS message (page on with after_step = the last step returned)."""
+    async def rpc_get_metrics(self, req: GetMetrics) -> MetricsPage:
+        """Steps after `after_step`, oldest first; `more` when the reply was cut to fit one NATS
+        message (page on with after_step = the last step returned)."""
         metrics = await self.runs.get_metrics(req.run_id, req.after_step, req.limit)
-        return Reply.of(metrics=self._fit(metrics, "metrics"))
+        kept = self._fit(metrics, "metrics")
+        return MetricsPage(metrics=kept, more=len(kept) < len(metrics))
 
     def _fit(self, items: list[T], what: str) -> list[T]:
         """The longest prefix of `items` that fits in one reply (at least one item)."""
-        budget = self.bus.nc.max_payload - _REPLY_HEADROOM
+        budget = self.bus.nc.max_payload - PAYLOAD_HEADROOM
         size = 0
         for n, item in enumerate(items):
-            size += len(msgpack.packb(item.model_dump(), use_bin_type=True))
+            size += packed_size(item)
             if size > budget and n > 0:
-                log.warning("reply trimmed to fit max_payload", what=what, kept=n, asked=len(items))
+                log.info("reply cut to fit max_payload; the client pages on", what=what, kept=n, asked=len(items))
                 return items[:n]
         return items
 
     # --- replay ------------------------------------------------------------------------
 
-    async def rpc_replay(self, req: ReplayRequest) -> Reply:
+    async def rpc_replay(self, req: ReplayRequest) -> Stored:
         """Re-publish the groups run `run_id` trained, in the order its trainer consumed them,
         to `groups(into, replay=True)`. `stored` counts groups the stream took as new: a
         replay repeated within the duplicate window publishes nothing twice."""
@@ -171,17 +337,17 @@ class Store:
         try:
             subjects.check_token(into)
         except ValueError as exc:
-            return Reply.fail(400, f"into: {exc}")
+            raise Refused(400, f"into: {exc}") from None
         order = await self.runs.trained_groups(req.run_id, req.versions)
         if order is None:
-            return Reply.fail(404, f"run {req.run_id!r} has no stored training steps to replay")
+            raise Refused(404, f"run {req.run_id!r} has no stored training steps to replay")
         if into != req.run_id:
             await self.runs.copy_run(req.run_id, into)
         published = 0
         for chunk in _chunks(order, _REPLAY_CHUNK):
             published += await self._replay_chunk(chunk, into, req.min_reward)
         log.info("replayed", run_id=req.run_id, into=into, groups=len(order), published=published)
-        return Reply.of(stored=published)
+        return Stored(stored=published)
 
     async def _replay_chunk(self, group_ids: list[str], into: str, min_reward: float | None) -> int:
         if min_reward is not None:
@@ -199,31 +365,17 @@ class Store:
             published += sum(not a.duplicate for a in acks)
         return published
 
-    async def rpc_get_evals(self, req: GetEvals) -> Reply:
+    async def rpc_get_evals(self, req: GetEvals) -> Evals:
         """Evaluation rollouts of a run aggregated per policy version."""
-        return Reply.of(evals=await self.repo.eval_summaries(req.run_id, req.accuracy_threshold))
+        return Evals(evals=await self.repo.eval_summaries(req.run_id, req.accuracy_threshold))
 
     # --- serving -----------------------------------------------------------------------
 
     async def serve(self) -> None:
-        rpcs: list[tuple[str, type[Any], Callable[[Any], Awaitable[Reply]]]] = [
-            ("put_tasks", PutTasks, self.rpc_put_tasks),
-            ("get_task", GetById, self.rpc_get_task),
-            ("get_rollout", GetById, self.rpc_get_rollout),
-            ("ping", Ping, self.rpc_ping),
-            ("put_run", PutRun, self.rpc_put_run),
-            ("get_run", GetById, self.rpc_get_run),
-            ("list_runs", ListRuns, self.rpc_list_runs),
-            ("set_run_state", SetRunState, self.rpc_set_run_state),
-            ("save_cursor", SaveCursor, self.rpc_save_cursor),
-            ("put_dataset", PutDataset, self.rpc_put_dataset),
-            ("get_dataset", GetById, self.rpc_get_dataset),
-            ("get_metrics", GetMetrics, self.rpc_get_metrics),
-            ("get_evals", GetEvals, self.rpc_get_evals),
-            ("replay", ReplayRequest, self.rpc_replay),
-        ]
-        for method, request_cls, handler in rpcs:
-            await self.bus.serve(subjects.store_rpc(method), subjects.STORE_RPC_QUEUE, request_cls, _refusals(handler))
+        """Answer every RPC of the registry (`shared.store_api.RPCS`) with its `rpc_<method>`."""
+        for rpc in RPCS:
+            handler = getattr(self, f"rpc_{rpc.method}")
+            await self.bus.serve(rpc.subject, subjects.STORE_RPC_QUEUE, rpc.request, _refusals(handler))
 
     def consumers(self) -> list[PullConsumer]:  # type: ignore[type-arg]
         trajectories = PullConsumer(
@@ -245,25 +397,63 @@ class Store:
         return [trajectories, metrics, dead_letters]
 
     def _whole_stream(self, stream: str, durable: str, model: type[M], handler: Handler[M]) -> PullConsumer[M]:
-        """A batch consumer of every subject of `stream`."""
-        spec = ConsumerSpec(stream=stream, durable=durable, filter_subject=subjects.STREAM_SUBJECTS[stream])
+        """A batch consumer of every subject of `stream` (the DLQ's never dead-letters again)."""
+        spec = ConsumerSpec(
+            stream=stream,
+            durable=durable,
+            filter_subject=subjects.STREAM_SUBJECTS[stream],
+            dead_letter=stream != subjects.STREAM_DLQ,
+        )
         return PullConsumer(bus=self.bus, spec=spec, model=model, handler=handler, batch=64)
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.serve()
-        await wait_for_stop(stop, *(c.run(stop) for c in self.consumers()))
+        if not any(rpc.method == "get_group_members" for rpc in RPCS):
+            # Served here until shared/store_api.py lists it in RPCS (then serve() does).
+            await self.bus.serve(
+                subjects.store_rpc("get_group_members"),
+                subjects.STORE_RPC_QUEUE,
+                GetGroupMembers,
+                _refusals(self.rpc_get_group_members),
+            )
+        await wait_for_stop(stop, self.reconcile(stop), *(c.run(stop) for c in self.consumers()))
 
 
-def _refusals(handler: Callable[[M], Awaitable[Reply]]) -> Callable[[M], Awaitable[Reply]]:
-    """Answer a `Refused` with its code instead of the bus's generic 500."""
+def _refusals(handler: Callable[[M], Awaitable[Message]]) -> Callable[[M], Awaitable[Message]]:
+    """Answer failures by type so callers can tell waiting from giving up: a `Refused` with its
+    code; a database that is down, restarting or locked as a transient 503 (the request may
+    succeed later); data the database refuses as 409 (constraint) or 400 (value)."""
 
-    async def answer(req: M) -> Reply:
+    async def answer(req: M) -> Message:
         try:
             return await handler(req)
         except Refused as exc:
-            return Reply.fail(exc.code, exc.reason)
+            return Failure(code=exc.code, error=exc.reason)
+        except IntegrityError as exc:
+            return Failure(code=409, error=f"conflicts with stored data: {exc.orig}")
+        except (DataError, ValidationError) as exc:
+            return Failure(code=400, error=f"invalid data: {exc}")
+        except _TRANSIENT as exc:
+            if isinstance(exc, DBAPIError) and not _connection_error(exc):
+                raise  # a statement the database refuses for good (a bug): the bus answers 500
+            log.warning("database unavailable", error=str(exc))
+            return Failure(code=503, error=f"database unavailable: {type(exc).__name__}: {exc}", transient=True)
 
     return answer
+
+
+def _connection_error(exc: DBAPIError) -> bool:
+    """An error of the database connection (down, restarting, locked, gone), not of the statement."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
+
+
+def _raise_transient(exc: Exception) -> None:
+    """Raise TransientError for a failure outside the data: any database error but a refused
+    row, and what `shared.faults.is_transient` says (NATS, timeouts). Returns otherwise."""
+    if isinstance(exc, SQLAlchemyError) and not is_row_error(exc):
+        raise TransientError(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+    if is_transient(exc):
+        raise TransientError(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

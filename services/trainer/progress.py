@@ -1,4 +1,9 @@
-"""What the trainer tells the rest of the system: weights, per-step metrics, progress, run state."""
+"""What the trainer tells the rest of the system: weights, per-step metrics, progress, run state.
+
+Store calls go through the typed client (`shared.store_api.StoreClient`): a store that is
+down or restarting raises `StoreUnavailable`, a missing run `NotFound`, a refused state
+change `Rejected`; all are `StoreError`s, re-exported here for the service loop.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +11,30 @@ import hashlib
 
 from shared import subjects
 from shared.bus import Bus
-from shared.messages import GetById, ListRuns, Message, Reply, RunState, RunView, SetRunState, StepMetrics, TrainerProgress
+from shared.faults import StoreError, StoreUnavailable
+from shared.messages import RunState, RunView, StepMetrics, TrainerProgress
+from shared.store_api import StoreClient
 
+__all__ = ["StoreError", "StoreUnavailable", "get_run", "runs_to_train", "set_state", "put_progress", "publish_metrics"]
 
-class StoreError(RuntimeError):
-    pass
-
-
-async def store_call(bus: Bus, method: str, msg: Message, timeout_s: float) -> Reply:
-    reply = await bus.request(subjects.store_rpc(method), msg, timeout=timeout_s)
-    if not reply.ok:
-        raise StoreError(f"store {method}: {reply.code} {reply.error}")
-    return reply
+# ListRuns' largest page size: the client pages on until every live run is listed.
+_ALL_RUNS = 10000
 
 
 async def get_run(bus: Bus, run_id: str, timeout_s: float) -> RunView:
-    reply = await store_call(bus, "get_run", GetById(id=run_id), timeout_s)
-    assert reply.run is not None
-    return reply.run
+    return await StoreClient(bus, timeout_s).get_run(run_id)
 
 
 async def runs_to_train(bus: Bus, timeout_s: float) -> list[RunView]:
-    """Live training and replay runs, oldest first (the first claimable one is trained first)."""
-    reply = await store_call(bus, "list_runs", ListRuns(states=["running", "paused"], limit=1000), timeout_s)
-    runs = [r for r in reply.runs or [] if r.config.mode in ("train", "replay")]
-    return sorted(runs, key=lambda r: r.created_at)
+    """Live training and replay runs, oldest first (the first claimable one is trained first).
+
+    Listed without their inline rows (the trainer trains on groups, never on dataset rows)."""
+    runs = await StoreClient(bus, timeout_s).list_runs(states=["running", "paused"], limit=_ALL_RUNS)
+    return sorted((r for r in runs if r.config.mode in ("train", "replay")), key=lambda r: r.created_at)
 
 
 async def set_state(bus: Bus, run_id: str, state: RunState, timeout_s: float, error: str | None = None) -> None:
-    await store_call(
-        bus, "set_run_state", SetRunState(run_id=run_id, state=state, error=error, from_states=["running", "paused"]), timeout_s
-    )
+    await StoreClient(bus, timeout_s).set_run_state(run_id, state, from_states=["running", "paused"], error=error)
 
 
 async def put_progress(bus: Bus, progress: TrainerProgress) -> None:

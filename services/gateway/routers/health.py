@@ -1,12 +1,13 @@
+"""Liveness and readiness."""
+
 from __future__ import annotations
 
-import asyncio
-
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 
 from shared.bus import Bus
-from shared.messages import Ping
-from services.gateway.deps import StoreClient, get_bus, get_store
+from shared.store_api import StoreClient
+from services.gateway.deps import get_bus, get_settings, get_store
+from services.gateway.settings import GatewaySettings
 
 router = APIRouter(tags=["health"])
 
@@ -18,12 +19,29 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(bus: Bus = Depends(get_bus), store: StoreClient = Depends(get_store)) -> dict[str, str]:
-    """NATS is connected and the store answers (its database included)."""
+async def readyz(
+    request: Request,
+    bus: Bus = Depends(get_bus),
+    store: StoreClient = Depends(get_store),
+    settings: GatewaySettings = Depends(get_settings),
+) -> dict[str, str]:
+    """NATS is connected, the store answers (its database included), and run pacing (where this
+    gateway paces) is alive and has not been failing for longer than `pace_unready_after_s`."""
     if not bus.nc.is_connected:
         raise HTTPException(503, "not connected to NATS")
-    try:
-        await asyncio.wait_for(store.call("ping", Ping()), timeout=store.timeout_s)
-    except asyncio.TimeoutError:
-        raise HTTPException(503, "store did not answer") from None
+    await store.ping()  # StoreUnavailable -> 503 (app.fault_response)
+    pacing = request.app.state.pacing
+    if pacing is not None:
+        pacer = request.app.state.pacer
+        if pacing.done():
+            raise HTTPException(503, f"run pacing has stopped: {_ended(pacing)}")
+        if pacer.failing_for() > settings.pace_unready_after_s:
+            raise HTTPException(503, f"run pacing has failed for {pacer.failing_for():.0f}s: {pacer.last_error}")
     return {"status": "ready"}
+
+
+def _ended(task) -> str:  # type: ignore[no-untyped-def]
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    return f"{type(exc).__name__}: {exc}" if exc else "returned"

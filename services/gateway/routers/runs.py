@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any, Literal
+
+import nats.errors
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Bus
-from shared.messages import (
-    EvalSummary,
-    GetById,
-    GetEvals,
-    GetMetrics,
-    ListRuns,
-    PutDataset,
-    PutRun,
-    ReplayRequest,
-    RunConfig,
-    RunState,
-    RunView,
-    SetRunState,
-    StepMetrics,
-)
-from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_settings, get_store
+from shared.faults import NotFound, Rejected
+from shared.messages import EvalSummary, RunConfig, RunState, RunView, StepMetrics
+from shared.store_api import ListedRun, StoreClient
+from services.gateway.agents import AgentCatalog
+from services.gateway.deps import get_agents, get_bus, get_settings, get_store
 from services.gateway.evals import eval_tasks
 from services.gateway.pacing import purge_tasks, read_progress
 from services.gateway.schemas import ErrorOut
 from services.gateway.settings import GatewaySettings
 from services.gateway.submit import submit
+from shared import subjects
 
 router = APIRouter(prefix="/v1", tags=["runs"])
 ERRORS = {400: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, 503: {"model": ErrorOut}}
@@ -61,8 +55,7 @@ class ReplayOut(BaseModel):
 @router.post("/datasets", status_code=status.HTTP_201_CREATED, responses=ERRORS)
 async def put_dataset(body: DatasetIn, store: StoreClient = Depends(get_store)) -> DatasetOut:
     """Store dataset rows under a name; runs refer to it with `dataset_name`."""
-    reply = await store.call("put_dataset", PutDataset(name=body.name, rows=body.rows))
-    return DatasetOut(name=body.name, rows=reply.stored or 0)
+    return DatasetOut(name=body.name, rows=await store.put_dataset(body.name, body.rows))
 
 
 @router.post("/runs", status_code=status.HTTP_201_CREATED, responses=ERRORS)
@@ -71,18 +64,19 @@ async def create_run(
     request: Request,
     store: StoreClient = Depends(get_store),
     agents: AgentCatalog = Depends(get_agents),
+    bus: Bus = Depends(get_bus),
 ) -> RunView:
     """Create a training run. The gateway then publishes its rollout requests, paced by `max_staleness`.
 
     Creating the same run again with the same config returns it; another config under an
-    existing `run_id` is refused with 409.
+    existing `run_id` is refused with 409, and so is a `model` that no inference replica serves.
     """
+    await _require_served_model(bus, config.model)
     await agents.require({config.agent})
     rows = len(config.dataset) if config.dataset else await _dataset_size(store, config.dataset_name or "")
-    reply = await store.call("put_run", PutRun(config=config, rows=rows))
+    run = await store.put_run(config, rows)
     request.app.state.pacer.wake.set()
-    assert reply.run is not None
-    return reply.run
+    return run
 
 
 @router.get("/runs", responses=ERRORS)
@@ -90,10 +84,10 @@ async def list_runs(
     state: list[RunState] = Query(default_factory=list),
     limit: int = Query(100, ge=1, le=10000),
     store: StoreClient = Depends(get_store),
-) -> list[RunView]:
-    """Runs, newest first; `?state=running&state=paused` filters."""
-    reply = await store.call("list_runs", ListRuns(states=state, limit=limit))
-    return reply.runs or []
+) -> list[ListedRun]:
+    """Runs, newest first; `?state=running&state=paused` filters. Inline dataset rows are left
+    out (`config.rows_omitted`): `GET /v1/runs/{run_id}` has them."""
+    return await store.list_runs(states=state, limit=limit)
 
 
 @router.get("/runs/{run_id}", responses=ERRORS)
@@ -110,9 +104,8 @@ async def get_metrics(
     store: StoreClient = Depends(get_store),
 ) -> list[StepMetrics]:
     """Per-step training metrics (reward, loss, clip fraction, KL, entropy, staleness, ...)."""
-    await _require_run(run_id, store)
-    reply = await store.call("get_metrics", GetMetrics(run_id=run_id, after_step=after_step, limit=limit))
-    return reply.metrics or []
+    await store.get_run(run_id)  # 404 for an unknown run, not an empty list
+    return await store.get_metrics(run_id, after_step, limit)
 
 
 @router.post("/runs/{run_id}/replay", status_code=status.HTTP_202_ACCEPTED, responses=ERRORS)
@@ -127,18 +120,16 @@ async def replay(
     With `into`, a new run in `replay` mode is created from the source config (no rollouts are
     published for it); a trainer started for it trains on exactly the stored groups.
     """
-    source = await _require_run(run_id, store)
+    source = await store.get_run(run_id)
     into = body.into or run_id
     if into != run_id:
         config = source.config.model_copy(update={"run_id": into, "mode": "replay"})
-        await store.call("put_run", PutRun(config=config, rows=source.rows))
+        await store.put_run(config, source.rows)
     # The store answers after the last group is published: allow for long runs (~500 groups/s).
-    reply = await store.call(
-        "replay",
-        ReplayRequest(run_id=run_id, into=into, versions=body.versions, min_reward=body.min_reward),
-        timeout_s=settings.replay_timeout_s,
+    groups = await store.replay(
+        run_id, into=into, versions=body.versions, min_reward=body.min_reward, timeout_s=settings.replay_timeout_s
     )
-    return ReplayOut(run_id=run_id, into=into, groups=reply.stored or 0)
+    return ReplayOut(run_id=run_id, into=into, groups=groups)
 
 
 class EvalIn(BaseModel):
@@ -193,9 +184,8 @@ async def get_evals(
     store: StoreClient = Depends(get_store),
 ) -> list[EvalSummary]:
     """Evaluation results per policy version: rollouts, mean reward, accuracy."""
-    await _require_run(run_id, store)
-    reply = await store.call("get_evals", GetEvals(run_id=run_id, accuracy_threshold=accuracy_threshold))
-    return reply.evals or []
+    await store.get_run(run_id)  # 404 for an unknown run, not an empty list
+    return await store.get_evals(run_id, accuracy_threshold)
 
 
 _TRANSITIONS: dict[str, tuple[RunState, list[RunState]]] = {
@@ -216,7 +206,7 @@ async def change_state(
     """`pause` stops publishing new requests (in-flight work finishes and is trained);
     `resume` continues; `cancel` ends the run and drops its queued requests."""
     target, from_states = _TRANSITIONS[action]
-    await store.call("set_run_state", SetRunState(run_id=run_id, state=target, from_states=from_states))
+    await store.set_run_state(run_id, target, from_states=from_states)
     if action == "cancel":
         await purge_tasks(bus, run_id, evals=True)
     request.app.state.pacer.wake.set()
@@ -225,25 +215,49 @@ async def change_state(
 
 async def _dataset_size(store: StoreClient, name: str) -> int:
     try:
-        reply = await store.call("get_dataset", GetById(id=name))
-    except HTTPException as exc:
-        if exc.status_code == 404:
-            raise HTTPException(400, f"unknown dataset {name!r}; store it first with POST /v1/datasets") from None
-        raise
-    return len(reply.rows or [])
-
-
-async def _require_run(run_id: str, store: StoreClient) -> RunView:
-    reply = await store.call("get_run", GetById(id=run_id))
-    assert reply.run is not None
-    return reply.run
+        return len(await store.get_dataset(name))
+    except NotFound:
+        raise Rejected(f"unknown dataset {name!r}; store it first with POST /v1/datasets", 400) from None
 
 
 async def _run_with_progress(run_id: str, store: StoreClient, bus: Bus) -> RunView:
-    run = await _require_run(run_id, store)
+    run = await store.get_run(run_id)
     progress = await read_progress(bus, run_id)
     if progress is not None and progress.step >= run.step:
         run = run.model_copy(
             update={"step": progress.step, "version": progress.version, "groups_consumed": progress.groups_consumed}
         )
     return run
+
+
+async def _require_served_model(bus: Bus, model: str) -> None:
+    """Refuse (409) a run whose `model` no running inference replica serves: its version 0 would
+    be another model's weights, and the trainer's versions would not fit the replicas.
+
+    Replicas advertise what they serve under `inference.<replica>` in the KV `relayrl-leases`
+    (services/inference/policy.py; the bucket's TTL drops a dead replica). A run's model
+    matches a replica's `--model`, its served name, or the checkpoint path it loaded. With no
+    replica advertising (none started yet) there is nothing to check against: the run is taken.
+    """
+    try:
+        kv = await bus.kv(subjects.KV_LEASES, ttl_s=subjects.LEASE_TTL_S)
+        watch = await kv.watch("inference.*")  # subjects.lease_key("inference", <replica>)
+        adverts: list[dict[str, Any]] = []
+        try:
+            while (entry := await watch.updates(timeout=bus.timeout)) is not None:
+                if entry.operation is None and entry.value:
+                    try:
+                        adverts.append(json.loads(entry.value))
+                    except ValueError:
+                        continue  # not an advert: nothing to check against
+        finally:
+            await watch.stop()
+    except (nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+        raise HTTPException(503, f"cannot read which models inference serves (NATS): {exc}; retry") from None
+    if not adverts or any(model in (a.get("model"), a.get("served_model_name"), a.get("path")) for a in adverts):
+        return
+    served = sorted({str(a.get("served_model_name") or a.get("model")) for a in adverts})
+    raise HTTPException(
+        409, f"model {model!r} is not served by inference (its replicas serve {', '.join(served)}): create the run "
+        "with one of those models, or start inference with --model for it",
+    )

@@ -1,3 +1,5 @@
+"""Tasks: submit one or a batch, read one back with its progress."""
+
 from __future__ import annotations
 
 import uuid
@@ -5,8 +7,10 @@ import uuid
 from fastapi import APIRouter, Depends, HTTPException, status
 
 from shared.bus import Bus
-from shared.messages import GetById, TaskSpec, TaskView
-from services.gateway.deps import AgentCatalog, StoreClient, get_agents, get_bus, get_settings, get_store
+from shared.messages import TaskSpec, TaskView
+from shared.store_api import StoreClient
+from services.gateway.agents import AgentCatalog
+from services.gateway.deps import get_agents, get_bus, get_settings, get_store
 from services.gateway.schemas import ErrorOut, TaskAccepted, TaskBatch, TaskIn, TasksAccepted, TasksBody
 from services.gateway.settings import GatewaySettings
 from services.gateway.submit import submit
@@ -64,9 +68,7 @@ def _spec(t: TaskIn) -> TaskSpec:
     )
 
 
-@router.get("/tasks/{task_id}", responses={404: {"model": ErrorOut}})
+@router.get("/tasks/{task_id}", responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut}})
 async def get_task(task_id: str, store: StoreClient = Depends(get_store)) -> TaskView:
     """A task, its progress (pending / running / done) and a summary of each rollout."""
-    reply = await store.call("get_task", GetById(id=task_id))
-    assert reply.task is not None
-    return reply.task
+    return await store.get_task(task_id)

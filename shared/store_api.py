@@ -1,0 +1,353 @@
+"""The store's request/reply API, typed: every RPC names its request and reply model, one
+registry (`RPCS`) lists them, and one client (`StoreClient`) calls them.
+
+Wire: core NATS request/reply on `relayrl.rpc.store.<method>` (queue group `store`, so store
+replicas share the load), MessagePack bodies. The store answers with the RPC's reply model,
+or with a `shared.messages.Failure` marked by a header (see `Bus.serve`). Producer of every
+request: the gateway (HTTP routes, run pacing) and the trainer; consumer: the store
+(`services/store/service.py`, which registers one handler per entry of `RPCS`).
+
+Errors reach callers by type (`shared.faults`): `StoreUnavailable` when no store answers in
+time or its database is unavailable (transient: wait and retry, change nothing durable),
+`NotFound` for a missing object, `Rejected(reason, code)` for a request that will stay wrong
+(bad data, a conflicting state). Every reply fits one NATS message: lists that could outgrow
+it (runs, dataset rows, metrics) come in pages, and the client follows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, Iterable, Self, Sequence, TypeVar
+
+import msgpack
+import nats.errors
+from pydantic import Field, model_validator
+
+from shared import subjects
+from shared.bus import Bus
+from shared.faults import NotFound, Rejected, StoreError, StoreUnavailable
+from shared.messages import (
+    DecodeError,
+    EvalSummary,
+    Failure,
+    GetById,
+    GetEvals,
+    GetMetrics,
+    ListRuns,
+    Message,
+    PaceCursor,
+    Ping,
+    PutDataset,
+    PutRun,
+    PutTasks,
+    ReplayRequest,
+    RunConfig,
+    RunState,
+    RunView,
+    SaveCursor,
+    SetRunState,
+    StepMetrics,
+    TaskSpec,
+    TaskView,
+    Trajectory,
+)
+
+# Room left in a message for everything but its list (field names, envelope, headers).
+PAYLOAD_HEADROOM = 64 * 1024
+
+
+# --- requests not shared with other wire traffic ----------------------------------------
+
+
+class GetDataset(Message):
+    """Gateway pacer / routes -> store: rows of a named dataset from `offset` on (one page)."""
+
+    name: str
+    offset: int = Field(0, ge=0)
+
+
+# --- replies -----------------------------------------------------------------------------
+
+
+class Stored(Message):
+    """Store -> writer: how many items the write applied. Writes are idempotent upserts, so a
+    repeated request stores 0 (put_tasks), and save_cursor stores 0 when a further cursor was
+    already there (a cursor never moves back)."""
+
+    stored: int = Field(ge=0)
+
+
+class Pong(Message):
+    """Store -> readiness check: the store process and its database both answered."""
+
+
+class TaskFound(Message):
+    """Store -> gateway: a task with its progress and a summary of each rollout."""
+
+    task: TaskView
+
+
+class RolloutFound(Message):
+    """Store -> gateway: one stored trajectory, transitions included."""
+
+    trajectory: Trajectory
+
+
+class RunFound(Message):
+    """Store -> gateway, trainer: one run with its whole config (inline dataset rows included:
+    they came in one PutRun message, so they fit in one reply)."""
+
+    run: RunView
+
+
+class ListedConfig(RunConfig):
+    """A RunConfig as `list_runs` carries it: inline `dataset` and `eval_dataset` rows are left
+    out so a listing of many runs stays small; `get_run` has them (`rows_omitted`)."""
+
+    rows_omitted: bool = True
+
+    @model_validator(mode="after")
+    def _has_data(self) -> Self:  # overrides RunConfig's check: the rows were left out on purpose
+        return self
+
+
+class ListedRun(RunView):
+    """A run as listed: the view without inline rows (`config.rows_omitted`)."""
+
+    config: ListedConfig
+
+    @classmethod
+    def of(cls, run: RunView) -> ListedRun:
+        config = ListedConfig.model_validate({**run.config.model_dump(), "dataset": [], "eval_dataset": []})
+        return cls.model_validate({**run.model_dump(exclude={"config"}), "config": config})
+
+
+class RunPage(Message):
+    """Store -> gateway, trainer: runs newest first. `next` is set when the page was cut to fit
+    one message before `limit`: ask again with `after=next` for the rest."""
+
+    runs: list[ListedRun]
+    next: tuple[float, str] | None = None
+
+
+class DatasetPage(Message):
+    """Store -> gateway: dataset rows `offset`.. in stored order; `next_offset` is set while rows remain."""
+
+    rows: list[dict[str, Any]]
+    total: int = Field(ge=0)
+    next_offset: int | None = None
+
+
+class MetricsPage(Message):
+    """Store -> gateway: steps after `after_step`, oldest first; `more` when the page was cut to
+    fit one message (ask again from the last step returned)."""
+
+    metrics: list[StepMetrics]
+    more: bool = False
+
+
+class Evals(Message):
+    """Store -> gateway: a run's evaluation rollouts aggregated per policy version."""
+
+    evals: list[EvalSummary]
+
+
+# --- the registry ------------------------------------------------------------------------
+
+Req = TypeVar("Req", bound=Message)
+Rep = TypeVar("Rep", bound=Message)
+
+
+@dataclass(frozen=True)
+class Rpc(Generic[Req, Rep]):
+    """One store method: its request model and its reply model."""
+
+    method: str
+    request: type[Req]
+    reply: type[Rep]
+
+    @property
+    def subject(self) -> str:
+        return subjects.store_rpc(self.method)
+
+
+PUT_TASKS = Rpc("put_tasks", PutTasks, Stored)
+GET_TASK = Rpc("get_task", GetById, TaskFound)
+GET_ROLLOUT = Rpc("get_rollout", GetById, RolloutFound)
+PING = Rpc("ping", Ping, Pong)
+PUT_RUN = Rpc("put_run", PutRun, RunFound)
+GET_RUN = Rpc("get_run", GetById, RunFound)
+LIST_RUNS = Rpc("list_runs", ListRuns, RunPage)
+SET_RUN_STATE = Rpc("set_run_state", SetRunState, RunFound)
+SAVE_CURSOR = Rpc("save_cursor", SaveCursor, Stored)
+PUT_DATASET = Rpc("put_dataset", PutDataset, Stored)
+GET_DATASET = Rpc("get_dataset", GetDataset, DatasetPage)
+GET_METRICS = Rpc("get_metrics", GetMetrics, MetricsPage)
+GET_EVALS = Rpc("get_evals", GetEvals, Evals)
+REPLAY = Rpc("replay", ReplayRequest, Stored)
+
+# Every store RPC; the store serves exactly these (a handler `rpc_<method>` each).
+RPCS: tuple[Rpc[Any, Any], ...] = (
+    PUT_TASKS, GET_TASK, GET_ROLLOUT, PING, PUT_RUN, GET_RUN, LIST_RUNS, SET_RUN_STATE,
+    SAVE_CURSOR, PUT_DATASET, GET_DATASET, GET_METRICS, GET_EVALS, REPLAY,
+)  # fmt: skip
+
+
+def packed_size(item: Any) -> int:
+    """Bytes `item` (a model or plain data) takes in a MessagePack message."""
+    data = item.model_dump() if hasattr(item, "model_dump") else item
+    return len(msgpack.packb(data, use_bin_type=True))
+
+
+def fault(method: str, failure: Failure) -> StoreError:
+    """The typed error for a Failure the store answered."""
+    reason = f"store {method}: {failure.error}"
+    if failure.transient or failure.code in (502, 503, 504):
+        return StoreUnavailable(reason)
+    if failure.code == 404:
+        return NotFound(failure.error)
+    if 400 <= failure.code < 500:
+        return Rejected(failure.error, failure.code)
+    return StoreError(reason)
+
+
+# --- the client --------------------------------------------------------------------------
+
+
+class StoreClient:
+    """Every read and write another service makes to the store's SQL goes through here."""
+
+    def __init__(self, bus: Bus, timeout_s: float) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def call(self, rpc: Rpc[Req, Rep], req: Req, timeout_s: float | None = None) -> Rep:
+        """One request; the reply, or the typed error (see the module docstring)."""
+        try:
+            reply = await self.bus.request(rpc.subject, req, rpc.reply, timeout=timeout_s or self.timeout_s)
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"store {rpc.method}: {exc}") from None
+        except nats.errors.MaxPayloadError:
+            raise Rejected(f"store {rpc.method}: request larger than the NATS max_payload", 413) from None
+        except nats.errors.Error as exc:  # connection closed or reconnecting
+            raise StoreUnavailable(f"store {rpc.method}: {type(exc).__name__}: {exc}") from None
+        except DecodeError as exc:  # a store of another version: retrying does not help
+            raise StoreError(f"store {rpc.method}: undecodable reply: {exc}") from None
+        if isinstance(reply, Failure):
+            raise fault(rpc.method, reply)
+        return reply
+
+    @property
+    def payload_budget(self) -> int:
+        return max(self.bus.nc.max_payload - PAYLOAD_HEADROOM, 1)
+
+    # --- tasks and rollouts ---
+
+    async def put_tasks(self, specs: Sequence[TaskSpec]) -> int:
+        """Store tasks (idempotent by task id), in as many messages as max_payload needs;
+        returns how many were new."""
+        stored = 0
+        for chunk in _chunks_under(specs, self.payload_budget):
+            stored += (await self.call(PUT_TASKS, PutTasks(tasks=chunk))).stored
+        return stored
+
+    async def get_task(self, task_id: str) -> TaskView:
+        return (await self.call(GET_TASK, GetById(id=task_id))).task
+
+    async def get_rollout(self, rollout_id: str) -> Trajectory:
+        return (await self.call(GET_ROLLOUT, GetById(id=rollout_id))).trajectory
+
+    async def ping(self) -> None:
+        """Returns when the store and its database answer; StoreUnavailable otherwise."""
+        await self.call(PING, Ping())
+
+    # --- runs ---
+
+    async def put_run(self, config: RunConfig, rows: int) -> RunView:
+        return (await self.call(PUT_RUN, PutRun(config=config, rows=rows))).run
+
+    async def get_run(self, run_id: str) -> RunView:
+        """The run with its whole config, inline rows included."""
+        return (await self.call(GET_RUN, GetById(id=run_id))).run
+
+    async def list_runs(self, states: Iterable[RunState] = (), limit: int = 100) -> list[ListedRun]:
+        """Up to `limit` runs, newest first, without inline rows, following pages."""
+        states = list(states)
+        runs: list[ListedRun] = []
+        after: tuple[float, str] | None = None
+        while len(runs) < limit:
+            page = await self.call(LIST_RUNS, ListRuns(states=states, limit=limit - len(runs), after=after))
+            runs.extend(page.runs)
+            if page.next is None or not page.runs:
+                break
+            after = page.next
+        return runs
+
+    async def set_run_state(
+        self, run_id: str, state: RunState, from_states: Sequence[RunState] = (), error: str | None = None
+    ) -> RunView:
+        """Compare-and-set: Rejected(409) unless the run is in one of `from_states` (any when empty)."""
+        req = SetRunState(run_id=run_id, state=state, error=error, from_states=list(from_states))
+        return (await self.call(SET_RUN_STATE, req)).run
+
+    async def save_cursor(self, run_id: str, cursor: PaceCursor) -> bool:
+        """Whether the cursor was stored (False: a further one already was)."""
+        return bool((await self.call(SAVE_CURSOR, SaveCursor(run_id=run_id, cursor=cursor))).stored)
+
+    # --- datasets, metrics, evaluations, replay ---
+
+    async def put_dataset(self, name: str, rows: list[dict[str, Any]]) -> int:
+        return (await self.call(PUT_DATASET, PutDataset(name=name, rows=rows))).stored
+
+    async def get_dataset(self, name: str) -> list[dict[str, Any]]:
+        """Every row of a named dataset, following pages."""
+        rows: list[dict[str, Any]] = []
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.call(GET_DATASET, GetDataset(name=name, offset=offset))
+            rows.extend(page.rows)
+            offset = page.next_offset if page.rows else None
+        return rows
+
+    async def get_metrics(self, run_id: str, after_step: int = 0, limit: int = 10000) -> list[StepMetrics]:
+        """Up to `limit` steps after `after_step`, oldest first, following pages."""
+        metrics: list[StepMetrics] = []
+        while len(metrics) < limit:
+            page = await self.call(GET_METRICS, GetMetrics(run_id=run_id, after_step=after_step, limit=limit - len(metrics)))
+            metrics.extend(page.metrics)
+            if not page.more or not page.metrics:
+                break
+            after_step = page.metrics[-1].step
+        return metrics
+
+    async def get_evals(self, run_id: str, accuracy_threshold: float = 1.0) -> list[EvalSummary]:
+        return (await self.call(GET_EVALS, GetEvals(run_id=run_id, accuracy_threshold=accuracy_threshold))).evals
+
+    async def replay(
+        self,
+        run_id: str,
+        into: str | None = None,
+        versions: tuple[int, int] | None = None,
+        min_reward: float | None = None,
+        timeout_s: float | None = None,
+    ) -> int:
+        """Re-publish a run's trained groups; how many the stream took as new."""
+        req = ReplayRequest(run_id=run_id, into=into, versions=versions, min_reward=min_reward)
+        return (await self.call(REPLAY, req, timeout_s=timeout_s)).stored
+
+
+def _chunks_under(specs: Sequence[TaskSpec], budget: int) -> Iterable[list[TaskSpec]]:
+    """Consecutive runs of `specs` whose packed size stays under `budget` bytes each."""
+    chunk: list[TaskSpec] = []
+    size = 0
+    for spec in specs:
+        n = packed_size(spec)
+        if n > budget:
+            raise Rejected(f"task {spec.task_id!r} is {n} bytes packed; one message holds at most {budget}", 413)
+        if chunk and size + n > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(spec)
+        size += n
+    if chunk:
+        yield chunk
