@@ -34,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
+COMPOSE_NATS_CLUSTER = ROOT / "docker-compose.nats-cluster.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERFILE_GPU = ROOT / "deploy" / "Dockerfile.gpu"
 NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
@@ -144,7 +145,7 @@ def _python_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in compose["services"].items() if k not in INFRA}
 
 
-@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_GPU, COMPOSE_NATS_CLUSTER], ids=lambda p: p.name)
 def test_compose_file_matches_compose_spec(path: Path) -> None:
     res = _check_jsonschema("--builtin-schema", "vendor.compose-spec", str(path))
     assert res.returncode == 0, f"check-jsonschema failed:\n{res.stdout}\n{res.stderr}"
@@ -268,11 +269,13 @@ def test_compose_dependencies_and_lifecycle(compose: dict[str, Any]) -> None:
         assert m and int(m.group(1)) >= 30, services[name]["stop_grace_period"]
 
 
-@pytest.mark.parametrize("path", [COMPOSE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [COMPOSE, COMPOSE_NATS_CLUSTER], ids=lambda p: p.name)
 def test_compose_every_service_restarts(path: Path) -> None:
     """Supervision: a crashed or SIGKILLed container comes back on its own."""
+    base = _load_yaml(COMPOSE)["services"]
     for name, svc in _load_yaml(path)["services"].items():
-        assert svc.get("restart") in RESTART_POLICIES, f"{name} has no restart policy"
+        restart = svc.get("restart", base.get(name, {}).get("restart"))  # an override inherits the base's
+        assert restart in RESTART_POLICIES, f"{name} has no restart policy"
 
 
 def _healthcheck_argv(svc: dict[str, Any]) -> list[str]:
@@ -323,6 +326,42 @@ def test_images_carry_the_healthcheck_script() -> None:
         assert str(Path(workdir) / "deploy/healthcheck.py") == HEALTHCHECK_IN_IMAGE
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert not any(entry.strip("/") in ("deploy", "deploy/healthcheck.py") for entry in ignored)
+
+
+def test_compose_nats_cluster_override(compose: dict[str, Any]) -> None:
+    """docker-compose.nats-cluster.yml: three nodes from the Kubernetes config, R3 everywhere."""
+    override = _load_yaml(COMPOSE_NATS_CLUSTER)
+    services = override["services"]
+    nodes = {k: v for k, v in services.items() if k == "nats" or k.startswith("nats-")}
+    assert set(nodes) == {"nats", "nats-1", "nats-2"}
+    conf = NATS_CLUSTER_CONF.read_text()
+    routed = set(re.findall(r"nats-route://([\w.-]+):6222", conf))
+    aliases, pod_names, data = set(), set(), set()
+    ldm = sum(int(re.search(rf"^{k}:\s*(\d+)s", conf, re.MULTILINE).group(1)) for k in ("lame_duck_duration", "lame_duck_grace_period"))
+    pid_dir = str(Path(re.search(r"^pid_file:\s*(\S+)", conf, re.MULTILINE).group(1)).parent)
+    for name, svc in nodes.items():
+        merged = {**compose["services"].get(name, {}), **svc}
+        assert merged["image"].startswith("nats:") and _argv(merged["command"])[-1] == "/etc/nats/nats.conf"
+        volumes = [str(v) for v in svc["volumes"]] + [str(v) for v in compose["services"].get(name, {}).get("volumes", [])]
+        assert "./deploy/nats/nats-cluster.conf:/etc/nats/nats.conf:ro" in volumes, name
+        data |= {v.split(":")[0] for v in volumes if v.split(":")[1] == "/data/jetstream"}
+        pod_names.add(svc["environment"]["POD_NAME"])
+        aliases |= set(svc["networks"]["default"]["aliases"])
+        assert pid_dir in svc["tmpfs"], f"{name}: the pid file's folder must exist"
+        assert int(merged["stop_grace_period"].rstrip("s")) > ldm, name
+        assert merged["healthcheck"]["test"][-1].endswith(":8222/healthz"), "healthy = cluster has its quorum"
+    assert len(pod_names) == len(nodes) and aliases == routed == {f"{p}.nats-headless" for p in pod_names}
+    assert len(data) == len(nodes), "each node needs its own JetStream volume"
+    declared = set(compose.get("volumes") or {}) | set(override.get("volumes") or {})
+    assert data <= declared
+    for name in PYTHON_SERVICES:
+        svc = services[name]
+        env = _env_map(svc["environment"])
+        hosts = {re.match(r"nats://([^:/]+):4222$", u.strip()).group(1) for u in env["NATS_URL"].split(",")}
+        assert hosts == set(nodes), env["NATS_URL"]
+        assert env["RELAYRL_JS_REPLICAS"] == str(len(nodes))
+        deps = {**compose["services"][name]["depends_on"], **svc["depends_on"]}
+        assert all(deps[n]["condition"] == "service_healthy" for n in nodes), name
 
 
 def test_compose_plain_up_starts_everything(compose: dict[str, Any]) -> None:
