@@ -14,6 +14,7 @@ from sqlalchemy import select, text
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
+from shared.faults import StoreUnavailable
 from shared.messages import (
     DecodeError,
     Group,
@@ -248,3 +249,11 @@ async def test_group_too_big_for_one_message_reaches_the_trainer_by_reference(sm
     finally:
         await st.stop()
         await st.engine.dispose()
+
+
+async def test_resolving_a_reference_without_a_store_is_transient(bus: Bus):
+    ref = GroupRef(run_id="r", group_id="g", task_id="g", size=2)
+    with pytest.raises(StoreUnavailable):
+        await resolve_group(bus, ref.encode(), timeout_s=0.5)
+    with pytest.raises(DecodeError):
+        await resolve_group(bus, b"\xc1")
