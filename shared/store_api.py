@@ -32,7 +32,9 @@ from shared.messages import (
     Failure,
     GetById,
     GetEvals,
+    GetGroupMembers,
     GetMetrics,
+    GroupMembers,
     ListRuns,
     Message,
     PaceCursor,
@@ -185,11 +187,12 @@ GET_DATASET = Rpc("get_dataset", GetDataset, DatasetPage)
 GET_METRICS = Rpc("get_metrics", GetMetrics, MetricsPage)
 GET_EVALS = Rpc("get_evals", GetEvals, Evals)
 REPLAY = Rpc("replay", ReplayRequest, Stored)
+GET_GROUP_MEMBERS = Rpc("get_group_members", GetGroupMembers, GroupMembers)
 
 # Every store RPC; the store serves exactly these (a handler `rpc_<method>` each).
 RPCS: tuple[Rpc[Any, Any], ...] = (
     PUT_TASKS, GET_TASK, GET_ROLLOUT, PING, PUT_RUN, GET_RUN, LIST_RUNS, SET_RUN_STATE,
-    SAVE_CURSOR, PUT_DATASET, GET_DATASET, GET_METRICS, GET_EVALS, REPLAY,
+    SAVE_CURSOR, PUT_DATASET, GET_DATASET, GET_METRICS, GET_EVALS, REPLAY, GET_GROUP_MEMBERS,
 )  # fmt: skip
 
 
@@ -334,6 +337,19 @@ class StoreClient:
         """Re-publish a run's trained groups; how many the stream took as new."""
         req = ReplayRequest(run_id=run_id, into=into, versions=versions, min_reward=min_reward)
         return (await self.call(REPLAY, req, timeout_s=timeout_s)).stored
+
+
+    async def get_group_members(self, group_id: str) -> list[Trajectory]:
+        """Every stored member of a group in sample order, following pages (a group published
+        by reference, `GroupRef`, is too big for one message)."""
+        members: list[Trajectory] = []
+        after_index = -1
+        while True:
+            page = await self.call(GET_GROUP_MEMBERS, GetGroupMembers(group_id=group_id, after_index=after_index))
+            members.extend(page.trajectories)
+            if not page.more or not page.trajectories:
+                return members
+            after_index = page.trajectories[-1].sample_index
 
 
 def _chunks_under(specs: Sequence[TaskSpec], budget: int) -> Iterable[list[TaskSpec]]:
