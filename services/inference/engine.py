@@ -364,14 +364,16 @@ class TorchEngine:
             rows.append(first)
             deadline = time.monotonic() + self.batch_wait_s
             while len(rows) < capacity and (left := deadline - time.monotonic()) > 0:
-                if (row := self._pop()) is not None:
+                if (row := self._pop(scan=True)) is not None:
                     rows.append(row)
                 elif self._parked:
-                    break  # another run's request is next in line: start this batch now
+                    break  # only other runs' requests wait: start this batch now
                 elif not self._pull(timeout=left):
                     break  # woken (a swap is pending, or stopping)
         self._pull(timeout=None)
-        while len(rows) < capacity and (row := self._pop()) is not None:
+        # A new batch takes every waiting request of its run, also those behind another run's:
+        # runs that alternate still batch, and the others wait one batch at most.
+        while len(rows) < capacity and (row := self._pop(scan=True)) is not None:
             rows.append(row)
         return rows
 
@@ -411,10 +413,19 @@ class TorchEngine:
             block = None  # the first one came: take the rest without waiting
             self._parked.append(item)
 
-    def _pop(self, switch: bool = False) -> _Row | None:
+    def _pop(self, switch: bool = False, scan: bool = False) -> _Row | None:
         """The oldest parked request if it uses the active set (FIFO across runs, so no run
         starves). With `switch` (no batch running, none gathering) the oldest request's set is
-        made active first."""
+        made active first; with `scan`, the oldest of the active set's wherever it waits."""
+        if scan and self._parked and self._parked[0].run != self.active:
+            for i, row in enumerate(self._parked):
+                if row.run == self.active and not row.cancelled:
+                    del self._parked[i]
+                    if row.future.set_running_or_notify_cancel():
+                        return row
+                    self.stats.requests_cancelled += 1
+                    return self._pop(scan=True)
+            return None
         while self._parked:
             row = self._parked[0]
             if row.cancelled or row.future.cancelled():
@@ -453,6 +464,7 @@ class TorchEngine:
         old, self.active, self.version = self.active, run, self.versions[run]
         self.stats.run_switches += 1
         log.debug("weight set switched", old_run=old, run=run, version=self.version)
+        self._drop_extra_sets(keep={run})
         return True
 
     def _prefill(self, rows: list[_Row]) -> None:
@@ -607,13 +619,14 @@ class TorchEngine:
                      active=run == self.active)  # fmt: skip
             fut.set_result(version)
         if pending:
-            self._drop_extra_sets()
+            self._drop_extra_sets(keep=set(pending))
 
-    def _drop_extra_sets(self) -> None:
-        """Keep at most `max_sets` run sets: drop the least recently used idle ones."""
+    def _drop_extra_sets(self, keep: set[Key]) -> None:
+        """Keep at most `max_sets` run sets: drop the least recently used idle ones (never one
+        just loaded: it was loaded because a request wants it)."""
         with self._lock:
             spare = [k for k in self.versions if k is not None and k != self.active and k not in self.protected
-                     and not self._in_flight.get(k)]  # fmt: skip
+                     and k not in keep and not self._in_flight.get(k)]  # fmt: skip
             extra = len(self.versions) - 1 - self.max_sets
             for run in sorted(spare, key=lambda k: self._last_used.get(k, 0.0))[: max(extra, 0)]:
                 self.versions.pop(run, None)

@@ -57,7 +57,7 @@ log = structlog.get_logger("inference")
 RETRY_FIRST_S = 0.5  # a failed version is tried again after this, doubling each time...
 RETRY_MAX_S = 30.0  # ...up to this, for as long as it is its run's latest
 RESYNC_S = 2.0  # how often an idle watch checks that the connection has not been replaced
-DEMAND_TTL_S = 600.0  # a run nobody has asked for in this long is no longer loaded on demand
+DEMAND_TTL_S = 60.0  # a run nobody has asked for in this long is no longer loaded on demand
 ADVERT_ROLE = "inference"  # KV relayrl-leases key `inference.<replica>`: what the replica serves
 ADVERT_EVERY_S = 3.0  # well inside the bucket's TTL (subjects.LEASE_TTL_S)
 
