@@ -204,14 +204,14 @@ async def test_a_store_outage_pauses_the_trainer_and_never_fails_the_run(
     run_id, rows = "outage", 12
     await rpc(bus, "put_run", PutRun(config=run_config(run_id, rows, batch_size=3), rows=rows))
     trainer = TrainerProcess(nats_url, tmp_path, run_id)
-    await publish_groups(bus, run_id, range(0, 6))
+    await publish_groups(bus, run_id, range(0, 8))  # 2 steps (group 4 has zero variance) + 1 held
 
     async def two_steps() -> bool:
         return len(await metrics(bus, run_id)) >= 2
 
     await wait_for(two_steps, 120, "two steps before the outage")
     await store.stop()
-    await publish_groups(bus, run_id, range(6, rows))  # kept by the stream until a store is back
+    await publish_groups(bus, run_id, range(8, rows))  # kept by the stream until a store is back
     await asyncio.sleep(4.0)  # dozens of the trainer's run-state checks fail meanwhile
     assert trainer.proc.poll() is None, "the trainer exited during a store outage"
     back = await RunningStore(store.settings).start()
