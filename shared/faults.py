@@ -55,6 +55,8 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, nats.js.errors.APIError):
         return exc.code is not None and exc.code >= 500
+    if isinstance(exc, nats.errors.MaxPayloadError):  # the message itself is too big: it always will be
+        return False
     if isinstance(exc, nats.errors.Error):  # connection closed, no responders, slow consumer...
         return True
     return isinstance(exc, OSError)

@@ -1,6 +1,7 @@
 """The trainer's source of groups: one durable per run on GROUPS (live and replayed subjects).
 
-Groups are held un-acked, and kept alive with `in_progress()`, until the checkpoint that
+A group too large for one message arrives by reference and is fetched from the store
+(`groups_in.resolve_group`). Groups are held un-acked, and kept alive with `in_progress()`, until the checkpoint that
 records them as consumed is on disk; only then are they acked. A trainer killed at any
 point therefore gets back exactly the groups its last checkpoint did not cover.
 """
@@ -18,7 +19,9 @@ from nats.js import api as js_api
 
 from shared import subjects
 from shared.bus import Bus
+from shared.faults import StoreError, StoreUnavailable
 from shared.messages import DecodeError, Group
+from services.trainer.groups_in import resolve_group
 
 log = structlog.get_logger("trainer.feed")
 
@@ -62,8 +65,12 @@ class GroupFeed:
                     return None
             msg = self._buffer.popleft()
             try:
-                return msg, Group.decode(msg.data)
-            except DecodeError as exc:
+                return msg, await resolve_group(self.bus, msg.data)
+            except StoreUnavailable as exc:  # a group by reference and no store: later, unchanged
+                log.warning("cannot fetch a group's members; will retry", run_id=self.run_id, error=str(exc))
+                await msg.nak(delay=1.0)
+                return None
+            except (DecodeError, StoreError) as exc:  # not a group, or one the store cannot give whole
                 await self.reject(msg, str(exc))
 
     def hold(self, msg: Msg) -> None:
