@@ -30,6 +30,9 @@ class RolloutSettings(ServiceSettings):
     proxy_port: int = Field(0, ge=0, le=65535, description="capture proxy port; 0 = a free port")
     http_connections: int = Field(16, ge=1, description="HTTP connections to inference, shared by all agent runs")
     failure_reward: float = Field(0.0, description="reward given to failed/timed-out rollouts")
+    publish_patience_s: float = Field(
+        60.0, gt=0, description="how long a finished trajectory's publish is retried through a NATS outage"
+    )
     sync_agent_threads: int = Field(32, ge=1, description="threads that run sync (def, not async def) agents")
     agent_modules: str = Field(
         "", description="comma-separated modules to import that register more agents (besides entry points)"

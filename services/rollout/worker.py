@@ -11,7 +11,8 @@ import httpx
 import structlog
 
 from shared import subjects, telemetry
-from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, wait_for_stop
+from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, TransientError, wait_for_stop
+from shared.faults import is_transient
 from shared.messages import AgentInfo, RolloutRequest, Trajectory, TrajectoryStatus
 from services.rollout import registry
 from services.rollout.capture import CaptureClient
@@ -58,11 +59,29 @@ class Worker:
         try:
             with telemetry.span_from_headers("rollout", delivery.headers, rollout_id=req.rollout_id, agent=req.agent):
                 traj = await self.run_rollout(req, attempt)
-                await self.bus.publish(subjects.trajectories(req.run_id), traj, traj.msg_id())
+                await self._publish(traj)
         finally:
             structlog.contextvars.unbind_contextvars("run_id", "rollout_id")
         self.completed += 1
         log.debug("rollout done", status=traj.status, reward=traj.reward, attempt=traj.attempt, error=traj.error)
+
+    async def _publish(self, traj: Trajectory) -> None:
+        """Publish the finished trajectory, waiting out a NATS restart (bounded): the agent's
+        work is not thrown away for a blip. Past the bound the request is retried later as a
+        transient failure (never counted toward poison); the store keeps the first attempt."""
+        delay, deadline = 0.2, time.monotonic() + self.settings.publish_patience_s
+        while True:
+            try:
+                await self.bus.publish(subjects.trajectories(traj.run_id), traj, traj.msg_id())
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise TransientError(f"cannot publish trajectory {traj.rollout_id}: {exc}") from exc
+                log.warning("trajectory publish failed; retrying", error=f"{type(exc).__name__}: {exc}", retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def run_rollout(self, req: RolloutRequest, attempt: int) -> Trajectory:
         started = time.time()
