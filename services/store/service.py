@@ -9,6 +9,7 @@ from typing import Awaitable, Callable, Iterable, TypeVar
 import structlog
 from pydantic import ValidationError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared import subjects
@@ -433,7 +434,7 @@ def _refusals(handler: Callable[[M], Awaitable[Message]]) -> Callable[[M], Await
             return Failure(code=409, error=f"conflicts with stored data: {exc.orig}")
         except (DataError, ValidationError) as exc:
             return Failure(code=400, error=f"invalid data: {exc}")
-        except _TRANSIENT as exc:
+        except (*_TRANSIENT, PoolTimeout) as exc:  # PoolTimeout: every connection busy, for now
             if isinstance(exc, DBAPIError) and not _connection_error(exc):
                 raise  # a statement the database refuses for good (a bug): the bus answers 500
             log.warning("database unavailable", error=str(exc))
