@@ -68,7 +68,10 @@ async def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> Async
     from sqlalchemy.ext.asyncio import create_async_engine
 
     name = f"relayrl_t{os.getpid()}_{abs(hash(request.node.nodeid)) % 10**8}"
-    admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    from sqlalchemy.pool import NullPool
+
+    # No pooled connection is kept across the test: a test may restart the server.
+    admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     async with admin.connect() as conn:
         await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         await conn.execute(text(f'CREATE DATABASE "{name}"'))

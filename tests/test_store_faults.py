@@ -257,3 +257,78 @@ async def test_resolving_a_reference_without_a_store_is_transient(bus: Bus):
         await resolve_group(bus, ref.encode(), timeout_s=0.5)
     with pytest.raises(DecodeError):
         await resolve_group(bus, b"\xc1")
+
+
+async def _terminate_connections(database_url: str) -> int:
+    """What a PostgreSQL restart does to a client: every connection of the store's database is
+    closed by the server (pg_terminate_backend), mid-pool. Returns how many were closed."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from tests.conftest import POSTGRES_URL
+
+    name = make_url(database_url).database
+    admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as conn:
+            result = await conn.execute(
+                text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"),
+                {"d": name},
+            )
+            return int(result.scalar_one())
+    finally:
+        await admin.dispose()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_postgres_dropping_every_connection_under_the_store_loses_nothing(
+    store: RunningStore, bus: Bus, database_url: str
+):
+    """The server closes the store's pooled connections mid-stream (as a restart does): the
+    writes in flight are retried as transient, nothing is dead-lettered, every group completes."""
+    first = [trajectory(f"pg{g}", i, 4) for g in range(5) for i in range(4)]
+    await bus.publish_many((subjects.trajectories("r"), t, t.msg_id()) for t in first)
+    await wait_until(lambda: _rows_if(store, 20), timeout_s=BOUND_S)
+    assert await _terminate_connections(database_url) >= 1
+    second = [trajectory(f"pg{g}", i, 4) for g in range(5, 10) for i in range(4)]
+    await bus.publish_many((subjects.trajectories("r"), t, t.msg_id()) for t in second)
+    await wait_until(lambda: _rows_if(store, 40), timeout_s=BOUND_S)
+    groups = await wait_until(lambda: _groups_if(bus, 10), timeout_s=BOUND_S)
+    assert sorted(g.group_id for g in groups) == sorted(f"pg{g}" for g in range(10))
+    assert await letters(store) == []
+
+
+def _pg_ctl(action: str) -> None:
+    import subprocess
+
+    version = sorted(p.name for p in Path("/etc/postgresql").iterdir())[-1]
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True, timeout=60)
+
+
+def _can_restart_postgres() -> bool:
+    import os
+    import shutil
+
+    return shutil.which("pg_ctlcluster") is not None and Path("/etc/postgresql").is_dir() and os.geteuid() == 0
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_postgres_restarted_under_the_store_loses_nothing(store: RunningStore, bus: Bus, database_url: str):
+    """The real server stops for a few seconds while trajectories keep arriving, then starts
+    again: the store waits (transient), stores every trajectory once and publishes every group."""
+    if not _can_restart_postgres():
+        pytest.skip("needs root and pg_ctlcluster to restart the local PostgreSQL server")
+    first = [trajectory(f"rs{g}", i, 4) for g in range(5) for i in range(4)]
+    await bus.publish_many((subjects.trajectories("r"), t, t.msg_id()) for t in first)
+    await wait_until(lambda: _rows_if(store, 20), timeout_s=BOUND_S)
+    await asyncio.to_thread(_pg_ctl, "stop")
+    try:
+        second = [trajectory(f"rs{g}", i, 4) for g in range(5, 10) for i in range(4)]
+        await bus.publish_many((subjects.trajectories("r"), t, t.msg_id()) for t in second)
+        await asyncio.sleep(3.0)  # the store's writes fail meanwhile
+    finally:
+        await asyncio.to_thread(_pg_ctl, "start")
+    await wait_until(lambda: _rows_if(store, 40), timeout_s=BOUND_S)
+    groups = await wait_until(lambda: _groups_if(bus, 10), timeout_s=BOUND_S)
+    assert sorted(g.group_id for g in groups) == sorted(f"rs{g}" for g in range(10))
+    assert await letters(store) == []
