@@ -17,7 +17,9 @@ garbage trajectory. After the run it opens the database read-only and checks:
 - dead letters: exactly the injected garbage, nothing else.
 
 Prints one table: each fault with its recovery time (from the fault to the next training
-step, from the trainer's step timestamps), then the run against a fault-free run of the same
+step, from the trainer's step timestamps) and its stall (the longest gap between steps from
+the fault until 4 steps after it: a part whose loss the pipeline's buffers hide for a step
+still shows there), then the run against a fault-free run of the same
 config measured in the same script (slowdown), lost / duplicated counts and the checks.
 On a failed check it prints why, and the error lines of the service logs.
 
@@ -66,13 +68,16 @@ class Fault:
     kill: SIGKILL, the supervisor restarts it `restart_after_s` later.
     down: stopped on purpose (SIGTERM), started again `down_s` later (an outage).
     pause_kill: SIGSTOP for `down_s` (past ack_wait and the lease TTL), then SIGKILL while
-    still stopped, so it dies before its next checkpoint; the supervisor restarts it.
+    still stopped, so it dies before its next checkpoint; the supervisor restarts it. With
+    `wake_s`, SIGCONT first and SIGKILL `wake_s` later: a holder that slept through its
+    lease wakes up while another trainer has the run, and must not write.
     """
 
     part: str
     at: float
     kind: Literal["kill", "down", "pause_kill"] = "kill"
     down_s: float = 0.0
+    wake_s: float = 0.0
 
 
 @dataclass
@@ -85,6 +90,7 @@ class FaultRecord:
     groups_before: int = 0
     recovered: bool = False  # a new step seen while the script watched
     recovery_s: float | None = None  # from SQL: first step timestamp after the fault
+    stall_s: float | None = None  # the longest gap between steps from the fault to 4 steps after it
     note: str = ""
 
 
@@ -131,6 +137,7 @@ class ChaosResult:
     lost: int = 0
     duplicated: int = 0
     redelivered: int = 0  # rollouts stored from a second or later attempt
+    step_gap_s: float | None = None  # the median time between steps (compare with the stalls)
     restarts: dict[str, int] = field(default_factory=dict)
     logs: str = ""  # error lines of the service logs, kept when a check failed
 
@@ -203,9 +210,12 @@ def process_for(stack: Stack, part: str, rng: random.Random, db: Path, run_id: s
     if not names:
         raise KeyError(f"no {part} process in this stack")
     if part == "trainer" and len(names) > 1:
-        holder = last_trainer(db, run_id)
-        if holder in names:
-            return holder
+        # The trainer of the latest step holds the run; hitting an idle one would test nothing.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            if (holder := last_trainer(db, run_id)) in names:
+                return holder
+            time.sleep(0.5)
     return rng.choice(names)
 
 
@@ -233,6 +243,9 @@ def strike(stack: Stack, rec: FaultRecord, restart_after_s: float) -> None:
     elif f.kind == "pause_kill":
         rec.pid = stack.kill(rec.process, signal.SIGSTOP)
         time.sleep(f.down_s)
+        if f.wake_s:
+            stack.kill(rec.process, signal.SIGCONT)
+            time.sleep(f.wake_s)
         stack.kill(rec.process, signal.SIGKILL, restart_after_s=restart_after_s)
     else:
         raise ValueError(f"unknown fault kind {f.kind}")
@@ -300,6 +313,12 @@ def run_chaos(
         result.state = watch.last["state"] if watch.last else "?"
         result.wall_s = time.time() - started
         _settle(db, run_id, cfg.groups)
+        # Let a restart the last fault scheduled happen, so the count shows it.
+        until = time.monotonic() + cfg.restart_after_s + 10.0
+        while any(p.sup.restart_at is not None or not (p.alive or p.sup.held) for p in stack.processes()):
+            if time.monotonic() > until:
+                break
+            time.sleep(0.2)
         result.restarts = {p.name: p.sup.restarts for p in stack.processes()}
     finally:
         watch.close()
@@ -432,11 +451,14 @@ def check_sql(db: Path, run_id: str, cfg: ChaosConfig, injected: bytes | None, r
         detail += ": " + "; ".join(f"{n}x {s}: {r}" for (s, r), n in kinds.most_common(5))
     checks.append(Check("dead letters only the injected one", len(expected) == want and not others, detail))
 
-    at = [m.at for m in metrics]
+    at = sorted(m.at for m in metrics)
+    gaps = sorted(b - a for a, b in zip(at, at[1:]))
+    result.step_gap_s = gaps[len(gaps) // 2] if gaps else None
     for rec in result.records:
         if rec.struck_at is not None:
-            after = [t for t in at if t > rec.struck_at]
-            rec.recovery_s = (min(after) - rec.struck_at) if after else None
+            after = [rec.struck_at] + [t for t in at if t > rec.struck_at][:4]
+            rec.recovery_s = (after[1] - rec.struck_at) if len(after) > 1 else None
+            rec.stall_s = max((b - a for a, b in zip(after, after[1:])), default=None)
     missed = [r for r in result.records if r.struck_at is None]
     unrecovered = [r for r in result.records if r.struck_at is not None and r.recovery_s is None and state == "finished"]
     checks.append(Check("every fault struck", not missed,
@@ -496,20 +518,24 @@ def notable(lines: list[str]) -> list[str]:
 
 def table(results: list[ChaosResult], baseline: ChaosResult | None) -> str:
     """One plain table: a row per fault, then a row per run."""
-    rows = [("run", "fault", "process", "at groups", "step", "recovery (s)", "note")]
+    rows = [("run", "fault", "process", "at groups", "step", "recovery (s)", "stall (s)", "note")]
     for res in results:
         for r in res.records:
             rec = "-" if r.recovery_s is None else f"{r.recovery_s:.1f}"
-            kind = r.fault.kind + (f" {r.fault.down_s:.0f}s" if r.fault.down_s else "")
+            stall = "-" if r.stall_s is None else f"{r.stall_s:.1f}"
+            kind = r.fault.kind + (f" {r.fault.down_s:.0f}s" if r.fault.down_s else "") + (
+                f" +wake {r.fault.wake_s:.0f}s" if r.fault.wake_s else "")  # fmt: skip
             rows.append((res.name, kind, r.process or r.fault.part, f"{r.groups_before}/{res.config.groups}",
-                         str(r.step_before), rec, r.note))  # fmt: skip
-    head = ("run", "state", "groups", "steps", "wall (s)", "slowdown", "lost", "duplicated", "redelivered", "restarts", "checks")
+                         str(r.step_before), rec, stall, r.note))  # fmt: skip
+    head = ("run", "state", "groups", "steps", "step gap (s)", "wall (s)", "slowdown", "lost", "duplicated",
+            "redelivered", "restarts", "checks")  # fmt: skip
     runs = [head]
     for res in ([baseline] if baseline else []) + results:
         slow = f"{res.wall_s / baseline.wall_s:.2f}x" if baseline and baseline.wall_s and res is not baseline else "-"
         restarts = ",".join(f"{k}:{v}" for k, v in sorted(res.restarts.items()) if v) or "0"
         checks = "all passed" if res.ok else "FAILED: " + ", ".join(c.name for c in res.checks if not c.ok)
-        runs.append((res.name, res.state, str(res.config.groups), str(res.steps), f"{res.wall_s:.0f}", slow,
+        gap = "-" if res.step_gap_s is None else f"{res.step_gap_s:.2f}"
+        runs.append((res.name, res.state, str(res.config.groups), str(res.steps), gap, f"{res.wall_s:.0f}", slow,
                      str(res.lost), str(res.duplicated), str(res.redelivered), restarts, checks))  # fmt: skip
     return _render(rows) + "\n\n" + _render(runs)
 

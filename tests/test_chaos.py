@@ -4,8 +4,9 @@ nothing trained twice (see bench/chaos.py for the checks; the long version runs 
 
 Cases: each part SIGKILLed once (restarted 2 s later by the supervisor), the store down for
 30 s, nats-server down for 15 s, and the trainer holding the run SIGSTOPped past its
-ack_wait and lease TTL and SIGKILLed before it can checkpoint again (a second trainer is
-there to take the run over).
+ack_wait and lease TTL, then SIGKILLed before it can checkpoint again: while still stopped,
+or after waking up for a moment next to the second trainer that took the run over (it must
+notice its lost lease and write nothing).
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ pytestmark = pytest.mark.e2e
 # every fault strikes while the run still has steps left to recover into.
 CI = dict(rows=120, group_size=4, batch_size=4, epochs=1, timeout_s=360.0, recovery_timeout_s=120.0)
 TRAINER_ACK_WAIT_S = 10.0  # the trainer's default (RELAYRL_ACK_WAIT_S)
+PAUSE_S = max(TRAINER_ACK_WAIT_S, LEASE_TTL_S) + 5.0
+# More rows where a trainer pauses: the run must still be going when the paused trainer
+# wakes up and when the SIGKILL comes, after the other trainer took it over.
+LONGER = dict(rows=480, trainers=2)
 
 CASES = {
     "kill-each-part": (dict(), schedule(PARTS, 1, seed=0)),
     "store-down-30s": (dict(), [Fault("store", at=0.3, kind="down", down_s=30.0)]),
     "nats-down-15s": (dict(), [Fault("nats", at=0.3, kind="down", down_s=15.0)]),
-    "trainer-paused-then-killed": (
-        dict(trainers=2),
-        [Fault("trainer", at=0.3, kind="pause_kill", down_s=max(TRAINER_ACK_WAIT_S, LEASE_TTL_S) + 5.0)],
+    "trainer-paused-then-killed": (LONGER, [Fault("trainer", at=0.2, kind="pause_kill", down_s=PAUSE_S)]),
+    "trainer-paused-woken-then-killed": (
+        LONGER,
+        [Fault("trainer", at=0.2, kind="pause_kill", down_s=PAUSE_S, wake_s=3.0)],
     ),
 }
 
@@ -39,6 +45,6 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_run_survives(case: str, tmp_path: Path) -> None:
     extra, faults = CASES[case]
-    result = run_chaos(tmp_path / "stack", ChaosConfig(**CI, **extra), faults, name=case)
+    result = run_chaos(tmp_path / "stack", ChaosConfig(**{**CI, **extra}), faults, name=case)
     print(table([result], None))
     assert result.ok, result.failures()
