@@ -644,9 +644,14 @@ class RunConfig(BaseModel):
             raise ValueError("a run needs dataset rows inline (`dataset`) or a stored dataset (`dataset_name`)")
         return self
 
+    @property
+    def data_epochs(self) -> int:
+        """Passes over `rows`: a replay run's rows are the replayed groups, each consumed once."""
+        return 1 if self.mode == "replay" else self.training.epochs
+
     def total_steps(self, rows: int) -> int:
         """Optimizer steps the run takes: every group of every epoch, in batches (last one partial dropped)."""
-        steps = max(1, (rows * self.training.epochs) // self.training.batch_size)
+        steps = max(1, (rows * self.data_epochs) // self.training.batch_size)
         return min(steps, self.training.max_steps) if self.training.max_steps else steps
 
 

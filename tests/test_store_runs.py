@@ -51,6 +51,16 @@ async def replayed(bus: Bus, run_id: str) -> list[Group]:
     return await published_groups(bus, subjects.groups(run_id, replay=True))
 
 
+async def replayed_n(bus: Bus, run_id: str, n: int) -> list[Group]:
+    """The replayed groups once `n` are out (the replay job publishes in the background)."""
+
+    async def enough() -> list[Group] | None:
+        groups = await replayed(bus, run_id)
+        return groups if len(groups) >= n else None
+
+    return await wait_until(enough, timeout_s=30)
+
+
 # --- runs ----------------------------------------------------------------------------------
 
 
@@ -244,20 +254,44 @@ async def test_replay_publishes_trained_groups_in_consumed_order(store: RunningS
     await wait_until(lambda: _len(rpc_metrics(bus, "src")), expect=3)
 
     assert await client(bus).replay("src", into="dst") == 6
-    groups = await replayed(bus, "dst")
+    groups = await replayed_n(bus, "dst", 6)
     assert [g.group_id for g in groups] == ["g3", "g1", "g0", "g5", "g4", "g2"]
     assert all(g.run_id == "dst" and len(g.trajectories) == 2 for g in groups)
     original = await store.store.repo.load_trajectories(["g3"])
     assert groups[0].trajectories == original["g3"]  # trajectories unchanged
 
     created = await client(bus).get_run("dst")
-    # Like the gateway's replay endpoint: a run trained only from replayed groups.
+    # Like the gateway's replay endpoint: a run trained only from replayed groups, sized by the job.
     assert created.state == "running" and created.config == config("src").model_copy(
         update={"run_id": "dst", "mode": "replay"}
     )
+    assert created.rows == 6 and created.total_steps == 6 // created.config.training.batch_size
 
-    assert await client(bus).replay("src", into="dst") == 0  # within the duplicate window: each group once
+    # A repeated request finds the durable job: the same count, nothing published again (also
+    # after the stream's duplicate window, which no longer matters).
+    assert await client(bus).replay("src", into="dst") == 6
+    await asyncio.sleep(0.5)
     assert len(await replayed(bus, "dst")) == 6
+
+
+async def test_a_replay_interrupted_by_a_store_restart_resumes_at_its_cursor(store: RunningStore, bus: Bus):
+    """The job is stored before anything is published and its cursor after each chunk: a store
+    that died after publishing the first groups publishes only the rest when it starts again."""
+    await put_run(bus, config("src"))
+    await stored_groups(bus, store, "src", {f"g{i}": (0.0, 1.0) for i in range(5)})
+    await store.stop()
+    job = await store.store.runs.create_replay_job("src", "resumed", ["g4", "g0", "g3", "g1", "g2"])
+    await store.store.runs.advance_replay_job(job.into, 2, done=False)  # "g4", "g0" went out before the crash
+    back = await RunningStore(store.settings).start()
+    try:
+        groups = await replayed_n(bus, "resumed", 3)
+        assert [g.group_id for g in groups] == ["g3", "g1", "g2"]
+        await asyncio.sleep(0.5)
+        assert len(await replayed(bus, "resumed")) == 3
+        assert await back.store.runs.unfinished_replay_jobs() == []
+    finally:
+        await back.stop()
+        await back.engine.dispose()
 
 
 async def test_replay_filters_by_version_and_reward(store: RunningStore, bus: Bus):
@@ -274,13 +308,13 @@ async def test_replay_filters_by_version_and_reward(store: RunningStore, bus: Bu
 
     api = client(bus)
     assert await api.replay("src", into="v23", versions=(2, 3)) == 4
-    assert [g.group_id for g in await replayed(bus, "v23")] == ["g0", "g5", "g4", "g2"]
+    assert [g.group_id for g in await replayed_n(bus, "v23", 4)] == ["g0", "g5", "g4", "g2"]
 
     assert await api.replay("src", into="good", min_reward=0.25) == 3
-    assert [g.group_id for g in await replayed(bus, "good")] == ["g3", "g5", "g4"]
+    assert [g.group_id for g in await replayed_n(bus, "good", 3)] == ["g3", "g5", "g4"]
 
     assert await api.replay("src", versions=(1, 2), min_reward=0.25) == 2  # into the same run by default
-    assert [g.group_id for g in await replayed(bus, "src")] == ["g3", "g5"]
+    assert [g.group_id for g in await replayed_n(bus, "src", 2)] == ["g3", "g5"]
 
     with pytest.raises(NotFound):
         await api.replay("nope")

@@ -184,7 +184,7 @@ async def test_replay_into_a_fresh_trainer_reproduces_the_final_weights_bit_for_
     await rpc(bus, "put_run", PutRun(config=replay, rows=rows))
     reply = await rpc(bus, "replay", ReplayRequest(run_id=run_id, into="replayed"))
     assert reply.stored == len(trained_ids(original))  # type: ignore[attr-defined]
-    assert await TrainerProcess(nats_url, tmp_path, "replayed", "--replay-idle-s", "2").wait(120) == 0
+    assert await TrainerProcess(nats_url, tmp_path, "replayed").wait(120) == 0
 
     replayed = await metrics(bus, "replayed")
     assert [m.group_ids for m in replayed] == [m.group_ids for m in original]

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared.messages import PaceCursor, RunConfig, RunState, RunView, StepMetrics
 from services.store import records
 from services.store.db import insert_ignore, sessions, upsert
-from services.store.tables import DatasetRow, MetricRow, RunRow
+from services.store.tables import DatasetRow, MetricRow, ReplayJobRow, RunRow
 
 _ROWS_PER_STATEMENT = 500
 
@@ -144,10 +144,44 @@ class RunRepository:
             raise Refused(404, f"run {source!r} has no stored config to create run {into!r} from")
         config = RunConfig.model_validate({**src.config, "run_id": into, "mode": "replay"})
         try:
-            await self.put_run(config, src.rows)
+            await self.put_run(config, 0)  # its size is the replay job's group count, set with the job
         except Refused as exc:
             if exc.code != 409:  # 409: created concurrently (by the gateway or another replay); fine
                 raise
+
+    # --- replay jobs -------------------------------------------------------------------
+
+    async def create_replay_job(self, source: str, into: str, group_ids: list[str]) -> ReplayJobRow:
+        """The replay job into `into`: created with `group_ids` unless one exists (then that one,
+        unchanged: a repeated request resumes, it never starts over). A new job also sets run
+        `into`'s size to its group count (what its trainer consumes before finishing), unless
+        `into` is `source` itself."""
+        now = time.time()
+        new = {"into": into, "source": source, "group_ids": group_ids, "cursor": 0, "state": "running",
+               "created_at": now, "updated_at": now}  # fmt: skip
+        async with self.sessions.begin() as s:
+            created = (await s.execute(insert_ignore(self.engine, ReplayJobRow).values(new).returning(ReplayJobRow.into))).first()
+            if created is not None and into != source:
+                await s.execute(
+                    update(RunRow).where(RunRow.run_id == into).values(rows=len(group_ids), updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )  # fmt: skip
+        async with self.sessions() as s:
+            job = await s.get(ReplayJobRow, into)
+        assert job is not None
+        return job
+
+    async def advance_replay_job(self, into: str, cursor: int, done: bool) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(ReplayJobRow).where(ReplayJobRow.into == into, ReplayJobRow.cursor <= cursor)
+                .values(cursor=cursor, state="done" if done else "running", updated_at=time.time())
+                .execution_options(synchronize_session=False)
+            )  # fmt: skip
+
+    async def unfinished_replay_jobs(self) -> list[ReplayJobRow]:
+        async with self.sessions() as s:
+            return list((await s.execute(select(ReplayJobRow).where(ReplayJobRow.state == "running"))).scalars().all())
 
     # --- datasets ----------------------------------------------------------------------
 
@@ -220,7 +254,8 @@ def _check_same(existing: RunRow | None, wanted: dict[str, Any]) -> None:
     stored = records.json_safe(RunConfig.model_validate(existing.config).model_dump(mode="json"))
     new = wanted["config"]
     differs = sorted(k for k in stored.keys() | new.keys() if stored.get(k) != new.get(k))
-    if existing.rows != wanted["rows"]:
+    # A replay run's size is set by its replay job, after whoever created the run.
+    if existing.rows != wanted["rows"] and new.get("mode") != "replay":
         differs.append("rows")
     if differs:
         raise Refused(

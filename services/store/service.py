@@ -83,6 +83,7 @@ class Store:
         self.repo = Repository(engine)
         self.runs = RunRepository(engine)
         self.settings = settings
+        self._replays: dict[str, asyncio.Task[None]] = {}  # replay jobs running here, by `into`
 
     # --- trajectories -> SQL -> groups -------------------------------------------------
 
@@ -331,9 +332,11 @@ class Store:
     # --- replay ------------------------------------------------------------------------
 
     async def rpc_replay(self, req: ReplayRequest) -> Stored:
-        """Re-publish the groups run `run_id` trained, in the order its trainer consumed them,
-        to `groups(into, replay=True)`. `stored` counts groups the stream took as new: a
-        replay repeated within the duplicate window publishes nothing twice."""
+        """Start (or find) the durable replay job that re-publishes the groups run `run_id`
+        trained, in the order its trainer consumed them, to `groups(into, replay=True)`, and
+        answer at once with the job's group count. The job is stored before anything is
+        published and advances a stored cursor, so a store restarted mid-replay resumes it
+        (`resume_replays`) and a repeated request republishes nothing."""
         into = req.into or req.run_id
         try:
             subjects.check_token(into)
@@ -344,27 +347,67 @@ class Store:
             raise Refused(404, f"run {req.run_id!r} has no stored training steps to replay")
         if into != req.run_id:
             await self.runs.copy_run(req.run_id, into)
-        published = 0
-        for chunk in _chunks(order, _REPLAY_CHUNK):
-            published += await self._replay_chunk(chunk, into, req.min_reward)
-        log.info("replayed", run_id=req.run_id, into=into, groups=len(order), published=published)
-        return Stored(stored=published)
+        selected = await self._replayable(order, req.min_reward)
+        job = await self.runs.create_replay_job(req.run_id, into, selected)
+        self._start_replay(job.into)
+        log.info("replay job", run_id=req.run_id, into=into, groups=len(job.group_ids), cursor=job.cursor)
+        return Stored(stored=len(job.group_ids))
 
-    async def _replay_chunk(self, group_ids: list[str], into: str, min_reward: float | None) -> int:
-        if min_reward is not None:
-            rewards = await self.repo.group_rewards(group_ids)
-            group_ids = [g for g in group_ids if rewards.get(g, float("-inf")) >= min_reward]
-        members = await self.repo.load_trajectories(group_ids)
-        published = 0
-        for g in group_ids:
-            if g not in members:  # trained but not stored here (e.g. groups from another store)
-                log.warning("replay: group not stored; skipped", group_id=g)
-                continue
-            group = Group(run_id=into, group_id=g, task_id=members[g][0].task_id, trajectories=members[g])
-            # One at a time, each waiting for its ack: the stream order must be the trained order.
-            acks = await self.bus.publish_many([(subjects.groups(into, replay=True), group, f"replay:{into}:{g}")])
-            published += sum(not a.duplicate for a in acks)
-        return published
+    async def _replayable(self, order: list[str], min_reward: float | None) -> list[str]:
+        """The trained groups, in order, that are stored here and pass `min_reward`."""
+        out: list[str] = []
+        for chunk in _chunks(order, _REPLAY_CHUNK):
+            stored = await self.repo.load_trajectories(chunk)
+            rewards = await self.repo.group_rewards(chunk) if min_reward is not None else {}
+            for g in chunk:
+                if g not in stored:  # trained but not stored here (e.g. groups from another store)
+                    log.warning("replay: group not stored; skipped", group_id=g)
+                elif min_reward is None or rewards.get(g, float("-inf")) >= min_reward:
+                    out.append(g)
+        return out
+
+    def _start_replay(self, into: str) -> None:
+        """Run the job into `into` in the background unless it already runs here."""
+        if into in self._replays and not self._replays[into].done():
+            return
+        self._replays[into] = asyncio.create_task(self._replay_job(into))
+
+    async def resume_replays(self) -> None:
+        """Restart every stored replay job that has not finished (at store start)."""
+        for job in await self.runs.unfinished_replay_jobs():
+            self._start_replay(job.into)
+
+    async def _replay_job(self, into: str) -> None:
+        """Publish the job's groups from its cursor, one at a time (the stream order must be the
+        trained order), advancing the cursor after each chunk; transient faults wait and retry."""
+        delay = 0.5
+        while True:
+            try:
+                jobs = {j.into: j for j in await self.runs.unfinished_replay_jobs()}
+                job = jobs.get(into)
+                if job is None:
+                    return
+                for start in range(job.cursor, len(job.group_ids), _REPLAY_CHUNK):
+                    chunk = job.group_ids[start : start + _REPLAY_CHUNK]
+                    members = await self.repo.load_trajectories(chunk)
+                    for g in chunk:
+                        group = Group(run_id=into, group_id=g, task_id=members[g][0].task_id, trajectories=members[g])
+                        await self.bus.publish(subjects.groups(into, replay=True), self.group_message(group), f"replay:{into}:{g}")
+                    end = start + len(chunk)
+                    await self.runs.advance_replay_job(into, end, done=end >= len(job.group_ids))
+                if not job.group_ids:
+                    await self.runs.advance_replay_job(into, 0, done=True)
+                log.info("replayed", run_id=job.source, into=into, groups=len(job.group_ids))
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc) and not (isinstance(exc, SQLAlchemyError) and not is_row_error(exc)):
+                    log.exception("replay job failed", into=into)
+                    return
+                log.warning("replay waiting for a transient fault", into=into, error=str(exc), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def rpc_get_evals(self, req: GetEvals) -> Evals:
         """Evaluation rollouts of a run aggregated per policy version."""
@@ -409,15 +452,12 @@ class Store:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.serve()
-        if not any(rpc.method == "get_group_members" for rpc in RPCS):
-            # Served here until shared/store_api.py lists it in RPCS (then serve() does).
-            await self.bus.serve(
-                subjects.store_rpc("get_group_members"),
-                subjects.STORE_RPC_QUEUE,
-                GetGroupMembers,
-                _refusals(self.rpc_get_group_members),
-            )
-        await wait_for_stop(stop, self.reconcile(stop), *(c.run(stop) for c in self.consumers()))
+        await self.resume_replays()
+        try:
+            await wait_for_stop(stop, self.reconcile(stop), *(c.run(stop) for c in self.consumers()))
+        finally:
+            for task in self._replays.values():  # the cursor is stored: the next start resumes
+                task.cancel()
 
 
 def _refusals(handler: Callable[[M], Awaitable[Message]]) -> Callable[[M], Awaitable[Message]]:

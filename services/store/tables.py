@@ -168,3 +168,20 @@ class DeadLetterRow(Base):
     at: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (UniqueConstraint("stream", "stream_seq", name="uq_dead_letters_stream_seq"),)
+
+
+class ReplayJobRow(Base):
+    """A durable replay: which groups go to run `into`, in order, and how many are out.
+
+    Made once per `into` by the replay RPC; the store publishes from `cursor` on and advances
+    it after each acked chunk, so a store restarted mid-replay resumes where it stopped, and a
+    repeated request (even after the stream's duplicate window) republishes nothing."""
+
+    __tablename__ = "replay_jobs"
+    into: Mapped[str] = mapped_column(String(64), primary_key=True)
+    source: Mapped[str] = mapped_column(String(64))
+    group_ids: Mapped[list[str]] = mapped_column(JSON)
+    cursor: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default="running")  # running | done
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)

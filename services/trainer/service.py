@@ -106,13 +106,13 @@ class RunTrainer:
         self.ckpt_dir = settings.checkpoint_dir / run.run_id
         self.roles = re.compile(run.config.trained_roles)
         self.replay = run.config.mode == "replay"
-        self.total_groups = run.rows * self.train_cfg.epochs
+        # A replay run's rows are its replay job's groups (0 until the job exists), each once.
+        self.total_groups = run.rows * run.config.data_epochs
         self.counters = Counters()
         self.feed = GroupFeed(bus, run.run_id, settings.ack_wait_s, settings.fetch_batch)
         self.learner: Learner | None = None
         self._last_progress = 0.0
         self._last_state_check = time.monotonic()
-        self._last_group_at = time.monotonic()
         self.cancelled = False
         self._saved_step = 0  # the step the newest checkpoint on disk covers
         # Kept groups waiting for the next step: not reported as consumed until that step's
@@ -195,8 +195,8 @@ class RunTrainer:
         c = self.counters
         if self.train_cfg.max_steps is not None and c.step >= self.train_cfg.max_steps:
             return True
-        if self.replay:
-            return time.monotonic() - self._last_group_at > self.settings.replay_idle_s and c.step > 0
+        if self.replay and self.total_groups == 0:  # its replay job has not been made yet
+            return False
         return c.groups_consumed >= self.total_groups
 
     async def _collect(self) -> Batch:
@@ -209,7 +209,6 @@ class RunTrainer:
                 await self._idle()
                 continue
             msg, group = item
-            self._last_group_at = time.monotonic()
             consumed_at = self.counters.seen.get(group.group_id)
             if consumed_at is not None:
                 if consumed_at <= self._saved_step:  # covered by a checkpoint on disk: done with
@@ -263,6 +262,8 @@ class RunTrainer:
                 raise
             log.warning("cannot read the run's state; will look again", run_id=self.run.run_id, error=str(exc))
             return
+        if self.replay:  # the replay job sets the run's size after the run may have been claimed
+            self.total_groups = run.rows * run.config.data_epochs
         if run.state in ("cancelled", "failed", "finished"):
             log.info("run ended elsewhere; stopping", run_id=self.run.run_id, state=run.state)
             self.cancelled = True

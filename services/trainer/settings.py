@@ -24,7 +24,6 @@ class TrainerSettings(ServiceSettings):
     ack_wait_s: float = Field(10.0, gt=0, description="a held group comes back this long after a trainer died")
     fetch_batch: int = Field(64, ge=1)
     poll_s: float = Field(1.0, gt=0, description="how often an idle trainer looks for runs and run state")
-    replay_idle_s: float = Field(10.0, gt=0, description="a replay run ends after this long without new groups")
     exit_when_done: bool = Field(False, description="exit after the run (with --run-id) finishes instead of waiting")
     store_timeout_s: float = Field(10.0, gt=0)
     retry_initial_s: float = Field(0.5, gt=0, description="first wait after a transient fault (doubles)")

@@ -124,8 +124,9 @@ async def replay(
     into = body.into or run_id
     if into != run_id:
         config = source.config.model_copy(update={"run_id": into, "mode": "replay"})
-        await store.put_run(config, source.rows)
-    # The store answers after the last group is published: allow for long runs (~500 groups/s).
+        await store.put_run(config, 0)  # its size is set by the store's replay job
+    # The store records a durable replay job and answers with its group count; it publishes
+    # the groups in the background and resumes after a restart.
     groups = await store.replay(
         run_id, into=into, versions=body.versions, min_reward=body.min_reward, timeout_s=settings.replay_timeout_s
     )
