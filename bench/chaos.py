@@ -49,7 +49,7 @@ import nats  # noqa: E402
 from sqlalchemy import create_engine, select  # noqa: E402
 
 from services.cli.app import load_run_config  # noqa: E402
-from services.cli.client import GatewayClient, GatewayError  # noqa: E402
+from services.cli.client import GatewayClient  # noqa: E402
 from services.cli.stack import Stack, StackConfig  # noqa: E402
 from services.store.tables import DeadLetterRow, GroupRow, MetricRow, RolloutRow, RunRow, TaskRow  # noqa: E402
 from shared import subjects  # noqa: E402
@@ -303,6 +303,10 @@ def run_chaos(
             rec.step_before, rec.groups_before = view["step"], view["groups_consumed"]
             log(f"[{name}] {fault.kind} {rec.process} at step {rec.step_before}, {rec.groups_before}/{cfg.groups} groups")
             strike(stack, rec, cfg.restart_after_s)
+            if fault.kind != "kill" and (watch.poll() or {}).get("state") in ENDED:
+                # Still counted, but said: the fault's end came after the run's.
+                rec.note = "the run had ended before the fault was over"
+                log(f"[{name}] {rec.note}")
             rec.recovered = _wait_for_step(watch, rec.step_before, min(deadline, time.monotonic() + cfg.recovery_timeout_s))
             if not rec.recovered and not watch.ended:
                 rec.note = f"no training step within {cfg.recovery_timeout_s:.0f}s of the fault"
