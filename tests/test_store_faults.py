@@ -332,3 +332,19 @@ async def test_postgres_restarted_under_the_store_loses_nothing(store: RunningSt
     groups = await wait_until(lambda: _groups_if(bus, 10), timeout_s=BOUND_S)
     assert sorted(g.group_id for g in groups) == sorted(f"rs{g}" for g in range(10))
     assert await letters(store) == []
+
+
+async def test_a_20_turn_8k_context_group_of_16_goes_through_at_full_size(store: RunningStore, bus: Bus):
+    """The issue's case at its real size on the default 8 MB server: 16 rollouts of 20 calls
+    with 8k-token prompts (~12 MB of group) are stored and published by reference, and
+    resolve to all 16 members unchanged."""
+    assert bus.nc.max_payload == 8 * 2**20
+    members = [big_trajectory("full", i, 16, turns=20, context=8192) for i in range(16)]
+    for t in members:
+        await bus.publish(subjects.trajectories("r"), t, t.msg_id())
+    (msg,) = await wait_until(lambda: _groups_if(bus, 1), timeout_s=BOUND_S * 2)
+    assert isinstance(msg, GroupRef) and msg.size == 16
+    group = await resolve_group(bus, msg.encode(), timeout_s=30)
+    assert [t.rollout_id for t in group.trajectories] == [t.rollout_id for t in members]
+    assert all(len(t.transitions) == 20 for t in group.trajectories)
+    assert group.trajectories[5].transitions[19].prompt_ids == members[5].transitions[19].prompt_ids

@@ -227,3 +227,64 @@ async def test_a_store_outage_pauses_the_trainer_and_never_fails_the_run(
     finally:
         await back.stop()
         await back.engine.dispose()
+
+
+def long_agent_group(run_id: str, task: int, size: int, turns: int, start: int) -> list[Trajectory]:
+    """A multi-turn agent's group: each call's prompt extends the previous context (prompt +
+    response + a 20-token tool result), so the trainer merges each rollout into one sample."""
+    rng = np.random.default_rng(1000 + task)
+    out = []
+    for i in range(size):
+        context = list(rng.integers(3, 500, size=start))
+        calls = []
+        for _ in range(turns):
+            response = list(rng.integers(3, 500, size=10))
+            calls.append(Transition(
+                prompt_ids=pack_i32(context), response_ids=pack_i32(response),
+                response_logprobs=pack_f32(np.full(10, -6.0)), response_versions=pack_i32(np.zeros(10)),
+            ))  # fmt: skip
+            context = context + response + list(rng.integers(3, 500, size=20))
+        out.append(Trajectory(
+            rollout_id=f"{run_id}-t{task}.{i}", run_id=run_id, task_id=f"{run_id}-t{task}", group_id=f"{run_id}-t{task}",
+            sample_index=i, group_size=size, agent="copy", status="ok", reward=float(i % 2), transitions=calls,
+            started_at=time.time(), finished_at=time.time(), worker_id="test",
+        ))  # fmt: skip
+    return out
+
+
+async def test_groups_too_big_for_one_message_are_trained_by_reference(tmp_path: Path, sqlite_url: str) -> None:
+    """On a server with a 1 MB max_payload, 20-call groups of 8 (~1.2 MB each) reach GROUPS as
+    references; the trainer fetches their members from the store and trains every one."""
+    from services.cli.nats_server import NatsServer
+    from shared.faults import StoreUnavailable
+    from shared.messages import GroupRef, decode_group
+
+    server = NatsServer(store_dir=tmp_path / "nats1mb", max_payload_mb=1).start(log_file=tmp_path / "nats1mb.log")
+    bus = await Bus.connect(ServiceSettings(nats_url=server.url, log_format="console"), "test")
+    await bus.ensure_topology()
+    st = await RunningStore(StoreSettings(nats_url=server.url, database_url=sqlite_url)).start()
+    try:
+        run_id, rows, size = "bigref", 4, 8
+        config = run_config(run_id, rows, batch_size=2, group_size=size, micro_batch_tokens=4096)
+        for _ in range(100):  # the store registers its RPCs as its task starts
+            try:
+                await StoreClient(bus, timeout_s=10).put_run(config, rows)
+                break
+            except StoreUnavailable:
+                await asyncio.sleep(0.1)
+        for task in range(rows):
+            for t in long_agent_group(run_id, task, size, turns=20, start=1500):
+                await bus.publish(subjects.trajectories(run_id), t, t.msg_id())
+        assert await TrainerProcess(server.url, tmp_path, run_id).wait(300) == 0
+
+        steps = await metrics(bus, run_id)
+        assert sorted(trained_ids(steps)) == [f"{run_id}-t{t}" for t in range(rows)]
+        assert [m.step for m in steps] == [1, 2] and all(m.values["samples"] == 2 * size for m in steps)
+        sub = await bus.js.pull_subscribe(subjects.groups(run_id), stream=subjects.STREAM_GROUPS)
+        sent = [decode_group(m.data) for m in await sub.fetch(rows, timeout=5)]
+        assert all(isinstance(g, GroupRef) for g in sent)
+    finally:
+        await st.stop()
+        await st.engine.dispose()
+        await bus.close()
+        server.stop()
