@@ -30,7 +30,9 @@ PAUSE_S = max(TRAINER_ACK_WAIT_S, LEASE_TTL_S) + 5.0
 LONGER = dict(rows=480, trainers=2)
 
 CASES = {
-    "kill-each-part": (dict(), schedule(PARTS, 1, seed=0)),
+    # 50 steps and faults in the first 75%: at ~0.2 s a step, a run of 30 has ended before
+    # its last fault once (the faults before it took their recovery time first).
+    "kill-each-part": (dict(rows=200, jitter_s=0.5), schedule(PARTS, 1, seed=0, spread=0.75)),
     "store-down-30s": (dict(), [Fault("store", at=0.3, kind="down", down_s=30.0)]),
     "nats-down-15s": (dict(), [Fault("nats", at=0.3, kind="down", down_s=15.0)]),
     "trainer-paused-then-killed": (LONGER, [Fault("trainer", at=0.2, kind="pause_kill", down_s=PAUSE_S)]),

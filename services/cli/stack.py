@@ -397,7 +397,9 @@ class Stack:
         if not proc.wait(timeout_s):
             proc.send(signal.SIGKILL)
             proc.wait(10)
-        self._event("stopped", proc, f"{name} stopped on request")
+        proc.sup.last_exit = proc.returncode
+        self._event("stopped", proc, f"{name} stopped on request ({_exit_text(proc.sup.last_exit)})")
+        self.write_state()
 
     def start_service(self, name: str) -> None:
         """Start a process again now (after `stop_service`, or to skip a pending backoff)."""
