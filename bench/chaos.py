@@ -53,6 +53,7 @@ from services.cli.client import GatewayClient  # noqa: E402
 from services.cli.stack import Stack, StackConfig  # noqa: E402
 from services.store.tables import DeadLetterRow, GroupRow, MetricRow, RolloutRow, RunRow, TaskRow  # noqa: E402
 from shared import subjects  # noqa: E402
+from shared.messages import TrainerProgress  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("gateway", "rollout", "inference", "store", "trainer", "nats")
@@ -140,6 +141,7 @@ class ChaosResult:
     redelivered: int = 0  # rollouts stored from a second or later attempt
     step_gap_s: float | None = None  # the median time between steps (compare with the stalls)
     restarts: dict[str, int] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)  # the trainer's own counters at the end
     logs: str = ""  # error lines of the service logs, kept when a check failed
 
     @property
@@ -252,6 +254,17 @@ def strike(stack: Stack, rec: FaultRecord, restart_after_s: float) -> None:
         raise ValueError(f"unknown fault kind {f.kind}")
 
 
+async def _read_progress(url: str, run_id: str) -> dict[str, Any]:
+    """The trainer's progress record (KV): what it believes it consumed, trained and dropped."""
+    nc = await nats.connect(url, connect_timeout=5)
+    try:
+        kv = await nc.jetstream().key_value(subjects.KV_POLICY)
+        entry = await kv.get(subjects.progress_key(run_id))
+        return TrainerProgress.decode(entry.value).model_dump() if entry.value else {}
+    finally:
+        await nc.close()
+
+
 async def _publish_garbage(url: str, run_id: str) -> tuple[bytes, int]:
     """One undecodable trajectory on the run's subject; returns its bytes and stream sequence."""
     data = msgpack.packb({"chaos": "injected garbage", "run_id": run_id, "at": time.time()})
@@ -327,6 +340,10 @@ def run_chaos(
                 break
             time.sleep(0.2)
         result.restarts = {p.name: p.sup.restarts for p in stack.processes()}
+        try:
+            result.progress = asyncio.run(asyncio.wait_for(_read_progress(stack.nats_url, run_id), 15))
+        except Exception as exc:  # noqa: BLE001 - only for the report
+            result.progress = {"error": repr(exc)}
     finally:
         watch.close()
         stack.stop()
@@ -436,7 +453,11 @@ def check_sql(db: Path, run_id: str, cfg: ChaosConfig, injected: bytes | None, r
     if unknown:
         detail += f"; not tasks of this run: {sorted(unknown)[:5]}"
     if result.lost:
-        detail += f"; never consumed: {sorted(tasks - consumed)[:10]}"
+        detail += f"; not in any step: {sorted(tasks - consumed)[:10]}"
+    if result.progress:
+        p = result.progress
+        detail += (f"; the trainer's progress says consumed {p.get('groups_consumed')} (trained "
+                   f"{p.get('groups_trained')}, dropped {p.get('groups_dropped')}) at step {p.get('step')}")  # fmt: skip
     checks.append(Check("trained + dropped = rows x epochs", total == cfg.groups and not unknown and not result.lost, detail))
 
     samples: dict[str, set[int]] = {}
