@@ -12,7 +12,9 @@ class StoreSettings(ServiceSettings):
         description="SQLAlchemy async URL: sqlite+aiosqlite:///path or postgresql+asyncpg://...",
     )
     batch_size: int = Field(256, ge=1, le=4096, description="trajectories written per SQL transaction")
-    ack_wait_s: float = Field(60.0, gt=0)
+    # Short: trajectories a killed store had fetched come back to its successor after this.
+    # A live store never hits it: it keeps what it holds alive with in_progress() (ack_wait/3).
+    ack_wait_s: float = Field(10.0, gt=0, description="un-acked trajectories of a dead store come back after this")
     reconcile_every_s: float = Field(
         30.0, gt=0, description="how often the store sweeps for complete groups never published (and once at start)"
     )

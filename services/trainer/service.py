@@ -38,7 +38,7 @@ from shared.weights import PolicyFence, latest_policy, publish_weights
 from services.trainer import checkpoint
 from services.trainer.feed import GroupFeed
 from services.trainer.credit import has_signal
-from services.trainer.learner import Learner
+from services.trainer.learner import Learner, StepResult
 from services.trainer.progress import get_run, publish_metrics, put_progress, runs_to_train, set_state
 from services.trainer.samples import group_min_version, merge_mismatches
 from services.trainer.settings import TrainerSettings
@@ -141,12 +141,11 @@ class RunTrainer:
                 batch = await self._collect()
                 if self.stop.is_set() or self.cancelled:
                     break
-                if batch.kept:
+                if batch.kept or batch.dropped:
+                    # Only the run's last batch can be all dropped (a batch ends early only when
+                    # the data does): it is still a step, without an update, so its drops are
+                    # in the step metrics SQL keeps, like every other consumed group.
                     await self._step(batch)
-                elif batch.dropped:  # nothing trainable: still record that these were consumed
-                    await self._save(None)
-                    await self._ack_held()
-                    await self._put_progress(force=True)
             if self._finished() and not self.stop.is_set():
                 if self.counters.version != self.counters.step:  # the last steps fell between syncs
                     self.counters.version = self.counters.step
@@ -273,7 +272,10 @@ class RunTrainer:
     async def _step(self, batch: Batch) -> None:
         assert self.learner is not None
         started = time.perf_counter()
-        result = await asyncio.to_thread(self.learner.step, batch.kept)
+        if batch.kept:
+            result = await asyncio.to_thread(self.learner.step, batch.kept)
+        else:  # every group dropped: nothing to learn from, the weights stay
+            result = StepResult(step=self.counters.step + 1, metrics={}, samples=0, skipped=True)
         elapsed = time.perf_counter() - started
         c = self.counters
         c.step += 1
@@ -339,11 +341,10 @@ class RunTrainer:
         values["tokens_per_s"] = tokens / elapsed if elapsed > 0 else 0.0
         return values
 
-    async def _save(self, metrics: StepMetrics | None) -> None:
+    async def _save(self, metrics: StepMetrics) -> None:
         assert self.learner is not None
-        extra = {"counters": self.counters.to_json(), "metrics": metrics.model_dump() if metrics else self._resent_metrics}
-        if metrics is not None:
-            self._resent_metrics = extra["metrics"]
+        extra = {"counters": self.counters.to_json(), "metrics": metrics.model_dump()}
+        self._resent_metrics = extra["metrics"]
         state = self.learner.state_dict()
         self.lease.check()
         await asyncio.to_thread(
