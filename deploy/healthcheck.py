@@ -5,8 +5,13 @@ Standard library only (it starts on every probe). The images copy it to /app/dep
     python /app/deploy/healthcheck.py http URL   # a 2xx answer from URL within 3 s
     python /app/deploy/healthcheck.py nats       # this container holds an established TCP
                                                  # connection to NATS (ports from NATS_URL)
+    python /app/deploy/healthcheck.py heartbeat FILE [MAX_AGE_S]
+                                                 # FILE (RELAYRL_HEARTBEAT_FILE of the service)
+                                                 # was rewritten in the last MAX_AGE_S (30) s
 
-`http` is for services with an HTTP endpoint on loopback (the rollout worker's capture proxy
+`heartbeat` is liveness for the store and the trainer: their event loop rewrites the file
+every 5 s (shared/health.py), so a stuck loop or a frozen process fails it while a long
+training step (in a thread) does not. `http` is for services with an HTTP endpoint on loopback (the rollout worker's capture proxy
 answers /healthz from the worker's own event loop). `nats` is the stand-in for services that
 expose nothing but their NATS connection (store, trainer): they connect only after their
 start-up work (the store after its schema), so "connected" means started and not cut off.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -66,7 +72,22 @@ def nats_connected(nats_url: str | None = None, proc_net: str = "/proc/net") -> 
     return bool(nats_ports(url) & established_remote_ports(proc_net))
 
 
+def heartbeat_fresh(path: str, max_age_s: float = 30.0) -> bool:
+    """`path` exists and was written less than `max_age_s` ago."""
+    try:
+        return time.time() - os.stat(path).st_mtime < max_age_s
+    except OSError:
+        return False
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["heartbeat"] and len(argv) in (2, 3):
+        try:
+            max_age = float(argv[2]) if len(argv) == 3 else 30.0
+        except ValueError:
+            print(f"MAX_AGE_S must be a number, got {argv[2]!r}", file=sys.stderr)
+            return 2
+        return 0 if heartbeat_fresh(argv[1], max_age) else 1
     if len(argv) == 2 and argv[0] == "http":
         return 0 if http_ok(argv[1]) else 1
     if argv == ["nats"]:

@@ -7,6 +7,7 @@ Every service subclasses `ServiceSettings`; `load(SettingsClass, argv)` parses
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Coroutine, Literal, TypeVar
 
 from pydantic import AliasChoices, Field
@@ -36,6 +37,9 @@ class ServiceSettings(BaseSettings):
         description="OTLP/HTTP endpoint for traces; no export when unset",
     )
     request_timeout_s: float = Field(10.0, gt=0, description="timeout of every NATS request/publish")
+    heartbeat_file: Path | None = Field(
+        None, description="rewritten every 5 s while the event loop runs (liveness probes of store and trainer)"
+    )
     js_replicas: int = Field(
         1,
         ge=1,

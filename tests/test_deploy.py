@@ -20,6 +20,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -861,7 +862,7 @@ def test_k8s_every_container_has_probes(k8s: list[tuple[str, dict[str, Any]]]) -
                 command = handler.get("exec", {}).get("command", [])
                 if HEALTHCHECK_IN_IMAGE in command:
                     assert RELAYRL_IMAGE.search(c["image"]), f"{name}: only the relayrl images carry the script"
-                    assert command[:2] == ["python", HEALTHCHECK_IN_IMAGE] and command[2] in ("http", "nats")
+                    assert command[:2] == ["python", HEALTHCHECK_IN_IMAGE] and command[2] in ("http", "nats", "heartbeat")
                     assert handler.get("timeoutSeconds", 1) >= 3, f"{name}: a Python start needs more than 1 s"
                     if command[2] == "http":
                         url = command[3]
@@ -873,7 +874,7 @@ def test_k8s_every_container_has_probes(k8s: list[tuple[str, dict[str, Any]]]) -
     for name in ("store", "trainer"):
         (c,) = workloads[name]["spec"]["template"]["spec"]["containers"]
         assert c["readinessProbe"]["exec"]["command"][2:] == ["nats"], name
-        # A lost NATS connection gets minutes before a restart: restarting does not bring NATS back.
+        # Liveness is the heartbeat, with minutes of slack: a restart is for a stuck process only.
         live = c["livenessProbe"]
         assert live["periodSeconds"] * live["failureThreshold"] >= 120, name
 
@@ -903,3 +904,56 @@ def test_k8s_openapi_schemas() -> None:
             for doc in yaml.safe_load_all(f):
                 if doc:
                     kv.validate(doc, version, strict=True)
+
+
+def test_healthcheck_heartbeat_is_fresh_only_while_written(tmp_path: Path) -> None:
+    beat_file = tmp_path / "hb"
+    assert _run_healthcheck("heartbeat", str(beat_file)) == 1  # never written
+    beat_file.write_text("1\n")
+    assert _run_healthcheck("heartbeat", str(beat_file), "30") == 0
+    old = time.time() - 120
+    os.utime(beat_file, (old, old))  # a frozen loop stops rewriting it
+    assert _run_healthcheck("heartbeat", str(beat_file), "60") == 1
+    assert _run_healthcheck("heartbeat", str(beat_file), "soon") == 2
+
+
+def test_store_and_trainer_beat_while_running_and_clean_up_on_stop(tmp_path: Path) -> None:
+    """The real processes: RELAYRL_HEARTBEAT_FILE appears, is rewritten, and goes on SIGTERM."""
+    from services.cli.nats_server import NatsServer
+
+    server = NatsServer(store_dir=tmp_path / "nats").start(log_file=tmp_path / "nats.log")
+    procs = []
+    try:
+        for name, args in (
+            ("store", ["--database-url", f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"]),
+            ("trainer", ["--checkpoint-dir", str(tmp_path / "ckpt"), "--model-dir", str(tmp_path / "models")]),
+        ):
+            env = {**os.environ, "NATS_URL": server.url, "RELAYRL_HEARTBEAT_FILE": str(tmp_path / f"{name}.hb")}
+            log = (tmp_path / f"{name}.log").open("wb")
+            procs.append((name, subprocess.Popen([sys.executable, "-m", f"services.{name}", *args], env=env,
+                                                 stdout=log, stderr=subprocess.STDOUT)))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"{n}.hb").exists() for n, _ in procs):
+            assert time.monotonic() < deadline, [(tmp_path / f"{n}.log").read_text()[-2000:] for n, _ in procs]
+            time.sleep(0.2)
+        for name, _ in procs:
+            assert _run_healthcheck("heartbeat", str(tmp_path / f"{name}.hb"), "30") == 0
+        for _, proc in procs:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        assert not any((tmp_path / f"{n}.hb").exists() for n, _ in procs)
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        server.stop()
+
+
+def test_k8s_store_and_trainer_liveness_is_their_heartbeat(k8s: list[tuple[str, dict[str, Any]]]) -> None:
+    for doc in (d for _, d in k8s if d["kind"] in WORKLOADS and d["metadata"]["name"] in ("store", "trainer")):
+        (c,) = _containers(doc)
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        argv = c["livenessProbe"]["exec"]["command"]
+        assert argv[:3] == ["python", HEALTHCHECK_IN_IMAGE, "heartbeat"], argv
+        assert argv[3] == env["RELAYRL_HEARTBEAT_FILE"], doc["metadata"]["name"]
+        assert c["readinessProbe"]["exec"]["command"][2:] == ["nats"]

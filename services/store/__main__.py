@@ -6,8 +6,9 @@ import asyncio
 import sys
 
 from shared import telemetry
-from shared.bus import Bus, install_signal_handlers
+from shared.bus import Bus, install_signal_handlers, wait_for_stop
 from shared.config import load, run_service
+from shared.health import heartbeat
 from services.store.db import create_engine, create_schema
 from services.store.service import Store
 from services.store.settings import StoreSettings
@@ -23,7 +24,8 @@ async def main(settings: StoreSettings) -> None:
     await bus.ensure_topology()
     log.info("store ready", database=engine.url.render_as_string(hide_password=True))
     try:
-        await Store(bus, engine, settings).run(stop)
+        beats = [heartbeat(settings.heartbeat_file, stop)] if settings.heartbeat_file else []
+        await wait_for_stop(stop, Store(bus, engine, settings).run(stop), *beats)
     finally:
         await bus.close()
         await engine.dispose()

@@ -6,8 +6,9 @@ import asyncio
 import sys
 
 from shared import telemetry
-from shared.bus import Bus, install_signal_handlers
+from shared.bus import Bus, install_signal_handlers, wait_for_stop
 from shared.config import load, run_service
+from shared.health import heartbeat
 from services.trainer.service import Trainer
 from services.trainer.settings import TrainerSettings
 
@@ -24,7 +25,8 @@ async def main(settings: TrainerSettings) -> None:
     await bus.ensure_topology()
     log.info("trainer ready", trainer_id=settings.trainer_id, run_id=settings.run_id, device=settings.device)
     try:
-        await Trainer(bus, settings).run(stop)
+        beats = [heartbeat(settings.heartbeat_file, stop)] if settings.heartbeat_file else []
+        await wait_for_stop(stop, Trainer(bus, settings).run(stop), *beats)
     finally:
         await bus.close()
         log.info("trainer stopped")
