@@ -119,6 +119,7 @@ class ChaosConfig:
     jitter_s: float = 1.0  # a fault strikes up to this long after its point, off the step boundary
     timeout_s: float = 900.0
     recovery_timeout_s: float = 180.0
+    settle_s: float = 75.0  # after the run: how long to wait for every group to be in a stored step
 
     @property
     def groups(self) -> int:
@@ -142,6 +143,7 @@ class ChaosResult:
     step_gap_s: float | None = None  # the median time between steps (compare with the stalls)
     restarts: dict[str, int] = field(default_factory=dict)
     progress: dict[str, Any] = field(default_factory=dict)  # the trainer's own counters at the end
+    late_s: float = 0.0  # how long after the run ended its last steps reached SQL
     logs: str = ""  # error lines of the service logs, kept when a check failed
 
     @property
@@ -332,7 +334,7 @@ def run_chaos(
             time.sleep(0.5)
         result.state = watch.last["state"] if watch.last else "?"
         result.wall_s = time.time() - started
-        _settle(db, run_id, cfg.groups)
+        result.late_s = _settle(db, run_id, cfg.groups, cfg.settle_s if result.state == "finished" else 5.0)
         # Let a restart the last fault scheduled happen, so the count shows it.
         until = time.monotonic() + cfg.restart_after_s + 10.0
         while any(p.sup.restart_at is not None or not (p.alive or p.sup.held) for p in stack.processes()):
@@ -377,26 +379,24 @@ def _wait_for_step(watch: Watch, step: int, deadline: float) -> bool:
     return False
 
 
-def _settle(db: Path, run_id: str, groups: int, timeout_s: float = 30.0) -> None:
-    """Give the store time to write the last steps' metrics: wait until every group is in a
-    step, or the metrics stop changing for 3 s."""
-    deadline = time.monotonic() + timeout_s
-    last, since = None, time.monotonic()
-    while time.monotonic() < deadline:
+def _settle(db: Path, run_id: str, groups: int, timeout_s: float) -> float:
+    """Wait until every group is in a stored step, at most `timeout_s`; returns the wait.
+
+    A store killed after fetching a step's metrics and before writing them gets them back
+    only after its consumer's ack_wait (60 s by default): waiting that long tells a late
+    step from a lost one.
+    """
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
         try:
             with _engine(db).connect() as conn:
                 rows = conn.execute(select(MetricRow.group_ids, MetricRow.dropped).where(MetricRow.run_id == run_id)).all()
         except Exception:  # noqa: BLE001 - mid-write; try again
             rows = None
-        if rows is not None:
-            seen = sum(len(g) + len(d) for g, d in rows)
-            if seen >= groups:
-                return
-            if seen != last:
-                last, since = seen, time.monotonic()
-            elif time.monotonic() - since > 3.0:
-                return
+        if rows is not None and sum(len(g) + len(d) for g, d in rows) >= groups:
+            break
         time.sleep(0.5)
+    return time.monotonic() - started
 
 
 def _engine(db: Path):  # type: ignore[no-untyped-def]
@@ -557,8 +557,8 @@ def table(results: list[ChaosResult], baseline: ChaosResult | None) -> str:
                 f" +wake {r.fault.wake_s:.0f}s" if r.fault.wake_s else "")  # fmt: skip
             rows.append((res.name, kind, r.process or r.fault.part, f"{r.groups_before}/{res.config.groups}",
                          str(r.step_before), rec, stall, r.note))  # fmt: skip
-    head = ("run", "state", "groups", "steps", "step gap (s)", "wall (s)", "slowdown", "lost", "duplicated",
-            "redelivered", "restarts", "checks")  # fmt: skip
+    head = ("run", "state", "groups", "steps", "step gap (s)", "wall (s)", "slowdown", "steps late (s)", "lost",
+            "duplicated", "redelivered", "restarts", "checks")  # fmt: skip
     runs = [head]
     for res in ([baseline] if baseline else []) + results:
         slow = f"{res.wall_s / baseline.wall_s:.2f}x" if baseline and baseline.wall_s and res is not baseline else "-"
@@ -566,7 +566,8 @@ def table(results: list[ChaosResult], baseline: ChaosResult | None) -> str:
         checks = "all passed" if res.ok else "FAILED: " + ", ".join(c.name for c in res.checks if not c.ok)
         gap = "-" if res.step_gap_s is None else f"{res.step_gap_s:.2f}"
         runs.append((res.name, res.state, str(res.config.groups), str(res.steps), gap, f"{res.wall_s:.0f}", slow,
-                     str(res.lost), str(res.duplicated), str(res.redelivered), restarts, checks))  # fmt: skip
+                     f"{res.late_s:.1f}", str(res.lost), str(res.duplicated), str(res.redelivered), restarts,
+                     checks))  # fmt: skip
     return _render(rows) + "\n\n" + _render(runs)
 
 

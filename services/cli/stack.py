@@ -15,6 +15,7 @@ supervisor brings the process back, after a chosen delay if one is given (chaos 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,14 +23,18 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol, TypeVar
 
 import httpx
+import nats
 
 from services.cli.nats_server import NatsServer, free_port
+from shared import subjects
 
+T = TypeVar("T")
 NATS = "nats"  # the name the supervisor, stack.json and `Stack.kill` use for nats-server
 # Signals that pause or resume a process rather than end it: sending one is not a stop.
 _NOT_STOPPING = {signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP, 0}
@@ -271,10 +276,15 @@ class Stack:
         self.add("store", "services.store", store_args, ready_line="store ready")
         # Store and inference first: gateway readiness needs the store; rollouts need inference.
         self._wait_ready(timeout_s)
-        for i in range(c.rollout_replicas):
-            self.add_rollout(f"rollout-{i + 1}")
+        rollouts = [self.add_rollout(f"rollout-{i + 1}") for i in range(c.rollout_replicas)]
         for i in range(c.trainers):
             self.add_trainer(f"trainer-{i + 1}" if c.trainers > 1 else "trainer")
+        # The gateway refuses runs for agents no worker has registered, and caches what it read
+        # for a moment: start it once the workers' agents are in the KV, or a run created right
+        # after start-up (`relayrl demo`, tests) can be refused as naming an unknown agent.
+        self._wait_ready(timeout_s, rollouts)
+        if rollouts:
+            self._wait_agents_registered(timeout_s)
         gw_port = c.gateway_port or free_port()
         self.gateway_url = f"http://127.0.0.1:{gw_port}"
         self.add("gateway", "services.gateway", ["--port", str(gw_port)], ready_url=f"{self.gateway_url}/readyz")
@@ -315,9 +325,17 @@ class Stack:
         ]  # fmt: skip
         return self.add(name, "services.trainer", args, ready_line="trainer ready")
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_agents_registered(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        pending = list(self.services)  # a service that died since its start is reported, not skipped
+        while not _run_sync(_agents_registered(self.nats_url)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no rollout worker registered its agents within {timeout_s}s")
+            time.sleep(0.1)
+
+    def _wait_ready(self, timeout_s: float, services: list[Service] | None = None) -> None:
+        deadline = time.monotonic() + timeout_s
+        # A service that died since its start is reported, not skipped.
+        pending = list(self.services if services is None else services)
         while pending:
             for svc in list(pending):
                 if not svc.alive:
@@ -509,6 +527,31 @@ class Stack:
         tmp.write_text(json.dumps(self.state(), indent=2))
         os.replace(tmp, path)
         return path
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, also when called inside a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:  # a running loop (an async caller): use another thread
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _agents_registered(nats_url: str) -> bool:
+    """Whether any rollout worker has put its agents into the agents KV yet."""
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+    except Exception:  # noqa: BLE001 - not reachable yet: not registered
+        return False
+    try:
+        kv = await nc.jetstream().key_value(subjects.KV_AGENTS)
+        return bool(await asyncio.wait_for(kv.keys(), 5))
+    except Exception:  # noqa: BLE001 - no bucket or no keys yet
+        return False
+    finally:
+        await nc.close()
 
 
 def _exit_text(code: int | None) -> str:
