@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import STREAMS, Bus
 from shared.faults import StoreError, StoreUnavailable
 from shared.messages import DecodeError, Group
 from services.trainer.groups_in import resolve_group
@@ -39,6 +39,9 @@ class GroupFeed:
         self._keepalive: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # A nats-server that came back without its store (a new node, a lost volume) has no
+        # GROUPS stream: make it, as every service does at start, before the durable on it.
+        await self.bus.ensure_stream(next(s for s in STREAMS if s.name == subjects.STREAM_GROUPS))
         await self.bus.js.add_consumer(
             subjects.STREAM_GROUPS,
             js_api.ConsumerConfig(
