@@ -152,7 +152,10 @@ class RunTrainer:
                     await self._publish_weights(self.counters.step)
                 await self._put_progress(force=True, finished=True)
                 self.lease.check()
-                await set_state(self.bus, self.run.run_id, "finished", self.settings.store_timeout_s)
+                try:
+                    await set_state(self.bus, self.run.run_id, "finished", self.settings.store_timeout_s)
+                except Rejected as exc:  # cancelled (or ended) meanwhile: nothing left to mark
+                    log.info("run ended elsewhere before it finished here", run_id=self.run.run_id, reason=str(exc))
                 log.info("run finished", run_id=self.run.run_id, step=self.counters.step)
         finally:
             await self.feed.close()
@@ -433,6 +436,7 @@ class Trainer:
         helpers = [asyncio.create_task(self._keep_lease(run, lease, run_stop)), asyncio.create_task(_forward(stop, run_stop))]
         delay = self.settings.retry_initial_s
         strikes: tuple[int, int] = (-1, 0)  # (step of the last unexpected failure, failures there in a row)
+        last_fault_step = -1
         try:
             while not run_stop.is_set():
                 trainer: RunTrainer | None = None
@@ -450,6 +454,9 @@ class Trainer:
                 except Exception as exc:
                     reason = f"{type(exc).__name__}: {exc}"
                     step = trainer.counters.step if trainer is not None else -1
+                    if step > last_fault_step:  # it trained since the last fault: start the backoff over
+                        delay = self.settings.retry_initial_s
+                    last_fault_step = max(last_fault_step, step)
                     if is_transient(exc):
                         log.warning("transient fault; waiting, then resuming from the checkpoint",
                                     run_id=run.run_id, waiting_for=_waiting_for(exc), error=reason, retry_in_s=delay)  # fmt: skip
