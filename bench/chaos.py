@@ -2,7 +2,7 @@
 that the run finished with nothing lost and nothing trained twice.
 
     python bench/chaos.py --groups 1000 --kills-per-part 3       # the long version
-    python bench/chaos.py --groups 60 --kills-per-part 1 --no-baseline   # about the CI size
+    python bench/chaos.py --groups 200 --group-size 4 --batch-size 4 --kills-per-part 1 --no-baseline  # ~CI
 
 One `echo-digit` run that ends by data (rows x epochs groups, no `max_steps`) on the embedded
 stack (`Stack`: every service its own process, SQLite, the supervisor of `relayrl up`). At
@@ -19,9 +19,10 @@ garbage trajectory. After the run it opens the database read-only and checks:
 Prints one table: each fault with its recovery time (from the fault to the next training
 step, from the trainer's step timestamps) and its stall (the longest gap between steps from
 the fault until 4 steps after it: a part whose loss the pipeline's buffers hide for a step
-still shows there), then the run against a fault-free run of the same
-config measured in the same script (slowdown), lost / duplicated counts and the checks.
-On a failed check it prints why, and the error lines of the service logs.
+still shows there), then the run against a fault-free run of the same config measured in
+the same script (slowdown), how late its last steps reached SQL, lost / duplicated counts
+and the checks. On a failed check it prints why, the trainer's own progress counters, and
+the warning and error lines of the service logs.
 
 tests/test_chaos.py runs this same code at CI size (and the longer outages as cases).
 """
