@@ -1,20 +1,29 @@
-"""Fixtures: a real nats-server per test (free loopback port, temp store dir), real SQLite."""
+"""Fixtures for every kind of test: a real nats-server per test (free loopback port, temp store
+dir), real SQLite (and PostgreSQL where reachable), and the session's shared agent stack.
+
+Fixtures only the integration tests share are in tests/integration/conftest.py; helpers that
+are not fixtures are in tests/support/.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import os
-import socket
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
+import httpx
 import pytest
 
 from services.cli.nats_server import NatsServer
+from services.cli.stack import Stack, StackConfig
+from services.store.settings import StoreSettings
 from shared.bus import Bus
 from shared.config import ServiceSettings
-
-POSTGRES_URL = os.environ.get("RELAYRL_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+from shared.models import ensure_tiny_model
+from tests.support.databases import POSTGRES_URL, postgres_reachable
+from tests.support.inference_app import running, settings as inference_settings
+from tests.support.proxy import INFERENCE, FailingStub
+from tests.support.store import RunningStore
 
 
 @pytest.fixture
@@ -47,14 +56,6 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'relayrl.db'}"
 
 
-def postgres_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 async def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> AsyncIterator[str]:
     """SQLite always; PostgreSQL when a server is reachable (a fresh schema per test)."""
@@ -83,23 +84,56 @@ async def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> Async
         await admin.dispose()
 
 
-_UNSET = object()
+@pytest.fixture(scope="session")
+def agent_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One real stack (nats-server, store, inference with the tiny model, a rollout worker,
+    gateway; no trainer) shared by the example agents' end-to-end tests (tests/support/agent_stack.py)."""
+    state = tmp_path_factory.mktemp("agent-stack")
+    stack = Stack(
+        StackConfig(state_dir=state, gateway_port=0, log_format="console", trainers=0, rollout_replicas=1)
+    ).start()
+    yield stack
+    stack.stop()
 
 
-async def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.05, expect=_UNSET):  # type: ignore[no-untyped-def]
-    """Poll a sync or async callable until it returns `expect` (or anything truthy); fail on timeout."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    value = None
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if (value == expect) if expect is not _UNSET else value:
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s}s (last value: {value!r})")
-        await asyncio.sleep(interval_s)
+# --- shared by several integration modules (moved to tests/integration/conftest.py with them) ---
 
 
-# The session-wide stack the example agents' end-to-end tests share (tests/agent_stack.py).
-from tests.agent_stack import agent_stack  # noqa: E402, F401
+@pytest.fixture
+async def store(settings: ServiceSettings, database_url: str) -> AsyncIterator[RunningStore]:
+    """The store service on each database (SQLite; PostgreSQL where reachable), 64-row batches."""
+    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=database_url, batch_size=64)).start()
+    yield st
+    if not st.task.done():
+        await st.stop()
+    await st.engine.dispose()
+
+
+@pytest.fixture
+async def sqlite_store(settings: ServiceSettings, sqlite_url: str) -> AsyncIterator[RunningStore]:
+    """The store service on SQLite with its default settings."""
+    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=sqlite_url)).start()
+    yield st
+    await st.stop()
+    await st.engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model, created once per module."""
+    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+async def stub(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FailingStub]:
+    """The inference app (tiny model) in-process behind a stub that can inject 503s, per module."""
+    model = ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    async with running(inference_settings(model), INFERENCE) as app:
+        yield FailingStub(app)
+
+
+@pytest.fixture
+async def direct(stub: FailingStub) -> AsyncIterator[httpx.AsyncClient]:
+    """Straight to inference, bypassing the stub's failures and the proxy."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60) as c:
+        yield c

@@ -11,8 +11,8 @@ from shared.bus import FAILURE_HEADER, Bus, ConsumerSpec, Delivery, PullConsumer
 from shared.config import ServiceSettings
 from shared.messages import DeadLetter, Failure, Ping
 from shared.store_api import Stored
-from tests.conftest import wait_until
-from tests.test_messages import make_trajectory
+from tests.support.waiting import wait_until
+from tests.support.factories import make_trajectory
 from shared.messages import Trajectory
 
 

@@ -9,8 +9,8 @@ from shared import subjects
 from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, TransientError
 from shared.messages import DeadLetter, Trajectory
 from services.cli.nats_server import NatsServer
-from tests.conftest import wait_until
-from tests.test_messages import make_trajectory
+from tests.support.waiting import wait_until
+from tests.support.factories import make_trajectory
 
 
 def consumer(bus: Bus, handler, *, poison_after: int = 3) -> PullConsumer:

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from services.cli.app import app
 from services.cli.client import GatewayClient
 from services.cli.stack import Stack
-from tests.agent_stack import trajectory_from_view
+from tests.support.agent_stack import trajectory_from_view
 
 pytestmark = pytest.mark.e2e
 

@@ -62,7 +62,7 @@ from examples.customer_service.shop import (
 from services.rollout.context import AgentContext
 from services.rollout.registry import get
 from shared.messages import RolloutRequest, RunConfig, Trajectory, Transition, pack_f32, pack_i32, unpack_i32
-from tests.agent_stack import assert_captured, run_tasks, samples_of
+from tests.support.agent_stack import assert_captured, run_tasks, samples_of
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "customer_service"
 SEED = 0

@@ -39,7 +39,7 @@ from examples.multihop_rag.retrieval import TOP_K, Retriever, get_retriever, tok
 from examples.multihop_rag.reward import extract_answer, f1_score, format_ok, normalize_answer, qa_reward
 from services.rollout import registry
 from shared.messages import Trajectory, unpack_i32
-from tests.agent_stack import assert_captured, run_tasks, samples_of
+from tests.support.agent_stack import assert_captured, run_tasks, samples_of
 
 ROWS_FILE = Path(__file__).resolve().parents[1] / "examples" / "multihop_rag" / "rows.jsonl"
 

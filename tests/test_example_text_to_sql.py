@@ -22,7 +22,7 @@ from examples.text_to_sql.sql import QueryResult, execute_sql, extract_sql, form
 from services.cli.app import load_run_config
 from services.rollout import registry
 from shared.messages import RunConfig, unpack_i32
-from tests.agent_stack import assert_captured, run_tasks, samples_of
+from tests.support.agent_stack import assert_captured, run_tasks, samples_of
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text_to_sql"
 

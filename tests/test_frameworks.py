@@ -19,15 +19,7 @@ from langchain_openai import ChatOpenAI
 from services.rollout import registry
 from services.rollout.context import API_KEY, AgentContext
 from services.rollout.worker import Worker
-from tests.test_proxy import (  # noqa: F401 - fixtures
-    FailingStub,
-    assert_transition_is,
-    direct,
-    direct_chat,
-    request,
-    start_worker,
-    stub,
-)
+from tests.support.proxy import FailingStub, assert_transition_is, direct_chat, request, start_worker
 
 import pytest
 

@@ -11,8 +11,7 @@ from shared.config import ServiceSettings
 from shared.messages import AgentInfo
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
-from services.store.settings import StoreSettings
-from tests.test_store import RunningStore
+from tests.support.store import RunningStore
 
 
 @pytest.fixture
@@ -24,14 +23,6 @@ async def client(settings: ServiceSettings, bus: Bus) -> AsyncIterator[httpx.Asy
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
             yield c
-
-
-@pytest.fixture
-async def store(settings: ServiceSettings, sqlite_url: str) -> AsyncIterator[RunningStore]:
-    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=sqlite_url)).start()
-    yield st
-    await st.stop()
-    await st.engine.dispose()
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient):
@@ -89,7 +80,7 @@ async def test_store_down_is_503_not_500(client: httpx.AsyncClient):
     assert (await client.get("/healthz")).status_code == 200
 
 
-async def test_submit_publishes_requests_and_reads_back(client: httpx.AsyncClient, store: RunningStore, bus: Bus):
+async def test_submit_publishes_requests_and_reads_back(client: httpx.AsyncClient, sqlite_store: RunningStore, bus: Bus):
     assert (await client.get("/readyz")).status_code == 200
     r = await client.post(
         "/v1/tasks",
@@ -108,7 +99,7 @@ async def test_submit_publishes_requests_and_reads_back(client: httpx.AsyncClien
     assert (await client.get("/v1/rollouts/t1.0")).status_code == 404
 
 
-async def test_duplicate_task_ids_in_one_request_are_422(client: httpx.AsyncClient, store: RunningStore):
+async def test_duplicate_task_ids_in_one_request_are_422(client: httpx.AsyncClient, sqlite_store: RunningStore):
     body = {"tasks": [{"agent": "null", "input": {}, "task_id": "dup"}, {"agent": "null", "input": {}, "task_id": "dup"}]}
     r = await client.post("/v1/tasks", json=body)
     assert r.status_code == 422 and "unique" in r.json()["detail"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import httpx
@@ -20,49 +19,18 @@ from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.messages import AgentInfo, RolloutRequest, TrainerProgress, Transition, pack_f32, pack_i32
 from shared.store_api import StoreClient
-from services.gateway.app import create_app
-from services.gateway.settings import GatewaySettings
-from services.store.settings import StoreSettings
-from tests.conftest import wait_until
-from tests.test_messages import make_trajectory
-from tests.test_store import RunningStore
+from tests.support.factories import make_trajectory
+from tests.support.gateway import gateway, run_body
+from tests.support.store import RunningStore
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
-async def store(settings: ServiceSettings, sqlite_url: str) -> AsyncIterator[RunningStore]:
-    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=sqlite_url)).start()
-    yield st
-    await st.stop()
-    await st.engine.dispose()
-
-
-@asynccontextmanager
-async def gateway(settings: ServiceSettings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(GatewaySettings(nats_url=settings.nats_url, store_timeout_s=5.0, pace_interval_s=0.05))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as c:
-            yield c
-
-
-@pytest.fixture
-async def client(settings: ServiceSettings, bus: Bus, store: RunningStore) -> AsyncIterator[httpx.AsyncClient]:
+async def client(settings: ServiceSettings, bus: Bus, sqlite_store: RunningStore) -> AsyncIterator[httpx.AsyncClient]:
     kv = await bus.kv(subjects.KV_AGENTS)
     await kv.put("copy", AgentInfo(name="copy", worker_id="test").encode())
     async with gateway(settings) as c:
         yield c
-
-
-def run_body(run_id: str = "r1", rows: int = 12, **training: Any) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "model": "tiny",
-        "agent": "copy",
-        "algorithm": "grpo",
-        "dataset": [{"text": f"w{i}"} for i in range(rows)],
-        "training": {"learning_rate": 1e-3, "batch_size": 2, "group_size": 3, "epochs": 1, **training},
-        "runtime": {"nworkers": 2},
-        "max_staleness": 1,
-    }
 
 
 async def queued_requests(bus: Bus, run_id: str) -> int:
@@ -255,7 +223,7 @@ async def test_periodic_evaluation_every_n_versions(client: httpx.AsyncClient, b
 
 
 async def test_eval_results_are_aggregated_per_version_and_never_trained(
-    client: httpx.AsyncClient, bus: Bus, store: RunningStore
+    client: httpx.AsyncClient, bus: Bus, sqlite_store: RunningStore
 ):
     assert (await client.post("/v1/runs", json=eval_body("ev3"))).status_code == 201
     # (version asked for, versions of the tokens, reward); the last ran on a newer policy.

@@ -22,7 +22,7 @@ from services.inference.api import create_app
 from services.inference.engine import TorchEngine
 from services.inference.settings import Settings
 from shared.models import ensure_tiny_model, load_causal_lm, load_tokenizer, resolve_model
-from tests.inference_app import running, settings as inference_settings
+from tests.support.inference_app import running, settings as inference_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from services.inference.api import assistant_message
 from services.inference.schemas import ChatCompletionRequest
 from services.inference.tools import callable_names, parse_tool_calls
 from shared.models import ensure_tiny_model, load_tokenizer
-from tests.inference_app import running, settings as inference_settings
+from tests.support.inference_app import running, settings as inference_settings
 
 BASE = "http://inference"
 

@@ -16,32 +16,7 @@ from shared.messages import (
     unpack_f32,
     unpack_i32,
 )
-
-
-def make_trajectory(rollout_id: str = "t1.0", attempt: int = 1, n_tokens: int = 5) -> Trajectory:
-    return Trajectory(
-        rollout_id=rollout_id,
-        run_id="r",
-        task_id=rollout_id.split(".")[0],
-        group_id=rollout_id.split(".")[0],
-        sample_index=int(rollout_id.split(".")[1]),
-        group_size=2,
-        agent="copy",
-        status="ok",
-        reward=0.5,
-        transitions=[
-            Transition(
-                prompt_ids=pack_i32([1, 2, 3]),
-                response_ids=pack_i32(range(n_tokens)),
-                response_logprobs=pack_f32([-0.25] * n_tokens),
-                response_versions=pack_i32([7] * n_tokens),
-            )
-        ],
-        started_at=1.0,
-        finished_at=2.0,
-        worker_id="w",
-        attempt=attempt,
-    )
+from tests.support.factories import make_trajectory
 
 
 def test_trajectory_roundtrip_keeps_packed_arrays():

@@ -23,7 +23,7 @@ from shared import subjects
 from shared.bus import STREAMS, Bus, ConsumerSpec, Delivery, PullConsumer
 from shared.config import ServiceSettings
 from shared.messages import Message
-from tests.conftest import wait_until
+from tests.support.waiting import wait_until
 
 REPLICAS = 3
 

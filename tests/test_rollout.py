@@ -19,7 +19,7 @@ from services.rollout.agents.copy_task import copy_reward
 from services.rollout.context import AgentContext
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
-from tests.conftest import wait_until
+from tests.support.waiting import wait_until
 
 
 @registry.agent("test-raises")

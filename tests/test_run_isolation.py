@@ -28,9 +28,9 @@ from shared.config import ServiceSettings
 from shared.messages import AgentInfo, PolicyVersion
 from shared.models import load_causal_lm
 from shared.weights import publish_weights, put_weight_bytes, serialize_state_dict
-from tests.conftest import wait_until
-from tests.test_gateway_runs import gateway, run_body, store  # noqa: F401 - `store` is a fixture
-from tests.test_weight_sync import PROMPT, greedy, model_path, replica, replica_settings, stats, trained  # noqa: F401
+from tests.support.gateway import gateway, run_body
+from tests.support.replica import PROMPT, greedy, replica, replica_settings, stats, trained
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -204,7 +204,7 @@ async def test_a_pinned_replica_refuses_other_runs(bus: Bus, nats_url: str, mode
 
 
 async def test_a_run_with_a_model_inference_does_not_serve_is_refused(
-    settings: ServiceSettings, bus: Bus, nats_url: str, model_path: Path, store: Any  # noqa: F811
+    settings: ServiceSettings, bus: Bus, nats_url: str, model_path: Path, sqlite_store: Any
 ) -> None:
     kv = await bus.kv(subjects.KV_AGENTS)
     await kv.put("copy", AgentInfo(name="copy", worker_id="test").encode())

@@ -1,83 +1,22 @@
 """The store against a real nats-server and real SQL (SQLite; PostgreSQL where reachable)."""
 
 import asyncio
-from typing import AsyncIterator
 
 import msgpack
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.faults import NotFound
-from shared.messages import Event, Failure, GetById, Group, Reward, TaskSpec
+from shared.messages import Failure, GetById, TaskSpec
 from shared.store_api import Pong, StoreClient
-from services.store.db import create_engine, create_schema
-from services.store.service import Store
 from services.store.settings import StoreSettings
-from services.store.tables import DeadLetterRow, RolloutRow, TransitionRow
-from tests.conftest import wait_until
-from tests.test_messages import make_trajectory
-
-
-class RunningStore:
-    """A store service running in this event loop, stoppable and restartable like a process."""
-
-    def __init__(self, settings: StoreSettings) -> None:
-        self.settings = settings
-        self.engine = create_engine(settings.database_url)
-
-    async def start(self) -> "RunningStore":
-        await create_schema(self.engine)
-        self.bus = await Bus.connect(self.settings, "store")
-        await self.bus.ensure_topology()
-        self.store = Store(self.bus, self.engine, self.settings)
-        self.stop_event = asyncio.Event()
-        self.task = asyncio.create_task(self.store.run(self.stop_event))
-        return self
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        await self.task
-        await self.bus.close()
-
-    async def count(self, table=RolloutRow) -> int:
-        async with self.store.repo.sessions() as s:
-            return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
-
-
-@pytest.fixture
-async def store(settings: ServiceSettings, database_url: str) -> AsyncIterator[RunningStore]:
-    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=database_url, batch_size=64)).start()
-    yield st
-    if not st.task.done():
-        await st.stop()
-    await st.engine.dispose()
-
-
-async def published_groups(bus: Bus, subject: str = subjects.STREAM_SUBJECTS[subjects.STREAM_GROUPS]) -> list[Group]:
-    """Every group on `subject` (default: all of GROUPS), in stream order."""
-    sub = await bus.js.pull_subscribe(subject, stream=subjects.STREAM_GROUPS)
-    out: list[Group] = []
-    while True:
-        try:
-            msgs = await sub.fetch(256, timeout=0.5)
-        except Exception:
-            break
-        out.extend(Group.decode(m.data) for m in msgs)
-        for m in msgs:
-            await m.ack()
-    await sub.unsubscribe()
-    return out
-
-
-def trajectory(task: str, index: int, group_size: int, attempt: int = 1, n_tokens: int = 5):
-    t = make_trajectory(f"{task}.{index}", attempt=attempt, n_tokens=n_tokens)
-    # Rewards and events ride along so the round trip through SQL covers them.
-    rewards = [Reward(value=0.1 * index, transition=0, source="tool"), Reward(value=-0.5)]
-    events = [Event(name="tool_success", transition=0, data={"tool": "sql", "rows": [1, 2]}, at=12.5)]
-    return t.model_copy(update={"group_size": group_size, "rewards": rewards, "events": events})
+from services.store.tables import DeadLetterRow, TransitionRow
+from tests.support.factories import trajectory
+from tests.support.store import RunningStore, published_groups
+from tests.support.waiting import wait_until
 
 
 async def test_duplicates_are_stored_once_and_group_published_once(store: RunningStore, bus: Bus):

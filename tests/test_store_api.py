@@ -29,8 +29,8 @@ from services.gateway.settings import GatewaySettings
 from services.store.db import create_schema
 from services.store.settings import StoreSettings
 from services.trainer.progress import runs_to_train
-from tests.conftest import wait_until
-from tests.test_store import RunningStore
+from tests.support.store import RunningStore
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture

@@ -33,8 +33,9 @@ from services.store.repository import Repository
 from services.store.settings import StoreSettings
 from services.store.tables import DeadLetterRow, RolloutRow
 from services.trainer.groups_in import resolve_group
-from tests.conftest import wait_until
-from tests.test_store import RunningStore, store, trajectory  # noqa: F401 - `store` is a fixture
+from tests.support.factories import trajectory
+from tests.support.store import RunningStore
+from tests.support.waiting import wait_until
 
 # A bound for "within seconds" that a loaded 2-core machine still meets; no timing asserts beyond it.
 BOUND_S = 60.0
@@ -265,7 +266,7 @@ async def _terminate_connections(database_url: str) -> int:
     from sqlalchemy.engine import make_url
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from tests.conftest import POSTGRES_URL
+    from tests.support.databases import POSTGRES_URL
 
     name = make_url(database_url).database
     admin = create_async_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")

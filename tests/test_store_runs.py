@@ -15,8 +15,9 @@ from shared.messages import Failure, Group, PaceCursor, RunConfig, RunView, Step
 from shared.store_api import StoreClient
 from services.store.db import create_engine, create_schema
 from services.store.runs import RunRepository
-from tests.conftest import wait_until
-from tests.test_store import RunningStore, published_groups, store, trajectory  # noqa: F401  (store is a fixture)
+from tests.support.factories import trajectory
+from tests.support.store import RunningStore, published_groups
+from tests.support.waiting import wait_until
 
 
 def client(bus: Bus) -> StoreClient:

@@ -39,7 +39,7 @@ from shared.messages import (
 from shared.store_api import RPCS, StoreClient
 from shared.weights import latest_policy, load_state_dict, read_weights
 from services.store.settings import StoreSettings
-from tests.test_store import RunningStore
+from tests.support.store import RunningStore
 
 GROUP_SIZE = 4
 

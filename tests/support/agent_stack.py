@@ -1,6 +1,7 @@
-"""Running example agents end to end: one real stack (nats-server, store, inference with the
-tiny model, a rollout worker, gateway; no trainer) shared by the example tests, and helpers
-that submit tasks over HTTP and read back the stored trajectories and their training samples.
+"""Running example agents end to end on the session's shared stack (the `agent_stack` fixture in
+tests/conftest.py: nats-server, store, inference with the tiny model, a rollout worker, gateway;
+no trainer): helpers that submit tasks over HTTP and read back the stored trajectories and
+their training samples.
 
 The tiny model is random: these tests check what was captured (transitions, roles, masks,
 rewards, events), never the model's quality.
@@ -9,24 +10,12 @@ rewards, events), never the model's quality.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
-
-import pytest
+from typing import Any
 
 from services.cli.client import GatewayClient
-from services.cli.stack import Stack, StackConfig
+from services.cli.stack import Stack
 from services.trainer.samples import Sample, build_samples
 from shared.messages import Group, Trajectory, Transition, pack_f32, pack_i32
-
-
-@pytest.fixture(scope="session")
-def agent_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    state = tmp_path_factory.mktemp("agent-stack")
-    stack = Stack(
-        StackConfig(state_dir=state, gateway_port=0, log_format="console", trainers=0, rollout_replicas=1)
-    ).start()
-    yield stack
-    stack.stop()
 
 
 def trajectory_from_view(view: dict[str, Any]) -> Trajectory:
