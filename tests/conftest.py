@@ -2,7 +2,9 @@
 dir), real SQLite (and PostgreSQL where reachable), and the session's shared agent stack.
 
 Fixtures only the integration tests share are in tests/integration/conftest.py; helpers that
-are not fixtures are in tests/support/.
+are not fixtures are in tests/support/. Tests are laid out by kind: unit/ (starts nothing),
+integration/ (a real nats-server and/or SQL, services in-process or one process), e2e/ (the
+whole stack as processes), examples/ (the example agents, unit and end to end).
 """
 
 from __future__ import annotations
@@ -11,19 +13,13 @@ import os
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
-import httpx
 import pytest
 
 from services.cli.nats_server import NatsServer
 from services.cli.stack import Stack, StackConfig
-from services.store.settings import StoreSettings
 from shared.bus import Bus
 from shared.config import ServiceSettings
-from shared.models import ensure_tiny_model
 from tests.support.databases import POSTGRES_URL, postgres_reachable
-from tests.support.inference_app import running, settings as inference_settings
-from tests.support.proxy import INFERENCE, FailingStub
-from tests.support.store import RunningStore
 
 
 @pytest.fixture
@@ -94,46 +90,3 @@ def agent_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ).start()
     yield stack
     stack.stop()
-
-
-# --- shared by several integration modules (moved to tests/integration/conftest.py with them) ---
-
-
-@pytest.fixture
-async def store(settings: ServiceSettings, database_url: str) -> AsyncIterator[RunningStore]:
-    """The store service on each database (SQLite; PostgreSQL where reachable), 64-row batches."""
-    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=database_url, batch_size=64)).start()
-    yield st
-    if not st.task.done():
-        await st.stop()
-    await st.engine.dispose()
-
-
-@pytest.fixture
-async def sqlite_store(settings: ServiceSettings, sqlite_url: str) -> AsyncIterator[RunningStore]:
-    """The store service on SQLite with its default settings."""
-    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=sqlite_url)).start()
-    yield st
-    await st.stop()
-    await st.engine.dispose()
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model, created once per module."""
-    return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-
-
-@pytest.fixture(scope="module")
-async def stub(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[FailingStub]:
-    """The inference app (tiny model) in-process behind a stub that can inject 503s, per module."""
-    model = ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
-    async with running(inference_settings(model), INFERENCE) as app:
-        yield FailingStub(app)
-
-
-@pytest.fixture
-async def direct(stub: FailingStub) -> AsyncIterator[httpx.AsyncClient]:
-    """Straight to inference, bypassing the stub's failures and the proxy."""
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60) as c:
-        yield c

@@ -14,7 +14,7 @@ from services.inference.settings import Settings
 
 
 def settings(model_path: Any, **overrides: Any) -> Settings:
-    # No NATS in these tests: tests/test_weight_sync.py covers the policy watcher.
+    # No NATS in these tests: tests/integration/test_weight_sync.py covers the policy watcher.
     values: dict[str, Any] = dict(model=str(model_path), device="cpu", dtype="float32", batch_wait_ms=5.0,
                                   log_format="console", watch_policy=False)  # fmt: skip
     values.update(overrides)

@@ -24,7 +24,7 @@ from services.inference.settings import Settings
 from shared.models import ensure_tiny_model, load_causal_lm, load_tokenizer, resolve_model
 from tests.support.inference_app import running, settings as inference_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- fixtures -------------------------------------------------------------------------------

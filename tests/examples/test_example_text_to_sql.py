@@ -24,7 +24,7 @@ from services.rollout import registry
 from shared.messages import RunConfig, unpack_i32
 from tests.support.agent_stack import assert_captured, run_tasks, samples_of
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "text_to_sql"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "text_to_sql"
 
 
 def sha256(path: Path) -> str:

@@ -16,7 +16,7 @@ from services.cli.client import GatewayClient
 from services.cli.stack import Stack, StackConfig
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WINDOW = 5
 
 

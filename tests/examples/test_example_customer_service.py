@@ -64,7 +64,7 @@ from services.rollout.registry import get
 from shared.messages import RolloutRequest, RunConfig, Trajectory, Transition, pack_f32, pack_i32, unpack_i32
 from tests.support.agent_stack import assert_captured, run_tasks, samples_of
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "customer_service"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "customer_service"
 SEED = 0
 
 

@@ -41,7 +41,7 @@ from services.rollout import registry
 from shared.messages import Trajectory, unpack_i32
 from tests.support.agent_stack import assert_captured, run_tasks, samples_of
 
-ROWS_FILE = Path(__file__).resolve().parents[1] / "examples" / "multihop_rag" / "rows.jsonl"
+ROWS_FILE = Path(__file__).resolve().parents[2] / "examples" / "multihop_rag" / "rows.jsonl"
 
 # What each chain fact looks like; a distractor never matches one of these.
 FACTS = [
@@ -500,7 +500,7 @@ def test_train_yaml_is_a_valid_run_that_rewards_retrieval_hits() -> None:
     from services.trainer.credit import air_reward
     from shared.messages import Event, RunConfig
 
-    raw = yaml.safe_load((pathlib.Path(__file__).parents[1] / "examples/multihop_rag/train.yaml").read_text())
+    raw = yaml.safe_load((pathlib.Path(__file__).parents[2] / "examples/multihop_rag/train.yaml").read_text())
     raw["dataset"] = [{"question": "q", "answer": "a"}]
     config = RunConfig.model_validate(raw)
     rules = config.runtime.air_values()

@@ -34,7 +34,7 @@ from services.trainer.credit import trajectory_credit
 from shared.messages import Event, RolloutRequest, RunConfig, Trajectory, Transition, pack_f32, pack_i32
 from tests.support.agent_stack import assert_captured, run_tasks, samples_of
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "calculator"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "calculator"
 
 
 # ---------------------------------------------------------------- the evaluator
