@@ -24,8 +24,8 @@ class AgentCatalog:
         self._names: dict[str, AgentInfo] = {}
         self._read_at = float("-inf")
 
-    async def names(self) -> dict[str, AgentInfo]:
-        if time.monotonic() - self._read_at > self.cache_s:
+    async def names(self, fresh: bool = False) -> dict[str, AgentInfo]:
+        if fresh or time.monotonic() - self._read_at > self.cache_s:
             kv = await self.bus.kv(subjects.KV_AGENTS)
             try:
                 keys = await kv.keys()
@@ -43,6 +43,8 @@ class AgentCatalog:
     async def require(self, names: set[str]) -> None:
         """Raises UnknownAgents unless every name is registered."""
         known = await self.names()
+        if names - known.keys():  # a miss is never served from the cache: a worker may have just registered
+            known = await self.names(fresh=True)
         unknown = sorted(names - known.keys())
         if unknown:
             registered = sorted(known) or "none (no rollout worker has registered yet)"

@@ -31,6 +31,8 @@ async def main(settings: RolloutSettings) -> None:
         try:
             # Agents' OpenAI base URLs (ctx.base_url) point here; calls are captured as transitions.
             async with proxy.serve(worker.proxy, settings.proxy_host, settings.proxy_port) as proxy_url:
+                # Registered before "ready": whoever waits for ready can submit work for these agents.
+                await worker.register_agents()
                 log.info("rollout worker ready", worker_id=settings.worker_id, agents=sorted(agents), proxy=proxy_url)
                 await worker.run(stop)
         finally:
