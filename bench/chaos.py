@@ -24,7 +24,7 @@ the same script (slowdown), how late its last steps reached SQL, lost / duplicat
 and the checks. On a failed check it prints why, the trainer's own progress counters, and
 the warning and error lines of the service logs.
 
-tests/test_chaos.py runs this same code at CI size (and the longer outages as cases).
+tests/e2e/test_chaos.py runs this same code at CI size (and the longer outages as cases).
 """
 
 from __future__ import annotations

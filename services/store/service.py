@@ -138,7 +138,7 @@ class Store:
         """`group` itself when it fits one message under the server's max_payload, else a
         `GroupRef` the trainer resolves through `get_group_members` (services/trainer/groups_in.py).
 
-        Measured (tests/test_store_faults.py): a 20-call trajectory at an 8k-token context packs
+        Measured (tests/integration/test_store_faults.py): a 20-call trajectory at an 8k-token context packs
         to about 0.75 MB (8k prompt + 0.5k response tokens a call, 4 bytes a prompt token, 12 a
         response token), so the default 8 MB max_payload holds about 10 of them: groups of 16
         such rollouts go by reference. One member must still fit a message: the worker

@@ -93,7 +93,7 @@ def test_tasks_file_errors_name_the_line(tmp_path: Path):
 @pytest.mark.parametrize("example", ["echo_digit", "text_to_sql", "calculator", "multihop_rag", "customer_service"])
 def test_every_example_config_is_accepted_as_relayrl_train_sends_it(example: str):
     """`relayrl train` reads the YAML and posts it as JSON: what the gateway gets must validate."""
-    config = load_run_config(Path(__file__).parents[1] / "examples" / example / "train.yaml")
+    config = load_run_config(Path(__file__).parents[2] / "examples" / example / "train.yaml")
     run = RunConfig.model_validate(json.loads(json.dumps(config)))
     assert run.dataset and run.agent
     if run.runtime.air_enabled:
