@@ -60,6 +60,17 @@ async def test_unknown_agent_is_400(client: httpx.AsyncClient):
     assert "unknown agent" in r.json()["detail"] and "null" in r.json()["detail"]
 
 
+async def test_an_agent_registered_after_a_miss_is_accepted_at_once(client: httpx.AsyncClient, bus: Bus):
+    """A miss is never served from the agent cache: a worker that registers right after the
+    gateway looked (a stack starting up) is seen by the next request, not after the cache expires."""
+    r = await client.post("/v1/tasks", json={"agent": "late", "input": {}})
+    assert r.status_code == 400 and "unknown agent" in r.json()["detail"]
+    kv = await bus.kv(subjects.KV_AGENTS)
+    await kv.put("late", AgentInfo(name="late", worker_id="test").encode())
+    r = await client.post("/v1/tasks", json={"agent": "late", "input": {}})
+    assert r.status_code != 400, r.text
+
+
 async def test_oversized_body_is_413(client: httpx.AsyncClient):
     big = {"agent": "null", "input": {"blob": "x" * 70_000}}
     r = await client.post("/v1/tasks", json=big)
