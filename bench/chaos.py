@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -282,7 +283,11 @@ async def _publish_garbage(url: str, run_id: str) -> tuple[bytes, int]:
 def run_chaos(
     state_dir: Path, cfg: ChaosConfig, faults: list[Fault], name: str = "chaos", log: Any = print
 ) -> ChaosResult:
-    """Start a stack in `state_dir`, train one run while the faults strike, check it from SQL."""
+    """Start a stack in a fresh `state_dir`, train one run while the faults strike, check it from SQL."""
+    # A state dir left by an earlier run holds its database and NATS store: its dead letters
+    # and runs would be counted against this one.
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
     run_id = f"{name}-{cfg.seed}".replace("_", "-")
     result = ChaosResult(name=name, config=cfg, run_id=run_id, state_dir=state_dir)
     stack = Stack(
