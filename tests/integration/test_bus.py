@@ -9,10 +9,11 @@ import pytest
 from shared import subjects
 from shared.bus import FAILURE_HEADER, Bus, ConsumerSpec, Delivery, PullConsumer, TransientError
 from shared.config import ServiceSettings
-from shared.messages import DeadLetter, Failure, Ping
+from shared.messages import Failure, Ping
 from shared.store_api import Stored
 from tests.support.waiting import wait_until
 from tests.support.factories import make_trajectory
+from tests.support.streams import dead_letters
 from shared.messages import Trajectory
 
 
@@ -38,15 +39,6 @@ def consumer(bus: Bus, handler, *, ack_wait_s: float = 5.0, per_message: bool = 
         max_in_flight=32,
         fetch_timeout_s=0.2,
     )
-
-
-async def dead_letters(bus: Bus) -> list[DeadLetter]:
-    sub = await bus.js.pull_subscribe(subjects.STREAM_SUBJECTS[subjects.STREAM_DLQ], stream=subjects.STREAM_DLQ)
-    try:
-        msgs = await sub.fetch(100, timeout=1)
-    except Exception:
-        return []
-    return [DeadLetter.decode(m.data) for m in msgs]
 
 
 async def test_topology_is_idempotent(bus: Bus):

@@ -11,6 +11,7 @@ from shared.messages import DeadLetter, Trajectory
 from services.cli.nats_server import NatsServer
 from tests.support.waiting import wait_until
 from tests.support.factories import make_trajectory
+from tests.support.streams import dead_letters
 
 
 def consumer(bus: Bus, handler, *, poison_after: int = 3) -> PullConsumer:
@@ -23,17 +24,6 @@ def consumer(bus: Bus, handler, *, poison_after: int = 3) -> PullConsumer:
         retry_delay_s=0.05,
     )
     return PullConsumer(bus=bus, spec=spec, model=Trajectory, handler=handler, batch=16, fetch_timeout_s=0.2)
-
-
-async def dead_letters(bus: Bus) -> list[DeadLetter]:
-    sub = await bus.js.pull_subscribe(subjects.STREAM_SUBJECTS[subjects.STREAM_DLQ], stream=subjects.STREAM_DLQ)
-    try:
-        msgs = await sub.fetch(100, timeout=1)
-    except Exception:
-        return []
-    finally:
-        await sub.unsubscribe()
-    return [DeadLetter.decode(m.data) for m in msgs]
 
 
 async def publish_n(bus: Bus, prefix: str, n: int) -> None:
