@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
@@ -20,10 +21,19 @@ from nats.js import api as js_api
 from shared import subjects
 from shared.bus import STREAMS, Bus
 from shared.faults import StoreError, StoreUnavailable
-from shared.messages import DecodeError, Group
+from shared.messages import DecodeError, Group, decode_group
 from services.trainer.groups_in import resolve_group
 
 log = structlog.get_logger("trainer.feed")
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A group the trainer can never have whole (its reference names members the store lacks):
+    consumed and dropped with `reason`, so the run still finishes by data."""
+
+    group_id: str
+    reason: str
 
 
 class GroupFeed:
@@ -57,8 +67,10 @@ class GroupFeed:
         self._sub = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=subjects.STREAM_GROUPS)
         self._keepalive = asyncio.create_task(self._keep_alive())
 
-    async def next(self, timeout_s: float) -> tuple[Msg, Group] | None:
-        """The next decodable group, or None if none arrived within the timeout."""
+    async def next(self, timeout_s: float) -> tuple[Msg, Group | Unusable] | None:
+        """The next group, or None if none arrived within the timeout. A reference to a group
+        the store cannot give whole comes back as `Unusable` (the run counts it as dropped);
+        a message that names no group at all is only dead-lettered."""
         while True:
             if not self._buffer:
                 assert self._sub is not None
@@ -73,8 +85,12 @@ class GroupFeed:
                 log.warning("cannot fetch a group's members; will retry", run_id=self.run_id, error=str(exc))
                 await msg.nak(delay=1.0)
                 return None
-            except (DecodeError, StoreError) as exc:  # not a group, or one the store cannot give whole
+            except DecodeError as exc:  # not a group: nothing to count it against
                 await self.reject(msg, str(exc))
+            except StoreError as exc:  # a reference the store cannot resolve whole: recorded, and dropped
+                ref = decode_group(msg.data)
+                await self.bus.dead_letter(subjects.STREAM_GROUPS, self.durable, msg, str(exc))
+                return msg, Unusable(ref.group_id, f"bad data: {exc}")
 
     def hold(self, msg: Msg) -> None:
         """Keep `msg` un-acked (alive) until `ack_held()`."""

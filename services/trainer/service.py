@@ -36,7 +36,7 @@ from shared.messages import Group, RunView, StepMetrics, TrainerProgress
 from shared.models import resolve_model
 from shared.weights import PolicyFence, latest_policy, publish_weights
 from services.trainer import checkpoint
-from services.trainer.feed import GroupFeed
+from services.trainer.feed import GroupFeed, Unusable
 from services.trainer.credit import has_signal
 from services.trainer.learner import Learner, StepResult
 from services.trainer.progress import get_run, publish_metrics, put_progress, runs_to_train, set_state
@@ -220,22 +220,31 @@ class RunTrainer:
                     self.feed.hold(msg)
                 continue
             self.feed.hold(msg)
-            self._consume(group, batch)
+            if isinstance(group, Unusable):
+                self._consume_dropped(group.group_id, group.reason, batch)
+            else:
+                self._consume(group, batch)
             await self._put_progress()
         return batch
 
     def _consume(self, group: Group, batch: Batch) -> None:
-        c = self.counters
-        c.groups_consumed += 1
-        c.seen[group.group_id] = c.step + 1
         batch.rewards.extend(t.reward for t in group.trajectories)
         reason = self._drop_reason(group)
         if reason is not None:
-            c.groups_dropped += 1
-            batch.dropped[group.group_id] = reason
+            self._consume_dropped(group.group_id, reason, batch)
             return
+        c = self.counters
+        c.groups_consumed += 1
+        c.seen[group.group_id] = c.step + 1
         batch.kept.append(group)
         self._unsettled += 1
+
+    def _consume_dropped(self, group_id: str, reason: str, batch: Batch) -> None:
+        c = self.counters
+        c.groups_consumed += 1
+        c.seen[group_id] = c.step + 1
+        c.groups_dropped += 1
+        batch.dropped[group_id] = reason
 
     def _drop_reason(self, group: Group) -> str | None:
         assert self.learner is not None

@@ -294,3 +294,24 @@ async def test_groups_too_big_for_one_message_are_trained_by_reference(tmp_path:
         await st.engine.dispose()
         await bus.close()
         server.stop()
+
+
+async def test_a_reference_the_store_cannot_resolve_is_dropped_and_the_run_finishes(
+    store: RunningStore, bus: Bus, nats_url: str, tmp_path: Path
+) -> None:
+    """A GroupRef whose members the store does not have can never be trained: the trainer
+    dead-letters it with the reason and counts it as dropped, so the run still ends by data."""
+    from shared.messages import GroupRef
+
+    run_id, rows = "badref", 5
+    await rpc(bus, "put_run", PutRun(config=run_config(run_id, rows, batch_size=2), rows=rows))
+    await publish_groups(bus, run_id, range(4))  # t0..t3 (all with variance)
+    ghost = GroupRef(run_id=run_id, group_id=f"{run_id}-ghost", task_id=f"{run_id}-ghost", size=GROUP_SIZE)
+    await bus.publish(subjects.groups(run_id), ghost, f"group:{ghost.group_id}")
+    assert await TrainerProcess(nats_url, tmp_path, run_id).wait(120) == 0
+
+    steps = await metrics(bus, run_id)
+    assert sorted(trained_ids(steps)) == [f"{run_id}-t{t}" for t in range(4)]
+    dropped = {g: r for m in steps for g, r in m.dropped.items()}
+    assert list(dropped) == [ghost.group_id] and dropped[ghost.group_id].startswith("bad data:")
+    assert (await run_view(bus, run_id)).state == "finished"
