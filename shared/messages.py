@@ -141,16 +141,25 @@ class Message(BaseModel):
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        try:
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise DecodeError(f"not MessagePack: {type(exc).__name__}: {exc}") from None
-        if not isinstance(obj, dict):
-            raise DecodeError(f"expected a map for {cls.__name__}, got {type(obj).__name__}")
-        try:
-            return cls.model_validate(obj)
-        except ValidationError as exc:
-            raise DecodeError(f"invalid {cls.__name__}: {_short(exc)}") from None
+        return _validate(cls, _unpack_map(data, cls.__name__))
+
+
+def _unpack_map(data: bytes, what: str) -> dict[str, Any]:
+    """The MessagePack map in `data`; DecodeError (the dead-letter reason) if it is none."""
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"not MessagePack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DecodeError(f"expected a map for {what}, got {type(obj).__name__}")
+    return obj
+
+
+def _validate(model: type[Any], obj: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise DecodeError(f"invalid {model.__name__}: {_short(exc)}") from None
 
 
 def _short(exc: ValidationError) -> str:
@@ -369,17 +378,8 @@ class GroupRef(Message):
 
 def decode_group(data: bytes) -> Group | GroupRef:
     """A message from GROUPS: a whole `Group`, or a `GroupRef` to fetch it by. DecodeError if neither."""
-    try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise DecodeError(f"not MessagePack: {type(exc).__name__}: {exc}") from None
-    if not isinstance(obj, dict):
-        raise DecodeError(f"expected a map for a group, got {type(obj).__name__}")
-    model: type[Group] | type[GroupRef] = Group if "trajectories" in obj else GroupRef
-    try:
-        return model.model_validate(obj)
-    except ValidationError as exc:
-        raise DecodeError(f"invalid {model.__name__}: {_short(exc)}") from None
+    obj = _unpack_map(data, "a group")
+    return _validate(Group if "trajectories" in obj else GroupRef, obj)
 
 
 class GetGroupMembers(Message):

@@ -135,7 +135,7 @@ class PolicyFence:
             current = entry.revision if entry.value else None
         except nats.js.errors.NotFoundError:
             current = None
-        if current != self.revision and not (self.revision is None and current is None):
+        if current != self.revision:
             raise LeaseLost(f"KV {subjects.KV_POLICY}/{key} is at revision {current}, this writer saw {self.revision}")
 
     async def write(self, kv: KeyValue, key: str, value: bytes) -> None:
