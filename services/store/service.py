@@ -402,7 +402,7 @@ class Store:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if not is_transient(exc) and not (isinstance(exc, SQLAlchemyError) and not is_row_error(exc)):
+                if not _is_outage(exc):
                     log.exception("replay job failed", into=into)
                     return
                 log.warning("replay waiting for a transient fault", into=into, error=str(exc), retry_in_s=delay)
@@ -488,13 +488,17 @@ def _connection_error(exc: DBAPIError) -> bool:
     return isinstance(exc, (OperationalError, InterfaceError)) or exc.connection_invalidated
 
 
+def _is_outage(exc: BaseException) -> bool:
+    """A failure outside the data: any database error but a refused row, and what
+    `shared.faults.is_transient` says (NATS, timeouts)."""
+    return (isinstance(exc, SQLAlchemyError) and not is_row_error(exc)) or is_transient(exc)
+
+
 def _raise_transient(exc: Exception) -> None:
-    """Raise TransientError for a failure outside the data: any database error but a refused
-    row, and what `shared.faults.is_transient` says (NATS, timeouts). Returns otherwise."""
-    if isinstance(exc, SQLAlchemyError) and not is_row_error(exc):
-        raise TransientError(f"database unavailable: {type(exc).__name__}: {exc}") from exc
-    if is_transient(exc):
-        raise TransientError(f"{type(exc).__name__}: {exc}") from exc
+    """Raise TransientError for an outage (`_is_outage`); return otherwise."""
+    if _is_outage(exc):
+        kind = "database unavailable: " if isinstance(exc, SQLAlchemyError) else ""
+        raise TransientError(f"{kind}{type(exc).__name__}: {exc}") from exc
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
