@@ -106,8 +106,6 @@ class RunTrainer:
         self.ckpt_dir = settings.checkpoint_dir / run.run_id
         self.roles = re.compile(run.config.trained_roles)
         self.replay = run.config.mode == "replay"
-        # A replay run's rows are its replay job's groups (0 until the job exists), each once.
-        self.total_groups = run.rows * run.config.data_epochs
         self.counters = Counters()
         self.feed = GroupFeed(bus, run.run_id, settings.ack_wait_s, settings.fetch_batch)
         self.learner: Learner | None = None
@@ -121,6 +119,12 @@ class RunTrainer:
         self._unsettled = 0
 
     # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def total_groups(self) -> int:
+        """Groups the run consumes before it is done; a replay run's rows are its replay job's
+        groups (0 until the job exists), each consumed once (`RunConfig.data_epochs`)."""
+        return self.run.rows * self.cfg.data_epochs
 
     @property
     def ended(self) -> bool:
@@ -274,7 +278,7 @@ class RunTrainer:
             log.warning("cannot read the run's state; will look again", run_id=self.run.run_id, error=str(exc))
             return
         if self.replay:  # the replay job sets the run's size after the run may have been claimed
-            self.total_groups = run.rows * run.config.data_epochs
+            self.run = run
         if run.state in ("cancelled", "failed", "finished"):
             log.info("run ended elsewhere; stopping", run_id=self.run.run_id, state=run.state)
             self.cancelled = True
