@@ -125,6 +125,13 @@ class Bus:
                 ) from exc
             raise
 
+    async def ensure_stream_named(self, name: str) -> None:
+        """Create (or bring to our config) relayrl's stream `name`: a server restarted without
+        its store has none. Streams that are not relayrl's are left alone."""
+        spec = next((s for s in STREAMS if s.name == name), None)
+        if spec is not None:
+            await self.ensure_stream(spec)
+
     async def ensure_stream(self, spec: StreamSpec) -> None:
         config = js_api.StreamConfig(
             name=spec.name,
@@ -415,9 +422,7 @@ class PullConsumer(Generic[M]):
     async def _subscribe(self, recreate_stream: bool = False) -> Any:
         if recreate_stream:
             # A server restarted with a fresh store dir has no streams: bring ours back.
-            spec = next((s for s in STREAMS if s.name == self.spec.stream), None)
-            if spec is not None:
-                await self.bus.ensure_stream(spec)
+            await self.bus.ensure_stream_named(self.spec.stream)
         await self.create()
         return await self.bus.js.pull_subscribe_bind(durable=self.spec.durable, stream=self.spec.stream)
 

@@ -1,9 +1,10 @@
 """The trainer's source of groups: one durable per run on GROUPS (live and replayed subjects).
 
 A group too large for one message arrives by reference and is fetched from the store
-(`groups_in.resolve_group`). Groups are held un-acked, and kept alive with `in_progress()`, until the checkpoint that
-records them as consumed is on disk; only then are they acked. A trainer killed at any
-point therefore gets back exactly the groups its last checkpoint did not cover.
+(`groups_in.resolve_group`). Groups are held un-acked, and kept alive with `in_progress()`,
+until the checkpoint that records them as consumed is on disk; only then are they acked. A
+trainer killed at any point therefore gets back exactly the groups its last checkpoint did
+not cover.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from shared import subjects
-from shared.bus import STREAMS, Bus
+from shared.bus import Bus
 from shared.faults import StoreError, StoreUnavailable
 from shared.messages import DecodeError, Group, decode_group
 from services.trainer.groups_in import resolve_group
@@ -51,7 +52,7 @@ class GroupFeed:
     async def start(self) -> None:
         # A nats-server that came back without its store (a new node, a lost volume) has no
         # GROUPS stream: make it, as every service does at start, before the durable on it.
-        await self.bus.ensure_stream(next(s for s in STREAMS if s.name == subjects.STREAM_GROUPS))
+        await self.bus.ensure_stream_named(subjects.STREAM_GROUPS)
         await self.bus.js.add_consumer(
             subjects.STREAM_GROUPS,
             js_api.ConsumerConfig(
