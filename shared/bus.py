@@ -26,10 +26,11 @@ from nats.js import api as js_api
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from shared import subjects, telemetry
+from shared import retention, subjects, telemetry
 from shared.config import ServiceSettings
 from shared.faults import is_transient
 from shared.messages import DeadLetter, DecodeError, Failure, Message
+from shared.retention import StreamSpec
 
 log = structlog.get_logger("bus")
 
@@ -39,28 +40,8 @@ R = TypeVar("R", bound=Message)
 # Marks a request/reply answer that is a `Failure` rather than the reply type asked for.
 FAILURE_HEADER = "Relayrl-Failure"
 
-WORK_QUEUE = js_api.RetentionPolicy.WORK_QUEUE
-LIMITS = js_api.RetentionPolicy.LIMITS
-DAY_S = 86400.0
 # Room kept in a dead letter for the publish's headers (trace context, msg id).
 _DEAD_LETTER_HEADROOM = 16 * 1024
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    name: str
-    retention: js_api.RetentionPolicy
-    max_age_s: float
-    duplicate_window_s: float = 600.0
-
-
-STREAMS: tuple[StreamSpec, ...] = (
-    StreamSpec(subjects.STREAM_TASKS, WORK_QUEUE, 30 * DAY_S),
-    StreamSpec(subjects.STREAM_TRAJECTORIES, LIMITS, 7 * DAY_S),
-    StreamSpec(subjects.STREAM_GROUPS, LIMITS, 7 * DAY_S),
-    StreamSpec(subjects.STREAM_METRICS, LIMITS, 30 * DAY_S),
-    StreamSpec(subjects.STREAM_DLQ, LIMITS, 30 * DAY_S),
-)
 
 
 class Bus:
@@ -71,6 +52,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout_s)
         self.timeout = settings.request_timeout_s
         self.replicas = settings.js_replicas
+        self.stream_max_bytes = settings.stream_max_bytes
 
     @classmethod
     async def connect(cls, settings: ServiceSettings, name: str) -> Bus:
@@ -106,7 +88,7 @@ class Bus:
 
         Each gets `js_replicas` replicas (settings); existing ones with fewer are raised."""
         try:
-            for spec in STREAMS:
+            for spec in retention.STREAMS:
                 await self.ensure_stream(spec)
             for bucket, history, ttl_s in (
                 (subjects.KV_POLICY, 8, None),
@@ -128,29 +110,58 @@ class Bus:
     async def ensure_stream_named(self, name: str) -> None:
         """Create (or bring to our config) relayrl's stream `name`: a server restarted without
         its store has none. Streams that are not relayrl's are left alone."""
-        spec = next((s for s in STREAMS if s.name == name), None)
+        spec = retention.spec(name)
         if spec is not None:
             await self.ensure_stream(spec)
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
-        config = js_api.StreamConfig(
-            name=spec.name,
-            subjects=[subjects.STREAM_SUBJECTS[spec.name]],
-            retention=spec.retention,
-            storage=js_api.StorageType.FILE,
-            max_age=spec.max_age_s,
-            duplicate_window=spec.duplicate_window_s,
-            num_replicas=self.replicas,
-        )
+        config = retention.stream_config(spec, self.replicas, self.stream_max_bytes)
         try:
             await self.js.add_stream(config)
+            return
         except nats.js.errors.BadRequestError:
-            # Exists with another config (e.g. an older max_age, fewer replicas): bring it to
-            # ours, but never lower its replicas: one service started without the setting must
-            # not shrink a cluster's R3 streams to R1.
-            current = await self.js.stream_info(spec.name)
-            config.num_replicas = max(self.replicas, current.config.num_replicas or 1)
-            await self.js.update_stream(config)
+            pass
+        # Exists with another config (an older max_age or bound, fewer replicas): bring it to
+        # ours, but never lower its replicas: one service started without the setting must
+        # not shrink a cluster's R3 streams to R1.
+        current = await self.js.stream_info(spec.name)
+        if current.config.retention != spec.retention:
+            await self._recreate_for_retention(spec, config, current)
+            return
+        config.num_replicas = max(self.replicas, current.config.num_replicas or 1)
+        await self.js.update_stream(config)
+
+    async def _recreate_for_retention(
+        self, spec: StreamSpec, config: js_api.StreamConfig, current: js_api.StreamInfo
+    ) -> None:
+        """A stream an older relayrl made with `limits` retention: JetStream cannot change a
+        stream's retention, so it is deleted and made again, but only when every consumer on
+        it has consumed and acked everything (what it holds is then in SQL or a checkpoint).
+        Otherwise refuse with what to do: deleting unconsumed messages would lose them."""
+        behind = []
+        for c in await self.js.consumers_info(spec.name):
+            if (c.num_pending or 0) or (c.num_ack_pending or 0):
+                behind.append(f"{c.name} ({c.num_pending or 0} pending, {c.num_ack_pending or 0} un-acked)")
+        if behind:
+            raise RuntimeError(
+                f"stream {spec.name} has {current.config.retention} retention; relayrl now keeps it as a "
+                f"{spec.retention} and must recreate it, but its consumers have not consumed everything yet: "
+                f"{', '.join(behind)}. Let them drain with the previous version (or end the runs), then start "
+                f"again; `nats stream rm {spec.name}` drops what it holds instead (SQL keeps stored rollouts)."
+            )
+        log.warning(
+            "recreating stream with work-queue retention (all its consumers are caught up)",
+            stream=spec.name, retention=str(current.config.retention), messages=current.state.messages,
+        )
+        try:
+            await self.js.delete_stream(spec.name)
+        except nats.js.errors.NotFoundError:
+            pass  # another service got there first
+        config.num_replicas = max(self.replicas, current.config.num_replicas or 1)
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:  # another service recreated it meanwhile
+            pass
 
     async def _raise_replicas(self, stream: str) -> None:
         """Bring a bucket's stream up to `js_replicas` (buckets are created elsewhere too, at R1 by older code)."""
@@ -228,8 +239,8 @@ class Bus:
         room = self.nc.max_payload - _DEAD_LETTER_HEADROOM
         if len(letter.encode()) > room:
             keep = max(room - len(letter.encode()) + len(letter.data), 0)
-            where = f"stream {stream} seq {letter.stream_seq}" if letter.stream_seq is not None else "nowhere"
-            letter.reason = f"{letter.reason[:3000]} [data truncated from {len(letter.data)} bytes; the original is in {where}]"
+            # The original leaves its work-queue stream when this letter is acked: say so.
+            letter.reason = f"{letter.reason[:3000]} [data truncated from {len(letter.data)} bytes to {keep}]"
             letter.data = letter.data[:keep]
         await self.publish(subjects.dlq(stream), letter, msg_id)
         log.warning("dead-lettered", stream=stream, subject=msg.subject, reason=letter.reason)

@@ -13,6 +13,8 @@ from typing import Any, Coroutine, Literal, TypeVar
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared import retention
+
 
 class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -36,7 +38,15 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT", "otlp_endpoint"),
         description="OTLP/HTTP endpoint for traces; no export when unset",
     )
-    request_timeout_s: float = Field(10.0, gt=0, description="timeout of every NATS request/publish")
+    request_timeout_s: float = Field(
+        retention.REQUEST_TIMEOUT_S, gt=0, description="timeout of every NATS request/publish"
+    )
+    stream_max_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="caps every stream's byte bound (shared/retention.py has each one's default); a "
+        "full stream refuses publishes and publishers retry, nothing is dropped",
+    )
     heartbeat_file: Path | None = Field(
         None, description="rewritten every 5 s while the event loop runs (liveness probes of store and trainer)"
     )

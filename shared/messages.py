@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from typing import Annotated, Any, Literal, Self, Sequence
+from typing import Annotated, Any, Literal, Self, Sequence, get_args
 
 import msgpack
 import numpy as np
@@ -453,7 +453,7 @@ class TaskView(BaseModel):
     group_size: int
     created_at: float
     status: Literal["pending", "running", "done"]
-    group_published: bool
+    group_published: bool = Field(description="complete and handed on: to its trainer on GROUPS when the run trains (ad-hoc and ended runs: kept in SQL only)")
     rollouts: list[RolloutSummary]
     eval: bool = False
 
@@ -509,7 +509,10 @@ class TrainingConfig(BaseModel):
     micro_batch_tokens: int = Field(8192, ge=16, description="token budget of one forward/backward")
     sync_every: int = Field(1, ge=1, description="publish weights every N steps")
     checkpoint_every: int = Field(1, ge=1)
-    keep_versions: int = Field(4, ge=1, description="weight versions kept in the object store")
+    keep_versions: int = Field(4, ge=1, description="weight versions kept in the object store while training")
+    keep_versions_after: int = Field(
+        1, ge=0, description="weight versions kept once the run ended (0: none, and its policy entry goes too)"
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after N steps; default: the dataset's epochs")
     credit: CreditMode = Field(
         "equal",
@@ -656,6 +659,10 @@ class RunConfig(BaseModel):
 
 
 RunState = Literal["running", "paused", "cancelled", "finished", "failed"]
+# A run in one of these states never runs again: its bus objects are cleaned up after it.
+RUN_ENDED: tuple[RunState, ...] = ("cancelled", "finished", "failed")
+# A run whose trainer consumes its groups.
+RUN_ACTIVE: tuple[RunState, ...] = tuple(s for s in get_args(RunState) if s not in RUN_ENDED)
 
 
 class PaceCursor(BaseModel):

@@ -293,23 +293,28 @@ async def prune_weights(bus: Bus, run_id: str, keep: int, current: int | None = 
 
     With `current`, that version always survives and "newest" counts only versions up to it:
     versions above it came from a timeline the trainer abandoned (it resumed from an older
-    checkpoint), nothing points at them any more, and they are deleted too.
+    checkpoint), nothing points at them any more, and they are deleted too. `keep=0` (a run
+    that ended and keeps nothing) deletes them all.
+
+    A deleted object leaves nothing behind: its chunks are purged and so is the delete
+    marker the object store writes, or a long run would keep one marker per version.
     """
-    if keep < 1:
-        raise ValueError("keep must be >= 1")
+    if keep < 0 or (keep == 0 and current is not None):
+        raise ValueError("keep must be >= 0, and >= 1 with a current version")
     store = await bus.object_store(subjects.OBJ_WEIGHTS)
     versions = await _run_versions(store, run_id)
     if not versions:
         return []
     newest = versions[-1] if current is None else current
     older = [v for v in versions if v < newest]
-    kept = (older[-(keep - 1) :] if keep > 1 else []) + [newest]
+    kept = [] if keep == 0 else (older[-(keep - 1) :] if keep > 1 else []) + [newest]
     doomed = [subjects.weights_object(run_id, v) for v in versions if v not in kept]
     for name in doomed:
         try:
             await store.delete(name)
         except nats.js.errors.NotFoundError:
             pass  # another pruner got there first
+        await _purge_quietly(bus, _meta_subject(name))
     if doomed:
         log.info("old weights deleted", run_id=run_id, deleted=len(doomed), kept=kept)
     return doomed
@@ -495,5 +500,5 @@ async def _purge_quietly(bus: Bus, subject: str) -> None:
     try:
         await bus.js.purge_stream(OBJ_STREAM_TEMPLATE.format(bucket=subjects.OBJ_WEIGHTS), subject=subject)
     except (nats.errors.Error, asyncio.TimeoutError) as exc:
-        log.warning("could not purge weight chunks", subject=subject, error=str(exc))
+        log.warning("could not purge weight chunks or marker", subject=subject, error=str(exc))
 

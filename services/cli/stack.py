@@ -32,7 +32,7 @@ import httpx
 import nats
 
 from services.cli.nats_server import NatsServer, free_port
-from shared import subjects
+from shared import retention, subjects
 
 T = TypeVar("T")
 NATS = "nats"  # the name the supervisor, stack.json and `Stack.kill` use for nats-server
@@ -214,7 +214,7 @@ class StackConfig:
     # a process that ran healthy_after_s before dying starts again from backoff_s.
     supervise: bool = True
     backoff_s: float = 0.5
-    backoff_max_s: float = 10.0
+    backoff_max_s: float = retention.SUPERVISOR_BACKOFF_MAX_S  # the GROUPS/TASKS duplicate windows assume it
     healthy_after_s: float = 60.0
     supervise_every_s: float = 0.2
 

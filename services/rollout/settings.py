@@ -5,6 +5,7 @@ import socket
 
 from pydantic import Field
 
+from shared import retention
 from shared.config import ServiceSettings
 
 
@@ -31,7 +32,7 @@ class RolloutSettings(ServiceSettings):
     http_connections: int = Field(16, ge=1, description="HTTP connections to inference, shared by all agent runs")
     failure_reward: float = Field(0.0, description="reward given to failed/timed-out rollouts")
     publish_patience_s: float = Field(
-        60.0, gt=0, description="how long a finished trajectory's publish is retried through a NATS outage"
+        retention.PUBLISH_PATIENCE_S, gt=0, description="how long a finished trajectory's publish is retried through a NATS outage"
     )
     sync_agent_threads: int = Field(32, ge=1, description="threads that run sync (def, not async def) agents")
     agent_modules: str = Field(

@@ -248,6 +248,7 @@ def run_view(row: RunRow, latest: MetricRow | None) -> RunView:
         total_steps=config.total_steps(row.rows),
         step=latest.step if latest else 0,
         version=latest.version if latest else 0,
+        groups_consumed=row.groups_consumed or 0,
         reward_mean=_finite_or_none(reward),
         error=row.error,
     )

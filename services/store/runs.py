@@ -4,12 +4,12 @@ order in which a run's trainer consumed its groups (what replay re-publishes).""
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shared.messages import PaceCursor, RunConfig, RunState, RunView, StepMetrics
+from shared.messages import RUN_ACTIVE, RUN_ENDED, PaceCursor, RunConfig, RunState, RunView, StepMetrics
 from services.store import records
 from services.store.db import insert_ignore, sessions, upsert
 from services.store.tables import DatasetRow, MetricRow, ReplayJobRow, RunRow
@@ -108,6 +108,35 @@ class RunRepository:
         view = await self.get_run(run_id)
         assert view is not None
         return view
+
+    async def active(self, run_ids: Iterable[str]) -> set[str]:
+        """Of `run_ids`, the runs a trainer consumes groups for (running or paused)."""
+        ids = sorted(set(run_ids))
+        if not ids:
+            return set()
+        q = select(RunRow.run_id).where(RunRow.run_id.in_(ids), RunRow.state.in_(list(RUN_ACTIVE)))
+        async with self.sessions() as s:
+            return set((await s.execute(q)).scalars().all())
+
+    async def ended_uncleaned(self, ended_before: float, limit: int = 100) -> list[RunView]:
+        """Runs that ended before `ended_before` whose bus objects were not cleaned up yet."""
+        q = (
+            select(RunRow)
+            .where(RunRow.state.in_(list(RUN_ENDED)), RunRow.cleaned_at.is_(None), RunRow.updated_at < ended_before)
+            .order_by(RunRow.updated_at)
+            .limit(limit)
+        )
+        async with self.sessions() as s:
+            rows = (await s.execute(q)).scalars().all()
+        return [records.run_view(r, None) for r in rows]
+
+    async def mark_cleaned(self, run_id: str, groups_consumed: int | None) -> None:
+        """Record the cleanup (and the trainer's last count of consumed groups, when it had one)."""
+        values: dict[str, Any] = {"cleaned_at": time.time()}
+        if groups_consumed is not None:
+            values["groups_consumed"] = groups_consumed
+        async with self.sessions.begin() as s:
+            await s.execute(update(RunRow).where(RunRow.run_id == run_id).values(**values))
 
     async def save_cursor(self, run_id: str, cursor: PaceCursor) -> bool:
         """Store the pacing cursor unless a further one is stored; returns whether it was applied.

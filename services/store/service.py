@@ -4,6 +4,7 @@ answers queries, and replays a run's trained groups."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Awaitable, Callable, Iterable, TypeVar
 
 import structlog
@@ -49,6 +50,7 @@ from shared.store_api import (
     TaskFound,
     packed_size,
 )
+from services.store.cleanup import clean_up_run
 from services.store.repository import Repository
 from services.store.runs import Refused, RunRepository
 from services.store.settings import StoreSettings
@@ -124,11 +126,15 @@ class Store:
         groups = [
             Group(run_id=m[0].run_id, group_id=g, task_id=m[0].task_id, trajectories=m) for g, m in members.items()
         ]
-        # Evaluation groups are complete once stored: they are aggregated, never trained.
+        # Only groups a trainer will consume go on the bus: GROUPS is a work queue, and a
+        # group nobody consumes would stay there. Evaluation groups are aggregated, never
+        # trained; ad-hoc tasks have no trainer; an ended run's stragglers have none any more.
+        # They are all complete in SQL (and replay can still send them to a run).
+        active = await self.runs.active(g.run_id for g in groups)
         await self.bus.publish_many(
             (subjects.groups(g.run_id), self.group_message(g), f"group:{g.group_id}")
             for g in groups
-            if not g.trajectories[0].eval
+            if not g.trajectories[0].eval and g.run_id in active
         )
         await self.repo.mark_published([(g.group_id, g.run_id, g.task_id, len(g.trajectories)) for g in groups])
         for g in groups:
@@ -236,7 +242,7 @@ class Store:
                 pass
 
     async def reconcile_once(self) -> int:
-        """One sweep; returns how many groups it published."""
+        """One sweep; returns how many groups it published. Ended runs are cleaned up after."""
         total = 0
         while True:
             ids = await self.repo.sweep_complete_groups(_SWEEP_GROUPS)
@@ -247,7 +253,17 @@ class Store:
                 break
         if total:
             log.info("reconciler published complete groups", groups=total)
+        await self.clean_up_ended_runs()
         return total
+
+    async def clean_up_ended_runs(self) -> list[str]:
+        """Remove the bus objects of runs ended at least `cleanup_after_s` ago (services/store/cleanup.py)."""
+        cleaned = []
+        for run in await self.runs.ended_uncleaned(time.time() - self.settings.cleanup_after_s):
+            consumed = await clean_up_run(self.bus, run)
+            await self.runs.mark_cleaned(run.run_id, consumed)
+            cleaned.append(run.run_id)
+        return cleaned
 
     # --- queries (core NATS request/reply) ---------------------------------------------
 

@@ -36,6 +36,10 @@ class RunRow(Base):
     groups_published: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     rows: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # dataset size
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set once the run ended and its bus objects were removed (services/store/cleanup.py);
+    # `groups_consumed` keeps what the deleted progress entry said, for the run's view.
+    cleaned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    groups_consumed: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class DatasetRow(Base):

@@ -32,7 +32,7 @@ import structlog
 from shared.bus import Bus
 from shared.faults import LeaseLost, NotFound, PermanentRunError, Rejected, is_transient
 from shared.lease import Lease
-from shared.messages import Group, RunView, StepMetrics, TrainerProgress
+from shared.messages import RUN_ENDED, Group, RunView, StepMetrics, TrainerProgress
 from shared.models import resolve_model
 from shared.weights import PolicyFence, latest_policy, publish_weights
 from services.trainer import checkpoint
@@ -279,7 +279,7 @@ class RunTrainer:
             return
         if self.replay:  # the replay job sets the run's size after the run may have been claimed
             self.run = run
-        if run.state in ("cancelled", "failed", "finished"):
+        if run.state in RUN_ENDED:
             log.info("run ended elsewhere; stopping", run_id=self.run.run_id, state=run.state)
             self.cancelled = True
 

@@ -19,8 +19,8 @@ import nats.errors
 import pytest
 
 from services.cli.nats_server import NatsCluster
-from shared import subjects
-from shared.bus import STREAMS, Bus, ConsumerSpec, Delivery, PullConsumer
+from shared import retention, subjects
+from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer
 from shared.config import ServiceSettings
 from shared.messages import Message
 from tests.support.waiting import wait_until
@@ -54,7 +54,7 @@ async def cluster_bus(cluster: NatsCluster) -> AsyncIterator[Bus]:
     await b.close()
 
 
-TOPOLOGY_STREAMS = [s.name for s in STREAMS] + [
+TOPOLOGY_STREAMS = [s.name for s in retention.STREAMS] + [
     f"KV_{subjects.KV_POLICY}",
     f"KV_{subjects.KV_AGENTS}",
     f"KV_{subjects.KV_LEASES}",

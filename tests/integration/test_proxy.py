@@ -26,6 +26,7 @@ from services.rollout.context import AgentContext
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
 from tests.support.proxy import INFERENCE, FailingStub, assert_transition_is, direct_chat, request, start_worker
+from tests.support.streams import reader
 
 
 def free_port() -> int:
@@ -224,8 +225,8 @@ async def test_worker_runs_the_openai_agent_from_the_task_stream(stub: FailingSt
             try:
                 req = request(OPENAI_ECHO, rollout_id="n.0", text="ab")
                 await bus.publish(subjects.tasks("r"), req, req.rollout_id)
-                sub = await bus.js.pull_subscribe(subjects.trajectories("r"), stream=subjects.STREAM_TRAJECTORIES)
-                (msg,) = await sub.fetch(1, timeout=30)
+                async with reader(bus, subjects.STREAM_TRAJECTORIES, subjects.trajectories("r")) as sub:
+                    (msg,) = await sub.fetch(1, timeout=30)
                 traj = Trajectory.decode(msg.data)
             finally:
                 stop.set()

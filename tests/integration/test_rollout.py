@@ -19,6 +19,7 @@ from services.rollout.agents.copy_task import copy_reward
 from services.rollout.context import AgentContext
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
+from tests.support.streams import reader
 from tests.support.waiting import wait_until
 
 
@@ -211,12 +212,9 @@ async def test_task_past_max_attempts_is_recorded_failed_so_its_group_completes(
 
 async def run_one_existing(bus: Bus, rollout_id: str) -> Trajectory:
     """The trajectory of `rollout_id` (earlier tests' trajectories are in the stream too)."""
-    sub = await bus.js.pull_subscribe(subjects.trajectories("r"), stream=subjects.STREAM_TRAJECTORIES)
-    try:
+    async with reader(bus, subjects.STREAM_TRAJECTORIES, subjects.trajectories("r")) as sub:
         while True:
             for msg in await sub.fetch(1, timeout=15):
                 t = Trajectory.decode(msg.data)
                 if t.rollout_id == rollout_id:
                     return t
-    finally:
-        await sub.unsubscribe()

@@ -15,11 +15,13 @@ from shared.store_api import Pong, StoreClient
 from services.store.settings import StoreSettings
 from services.store.tables import DeadLetterRow, TransitionRow
 from tests.support.factories import trajectory
-from tests.support.store import RunningStore, published_groups
+from tests.support.store import RunningStore
+from tests.support.streams import published_groups
 from tests.support.waiting import wait_until
 
 
 async def test_duplicates_are_stored_once_and_group_published_once(store: RunningStore, bus: Bus):
+    await store.put_run("r")
     members = [trajectory("g1", i, 3) for i in range(3)]
     for t in members:
         await bus.publish(subjects.trajectories("r"), t, t.msg_id())
@@ -45,7 +47,9 @@ async def test_store_restarted_mid_stream_loses_nothing(settings: ServiceSetting
     batch = [trajectory(f"task{g}", i, size) for g in range(n_groups) for i in range(size)]
     await bus.publish_many((subjects.trajectories("r"), t, t.msg_id()) for t in batch)
     st_settings = StoreSettings(nats_url=settings.nats_url, database_url=database_url, batch_size=32)
-    first = await RunningStore(st_settings).start()
+    first = RunningStore(st_settings)
+    await first.put_run("r")
+    await first.start()
     await wait_until(first.count, timeout_s=30)
     await first.stop()  # SIGTERM-like: drains the batch in hand
     partial = await first.count()

@@ -35,6 +35,7 @@ from services.store.tables import DeadLetterRow, RolloutRow
 from services.trainer.groups_in import resolve_group
 from tests.support.factories import trajectory
 from tests.support.store import RunningStore
+from tests.support.streams import read_stream, reader
 from tests.support.waiting import wait_until
 
 # A bound for "within seconds" that a loaded 2-core machine still meets; no timing asserts beyond it.
@@ -43,18 +44,8 @@ BOUND_S = 60.0
 
 async def groups_on_stream(bus: Bus) -> list[Group | GroupRef]:
     """Every message on GROUPS, decoded as a whole group or a reference."""
-    sub = await bus.js.pull_subscribe(subjects.STREAM_SUBJECTS[subjects.STREAM_GROUPS], stream=subjects.STREAM_GROUPS)
-    out: list[Group | GroupRef] = []
-    try:
-        while True:
-            try:
-                msgs = await sub.fetch(256, timeout=0.5)
-            except Exception:
-                break
-            out.extend(decode_group(m.data) for m in msgs)
-    finally:
-        await sub.unsubscribe()
-    return out
+    msgs = await read_stream(bus, subjects.STREAM_GROUPS, subjects.STREAM_SUBJECTS[subjects.STREAM_GROUPS])
+    return [decode_group(m.data) for m in msgs]
 
 
 async def rollouts(st: RunningStore) -> list[RolloutRow]:
@@ -73,6 +64,7 @@ def raw(t: Trajectory, **changes: object) -> bytes:
 
 
 async def test_nan_reward_among_300_is_dead_lettered_alone(store: RunningStore, bus: Bus):
+    await store.put_run("r")
     good = [trajectory(f"ok{i}", 0, 1) for i in range(300)]
     bad = trajectory("nan", 0, 1)
     await bus.publish_many((subjects.trajectories("r"), t, t.msg_id()) for t in good[:150])
@@ -121,6 +113,7 @@ async def test_row_the_database_refuses_is_isolated_and_completes_its_group(stor
     """Valid on the wire, refused by SQL: the batch is bisected, the rest stored, the row
     dead-lettered with the database's reason, and its group published with it as failed."""
     await refuse_worker(store, "evil")
+    await store.put_run("r")
     members = [trajectory("g", i, 3) for i in range(3)]
     members[1] = members[1].model_copy(update={"worker_id": "evil"})
     others = [trajectory(f"o{i}", 0, 1) for i in range(100)]
@@ -140,6 +133,7 @@ async def test_row_the_database_refuses_is_isolated_and_completes_its_group(stor
 
 
 async def test_int_event_keys_normalised_at_the_call_and_dead_lettered_on_the_wire(store: RunningStore, bus: Bus):
+    await store.put_run("r")
     # At the call: ctx.event keeps the data as it will read back (text keys).
     req = RolloutRequest(
         rollout_id="k.0", run_id="r", task_id="k", group_id="k", sample_index=0, group_size=2, agent="a", input={}
@@ -168,6 +162,7 @@ async def test_reconciler_publishes_complete_groups_never_published(settings: Se
     from services.store.db import create_schema
 
     await create_schema(st.engine)
+    await st.put_run("r")
     repo = Repository(st.engine)
     await repo.put_trajectories([trajectory("crashed", i, 2) for i in range(2)])  # stored, never published
     await repo.put_trajectories([trajectory("partial", 0, 2)])  # not complete: must stay unpublished
@@ -223,7 +218,9 @@ async def small_payload_bus(tmp_path: Path):
 async def test_group_too_big_for_one_message_reaches_the_trainer_by_reference(small_payload_bus, sqlite_url: str):
     bus, settings = small_payload_bus
     assert bus.nc.max_payload == 2**20
-    st = await RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=sqlite_url, batch_size=4)).start()
+    st = RunningStore(StoreSettings(nats_url=settings.nats_url, database_url=sqlite_url, batch_size=4))
+    await st.put_run("r")
+    await st.start()
     try:
         # 6 members of ~0.35 MB each: 2.1 MB of group, each member alone under 1 MB.
         members = [big_trajectory("big", i, 6, turns=10, context=8192) for i in range(6)]
@@ -231,13 +228,13 @@ async def test_group_too_big_for_one_message_reaches_the_trainer_by_reference(sm
         small = [trajectory("small", i, 2) for i in range(2)]
         for t in [*members, *small]:
             await bus.publish(subjects.trajectories("r"), t, t.msg_id())
-        sub = await bus.js.pull_subscribe(subjects.groups("r"), stream=subjects.STREAM_GROUPS)
         msgs = []
-        while len(msgs) < 2:
-            try:
-                msgs.extend(await sub.fetch(2 - len(msgs), timeout=BOUND_S))
-            except asyncio.TimeoutError:
-                break
+        async with reader(bus, subjects.STREAM_GROUPS, subjects.groups("r")) as sub:
+            while len(msgs) < 2:
+                try:
+                    msgs.extend(await sub.fetch(2 - len(msgs), timeout=BOUND_S))
+                except asyncio.TimeoutError:
+                    break
         kinds = {decode_group(m.data).group_id: type(decode_group(m.data)) for m in msgs}
         assert kinds == {"big": GroupRef, "small": Group}
         for m in msgs:
@@ -287,6 +284,7 @@ async def test_postgres_dropping_every_connection_under_the_store_loses_nothing(
 ):
     """The server closes the store's pooled connections mid-stream (as a restart does): the
     writes in flight are retried as transient, nothing is dead-lettered, every group completes."""
+    await store.put_run("r")
     first = [trajectory(f"pg{g}", i, 4) for g in range(5) for i in range(4)]
     await bus.publish_many((subjects.trajectories("r"), t, t.msg_id()) for t in first)
     await wait_until(lambda: _rows_if(store, 20), timeout_s=BOUND_S)
@@ -317,6 +315,7 @@ def _can_restart_postgres() -> bool:
 async def test_postgres_restarted_under_the_store_loses_nothing(store: RunningStore, bus: Bus, database_url: str):
     """The real server stops for a few seconds while trajectories keep arriving, then starts
     again: the store waits (transient), stores every trajectory once and publishes every group."""
+    await store.put_run("r")
     if not _can_restart_postgres():
         pytest.skip("needs root and pg_ctlcluster to restart the local PostgreSQL server")
     first = [trajectory(f"rs{g}", i, 4) for g in range(5) for i in range(4)]
@@ -340,6 +339,7 @@ async def test_a_20_turn_8k_context_group_of_16_goes_through_at_full_size(store:
     with 8k-token prompts (~12 MB of group) are stored and published by reference, and
     resolve to all 16 members unchanged."""
     assert bus.nc.max_payload == 8 * 2**20
+    await store.put_run("r")
     members = [big_trajectory("full", i, 16, turns=20, context=8192) for i in range(16)]
     for t in members:
         await bus.publish(subjects.trajectories("r"), t, t.msg_id())

@@ -16,7 +16,8 @@ from shared.store_api import StoreClient
 from services.store.db import create_engine, create_schema
 from services.store.runs import RunRepository
 from tests.support.factories import trajectory
-from tests.support.store import RunningStore, published_groups
+from tests.support.store import RunningStore
+from tests.support.streams import published_groups
 from tests.support.waiting import wait_until
 
 

@@ -40,6 +40,8 @@ from shared.store_api import RPCS, StoreClient
 from shared.weights import latest_policy, load_state_dict, read_weights
 from services.store.settings import StoreSettings
 from tests.support.store import RunningStore
+from tests.support.streams import read_stream, stream_messages
+from tests.support.waiting import wait_until
 
 GROUP_SIZE = 4
 
@@ -263,7 +265,7 @@ async def test_groups_too_big_for_one_message_are_trained_by_reference(tmp_path:
     references; the trainer fetches their members from the store and trains every one."""
     from services.cli.nats_server import NatsServer
     from shared.faults import StoreUnavailable
-    from shared.messages import GroupRef, decode_group
+    from shared.messages import Group, GroupRef, decode_group
 
     server = NatsServer(store_dir=tmp_path / "nats1mb", max_payload_mb=1).start(log_file=tmp_path / "nats1mb.log")
     bus = await Bus.connect(ServiceSettings(nats_url=server.url, log_format="console"), "test")
@@ -281,14 +283,19 @@ async def test_groups_too_big_for_one_message_are_trained_by_reference(tmp_path:
         for task in range(rows):
             for t in long_agent_group(run_id, task, size, turns=20, start=1500):
                 await bus.publish(subjects.trajectories(run_id), t, t.msg_id())
+
+        async def sent() -> list[GroupRef | Group] | None:  # read, not consumed: they wait for the trainer
+            msgs = await read_stream(bus, subjects.STREAM_GROUPS, subjects.groups(run_id))
+            return [decode_group(m.data) for m in msgs] if len(msgs) == rows else None
+
+        assert all(isinstance(g, GroupRef) for g in await wait_until(sent, timeout_s=60))
         assert await TrainerProcess(server.url, tmp_path, run_id).wait(300) == 0
 
         steps = await metrics(bus, run_id)
         assert sorted(trained_ids(steps)) == [f"{run_id}-t{t}" for t in range(rows)]
         assert [m.step for m in steps] == [1, 2] and all(m.values["samples"] == 2 * size for m in steps)
-        sub = await bus.js.pull_subscribe(subjects.groups(run_id), stream=subjects.STREAM_GROUPS)
-        sent = [decode_group(m.data) for m in await sub.fetch(rows, timeout=5)]
-        assert all(isinstance(g, GroupRef) for g in sent)
+        # The trainer consumed every group (GROUPS is a work queue); what it was sent is in its log.
+        assert await stream_messages(bus, subjects.STREAM_GROUPS, subjects.groups(run_id)) == 0
     finally:
         await st.stop()
         await st.engine.dispose()

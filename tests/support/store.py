@@ -7,10 +7,10 @@ import asyncio
 
 from sqlalchemy import func, select
 
-from shared import subjects
 from shared.bus import Bus
-from shared.messages import Group
+from shared.messages import RunConfig
 from services.store.db import create_engine, create_schema
+from services.store.runs import RunRepository
 from services.store.service import Store
 from services.store.settings import StoreSettings
 from services.store.tables import RolloutRow
@@ -37,22 +37,12 @@ class RunningStore:
         await self.task
         await self.bus.close()
 
+    async def put_run(self, run_id: str = "r", rows: int = 1) -> None:
+        """Make `run_id` a running training run: only such a run's complete groups go on GROUPS."""
+        await create_schema(self.engine)
+        config = RunConfig(run_id=run_id, agent="copy", dataset=[{"text": str(i)} for i in range(rows)])
+        await RunRepository(self.engine).put_run(config, rows)
+
     async def count(self, table=RolloutRow) -> int:
         async with self.store.repo.sessions() as s:
             return int((await s.execute(select(func.count()).select_from(table))).scalar_one())
-
-
-async def published_groups(bus: Bus, subject: str = subjects.STREAM_SUBJECTS[subjects.STREAM_GROUPS]) -> list[Group]:
-    """Every group on `subject` (default: all of GROUPS), in stream order."""
-    sub = await bus.js.pull_subscribe(subject, stream=subjects.STREAM_GROUPS)
-    out: list[Group] = []
-    while True:
-        try:
-            msgs = await sub.fetch(256, timeout=0.5)
-        except Exception:
-            break
-        out.extend(Group.decode(m.data) for m in msgs)
-        for m in msgs:
-            await m.ack()
-    await sub.unsubscribe()
-    return out
