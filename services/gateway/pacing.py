@@ -32,7 +32,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.faults import StoreError, is_transient
 from shared.lease import Lease
-from shared.messages import PaceCursor, RunConfig, RunView, TaskSpec, TrainerProgress
+from shared.messages import RUN_ACTIVE, PaceCursor, RunConfig, RunView, TaskSpec, TrainerProgress
 from shared.store_api import StoreClient
 from services.gateway.evals import eval_tasks
 from services.gateway.submit import submit
@@ -181,7 +181,7 @@ class Pacer:
     async def tick(self) -> None:
         live = {
             r.run_id: r
-            for r in await self.store.list_runs(states=["running", "paused"], limit=_ALL_RUNS)
+            for r in await self.store.list_runs(states=list(RUN_ACTIVE), limit=_ALL_RUNS)
             if r.config.mode == "train"
         }
         for run_id in list(self._leases):

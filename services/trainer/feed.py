@@ -4,7 +4,12 @@ A group too large for one message arrives by reference and is fetched from the s
 (`groups_in.resolve_group`). Groups are held un-acked, and kept alive with `in_progress()`,
 until the checkpoint that records them as consumed is on disk; only then are they acked. A
 trainer killed at any point therefore gets back exactly the groups its last checkpoint did
-not cover.
+not cover. GROUPS is a work queue, so the ack is also what removes a group from the bus.
+
+Bounds: at most `fetch_batch` groups are buffered, and the groups held un-acked are those
+consumed since the last checkpoint: `checkpoint_every` x `batch_size` kept groups plus the
+dropped ones among them, which pacing bounds in turn (at most `max_staleness + 1` batches
+are published ahead of consumption).
 """
 
 from __future__ import annotations

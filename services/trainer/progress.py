@@ -12,7 +12,7 @@ import hashlib
 from shared import subjects
 from shared.bus import Bus
 from shared.faults import StoreError, StoreUnavailable
-from shared.messages import RunState, RunView, StepMetrics, TrainerProgress
+from shared.messages import RUN_ACTIVE, RunState, RunView, StepMetrics, TrainerProgress
 from shared.store_api import StoreClient
 
 __all__ = ["StoreError", "StoreUnavailable", "get_run", "runs_to_train", "set_state", "put_progress", "publish_metrics"]
@@ -29,12 +29,12 @@ async def runs_to_train(bus: Bus, timeout_s: float) -> list[RunView]:
     """Live training and replay runs, oldest first (the first claimable one is trained first).
 
     Listed without their inline rows (the trainer trains on groups, never on dataset rows)."""
-    runs = await StoreClient(bus, timeout_s).list_runs(states=["running", "paused"], limit=_ALL_RUNS)
+    runs = await StoreClient(bus, timeout_s).list_runs(states=list(RUN_ACTIVE), limit=_ALL_RUNS)
     return sorted((r for r in runs if r.config.mode in ("train", "replay")), key=lambda r: r.created_at)
 
 
 async def set_state(bus: Bus, run_id: str, state: RunState, timeout_s: float, error: str | None = None) -> None:
-    await StoreClient(bus, timeout_s).set_run_state(run_id, state, from_states=["running", "paused"], error=error)
+    await StoreClient(bus, timeout_s).set_run_state(run_id, state, from_states=list(RUN_ACTIVE), error=error)
 
 
 async def put_progress(bus: Bus, progress: TrainerProgress) -> None:

@@ -97,8 +97,8 @@ async def test_single_node_refuses_replicas_clearly(nats_url: str) -> None:
         await bus.close()
 
 
-def _node_stream_messages(cluster: NatsCluster, name: str, stream: str) -> int | None:
-    """Messages in `stream` as node `name` itself stores them (its own replica, from /jsz)."""
+def _node_stream_last_seq(cluster: NatsCluster, name: str, stream: str) -> int | None:
+    """The last sequence of `stream` as node `name` itself stores it (its own replica, from /jsz)."""
     try:
         jsz = cluster.node(name).monitor("/jsz?streams=true")
     except OSError:
@@ -106,8 +106,12 @@ def _node_stream_messages(cluster: NatsCluster, name: str, stream: str) -> int |
     for account in jsz.get("account_details") or []:
         for s in account.get("stream_detail") or []:
             if s["name"] == stream:
-                return int(s["state"]["messages"])
+                return int(s["state"]["last_seq"])
     return None
+
+
+async def _messages(bus: Bus, stream: str) -> int:
+    return (await bus.js.stream_info(stream)).state.messages
 
 
 async def test_stream_leader_killed_mid_run_loses_nothing(cluster: NatsCluster, cluster_bus: Bus) -> None:
@@ -172,12 +176,15 @@ async def test_stream_leader_killed_mid_run_loses_nothing(cluster: NatsCluster, 
         await wait_until(lambda: ids <= set(seen), timeout_s=30)
         assert set(seen) == ids, "a message arrived that was never published"
         info = await bus.js.stream_info(stream)
-        assert info.state.messages == total, "the stream stored a message twice (msg-id dedupe failed)"
+        # One sequence per stored message: a duplicate stored would take one more.
+        assert info.state.last_seq == total, "the stream stored a message twice (msg-id dedupe failed)"
+        # A work queue: what the consumer acked is gone.
+        assert await wait_until(lambda: _messages(bus, stream), expect=0) == 0
 
         # The killed node comes back with its old store and catches up from the new leader.
         restart_t0 = time.monotonic()
         cluster.restart(leader)
-        await wait_until(lambda: _node_stream_messages(cluster, leader, stream), timeout_s=30, expect=total)
+        await wait_until(lambda: _node_stream_last_seq(cluster, leader, stream), timeout_s=30, expect=total)
         catch_up_s = time.monotonic() - restart_t0
 
         async def all_current() -> bool:

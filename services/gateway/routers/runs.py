@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Bus
 from shared.faults import NotFound, Rejected
-from shared.messages import EvalSummary, RunConfig, RunState, RunView, StepMetrics
+from shared.messages import RUN_ACTIVE, EvalSummary, RunConfig, RunState, RunView, StepMetrics
 from shared.store_api import ListedRun, StoreClient
 from services.gateway.agents import AgentCatalog
 from services.gateway.deps import get_agents, get_bus, get_settings, get_store
@@ -159,7 +159,7 @@ async def start_eval(
     """Evaluate rows greedily (temperature 0) at one policy version. Results are aggregated per
     version by `GET /v1/runs/{id}/evals`; evaluation rollouts are never trained on."""
     run = await _run_with_progress(run_id, store, bus)
-    if run.state not in ("running", "paused"):
+    if run.state not in RUN_ACTIVE:
         # Inference follows the live run: a finished run's weights may no longer be what it serves.
         raise HTTPException(409, f"run {run_id} is {run.state}: evaluate a running or paused run "
                                  "(eval_every evaluates a run's final version when it finishes)")  # fmt: skip
@@ -192,7 +192,7 @@ async def get_evals(
 _TRANSITIONS: dict[str, tuple[RunState, list[RunState]]] = {
     "pause": ("paused", ["running"]),
     "resume": ("running", ["paused"]),
-    "cancel": ("cancelled", ["running", "paused"]),
+    "cancel": ("cancelled", list(RUN_ACTIVE)),
 }
 
 
