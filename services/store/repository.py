@@ -145,10 +145,12 @@ class Repository:
                 complete.extend((await s.execute(q)).scalars().all())
         return complete
 
-    async def sweep_complete_groups(self, limit: int = 1000) -> list[str]:
-        """Groups with all members stored that were never published, whatever their age: the
-        reconciler's view (a crash between storing the last member and publishing, a group
-        completed by a dead-lettered member). At most `limit`, for one pass."""
+    async def sweep_complete_groups(self, limit: int = 1000, finished_before: float | None = None) -> list[str]:
+        """Groups with all members stored that were never published: the reconciler's view (a
+        crash between storing the last member and publishing, a group completed by a
+        dead-lettered member). With `finished_before`, only groups whose last member finished
+        before it, so a sweep does not race the normal path's publish of a group just stored.
+        At most `limit`, for one pass."""
         q = (
             select(RolloutRow.group_id)
             .outerjoin(GroupRow, GroupRow.group_id == RolloutRow.group_id)
@@ -157,6 +159,8 @@ class Repository:
             .having(func.count() >= func.max(RolloutRow.group_size))
             .limit(limit)
         )
+        if finished_before is not None:
+            q = q.having(func.max(RolloutRow.finished_at) < finished_before)
         async with self.sessions() as s:
             return list((await s.execute(q)).scalars().all())
 
