@@ -12,6 +12,10 @@ replica refuses other runs (409 `wrong_run`), a following one loads the run's we
 (503 `run_loading` while they cannot be had). The response says whose weights served it:
 `policy_run_id` (null: the checkpoint's own weights, every run's version 0) and
 `policy_sha256`. See `services.inference.policy` for the two replica modes and their memory.
+
+Overload: the engine holds at most `max_queued_requests` waiting sequences; past that a request
+is refused at once with 503 `queue_full` and `Retry-After` (the capture client waits and
+retries), so a burst costs the replica nothing it has to keep.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from services.inference.engine import (
     Generation,
     InvalidRequest,
     Key,
+    QueueFull,
     RunNotLoaded,
     TorchEngine,
     check_engine_kind,
@@ -53,6 +58,8 @@ log = structlog.get_logger("inference.api")
 
 MAX_CHOICES = 256
 RUN_HEADER = "x-relayrl-run"
+# Seconds a refused caller is told to wait: about the time a batch of short agent turns takes.
+OVERLOAD_RETRY_AFTER_S = 1
 
 
 class Runtime:
@@ -81,6 +88,7 @@ class Runtime:
                 batch_wait_s=s.batch_wait_ms / 1000.0,
                 max_model_len=s.max_model_len,
                 version=s.initial_version,
+                max_queued_requests=s.max_queued_requests,
                 # A following replica holds each run's weights; a pinned or fixed one only its own.
                 max_sets=s.max_runs if s.watch_policy and s.run_id is None else 1,
             )
@@ -222,6 +230,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _wrong_run(_: Request, exc: WrongRun) -> JSONResponse:
         return _error(409, str(exc), "invalid_request_error", code=exc.code)
 
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        response = _error(503, str(exc), "service_unavailable", code=exc.code)
+        response.headers["Retry-After"] = str(OVERLOAD_RETRY_AFTER_S)
+        return response
+
     @app.exception_handler(RunLoading)
     async def _run_loading(_: Request, exc: RunLoading) -> JSONResponse:
         response = _error(503, str(exc), "service_unavailable", code=exc.code)
@@ -294,6 +308,9 @@ def _openai_router() -> APIRouter:
             **rt.policy(),
             "active_rows": engine.active_rows,
             "max_batch_size": engine.max_batch_size,
+            "queued_requests": engine.queued_requests,
+            "max_queued_requests": engine.max_queued_requests,
+            "requests_in_flight": engine.requests_in_flight,
             **engine.stats.snapshot(),
         }
 
@@ -509,7 +526,12 @@ async def _await_version(engine: TorchEngine, version: int | None, timeout_s: fl
 
 
 async def _generate_all(engine: TorchEngine, jobs: list[tuple[list[int], SamplingConfig]], key: Key) -> list[Generation]:
-    # A TaskGroup cancels the siblings if one fails, so no orphaned rows keep decoding.
+    if len(jobs) > engine.max_queued_requests:
+        # Its choices all wait at once: it could never be admitted, so retrying would not help.
+        raise InvalidRequest(f"{len(jobs)} choices (prompts x n) exceed this replica's queue of "
+                             f"{engine.max_queued_requests} (max_queued_requests)")  # fmt: skip
+    # A TaskGroup cancels the siblings if one fails, so no orphaned rows keep decoding (and a
+    # request refused for a full queue gives back the places its first choices took).
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(engine.generate(ids, cfg, key)) for ids, cfg in jobs]

@@ -18,6 +18,16 @@ batches, never inside one). So a token is always sampled with its own run's weig
 run's rows wait at most one batch of another run. Memory: one full copy of the weights per
 held set besides the active one; sets beyond `max_sets` are dropped least recently used first
 (never the checkpoint's, the active one, a protected one or one with requests in flight).
+
+Bounds (a replica under any load for any time holds per-request state of a size set here):
+at most `max_batch_size` rows decode, and at most `max_queued_requests` rows wait for a place
+(in `_queue`, `_parked`, `_gathering` or on their way to a prefill). A row arriving when that
+many wait is refused at once with `QueueFull` (the API answers 503 with `Retry-After`): it is
+transient overload and the caller retries. A waiting row keeps its place until the worker has
+taken it out (prefilled, or dropped as cancelled), so the count is what the structures hold.
+Every row is answered however it ends (finished, failed, cancelled mid-decode or while
+waiting, refused at stop), and the answer releases its `_in_flight` count, so no forgotten row
+pins a run's weight set or a place in the queue.
 """
 
 from __future__ import annotations
@@ -65,6 +75,14 @@ class RunNotLoaded(EngineUnavailable):
     """The run's weight set is not held by this engine (not loaded yet, or dropped): retry later."""
 
 
+class QueueFull(EngineUnavailable):
+    """Transient overload: `max_queued_requests` rows already wait for a place in the batch.
+    Refused at once, before anything is held for the request (the API answers 503 with
+    `Retry-After`); the caller retries."""
+
+    code = "queue_full"
+
+
 Key = str | None  # a weight set: a run id, or None for the checkpoint's own weights
 
 
@@ -96,6 +114,7 @@ class _Row:
     stopped_on_token: bool = False  # ended by an eos / stop token id, which the text omits
     cancelled: bool = False
     run: Key = None  # whose weight set samples this row
+    queued: bool = False  # holds one of the `max_queued_requests` places (until prefilled or dropped)
 
     @property
     def done(self) -> bool:
@@ -120,6 +139,7 @@ class EngineStats:
     requests_finished: int = 0
     requests_cancelled: int = 0
     requests_failed: int = 0
+    requests_refused: int = 0  # refused because the queue was full (QueueFull)
     prompt_tokens: int = 0
     generated_tokens: int = 0
     prefills: int = 0
@@ -141,6 +161,7 @@ class EngineStats:
             "requests_finished": self.requests_finished,
             "requests_cancelled": self.requests_cancelled,
             "requests_failed": self.requests_failed,
+            "requests_refused": self.requests_refused,
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "prefills": self.prefills,
@@ -166,6 +187,7 @@ class TorchEngine:
         version: int = 0,
         max_model_len: int | None = None,
         max_sets: int = 1,
+        max_queued_requests: int = 1024,
     ) -> None:
         self.model = model.eval()
         for p in self.model.parameters():
@@ -173,6 +195,7 @@ class TorchEngine:
         self.tokenizer = tokenizer
         self.device: torch.device = next(model.parameters()).device
         self.max_batch_size = max_batch_size
+        self.max_queued_requests = max(1, max_queued_requests)
         self.batch_wait_s = batch_wait_s
         self.version = version  # of the active set
         self.active: Key = None  # whose weights are in the model's parameters
@@ -189,16 +212,30 @@ class TorchEngine:
         self._targets = model.state_dict()
         self._tied = _tied_groups(self._targets)
         self._keep_last = _logits_to_keep_kwarg(model)
+        # Rows (at most `max_queued_requests` waiting, counted in `_queued`) and _WAKE sentinels
+        # (one per swap request or stop; the worker drains them every step). Not a bounded
+        # queue.Queue: the bound is checked under `_lock` before the put, which never blocks.
         self._queue: queue.Queue[Any] = queue.Queue()
+        self._queued = 0  # rows holding a waiting place (see _Row.queued); under _lock
+        # Set when a caller went away: the worker then drops the cancelled waiting rows at its
+        # next step, so they stop holding places (else they would until the batch had room).
+        self._cancel_seen = False
+        self._closed = False  # the worker has ended: nothing put now would ever be served; under _lock
         self._lock = threading.Lock()
+        # At most one entry per run (a newer swap supersedes a pending one); emptied every step.
         self._pending_swaps: dict[Key, tuple[dict[str, torch.Tensor], int, concurrent.futures.Future[int]]] = {}
+        # Per held set (at most max_sets + 2: the checkpoint's and the active one), removed when dropped.
         self._sets: dict[Key, dict[str, torch.Tensor]] = {}  # inactive sets (the active one is the model's)
         self._last_used: dict[Key, float] = {None: time.monotonic()}
-        self._in_flight: Counter[Key] = Counter()  # rows submitted and not settled, per set
-        self._parked: deque[_Row] = deque()  # arrivals not admitted yet, oldest first (worker thread only)
+        # Rows submitted and not settled, per set; a set's entry goes at zero, so it holds at
+        # most one entry per run with rows in flight (<= max_batch_size + max_queued_requests).
+        self._in_flight: Counter[Key] = Counter()
+        # Arrivals not admitted yet, oldest first (worker thread only); part of the queued bound.
+        self._parked: deque[_Row] = deque()
         self._stopping = threading.Event()
         self._batch: _Batch | None = None
-        # Arrivals taken while a batch decodes, held until enough gather for one prefill (worker thread only).
+        # Arrivals taken while a batch decodes, held until enough gather for one prefill (worker
+        # thread only; at most max_batch_size, and part of the queued bound).
         self._gathering: list[_Row] = []
         self._gathering_since = 0.0
         # The worker logs with the creator's context (run id and the like).
@@ -228,6 +265,17 @@ class TorchEngine:
         batch = self._batch
         return len(batch.rows) if batch is not None else 0
 
+    @property
+    def queued_requests(self) -> int:
+        """Rows waiting for a place in the batch (at most `max_queued_requests`)."""
+        return self._queued
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Rows submitted and not settled yet (waiting or decoding)."""
+        with self._lock:
+            return sum(self._in_flight.values())
+
     def validate(self, prompt_ids: list[int], config: SamplingConfig) -> None:
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
@@ -246,29 +294,44 @@ class TorchEngine:
         return run in self.versions
 
     async def generate(self, prompt_ids: list[int], config: SamplingConfig, run: Key = None) -> Generation:
-        """Sample with the weight set of `run` (None: the checkpoint's own weights)."""
+        """Sample with the weight set of `run` (None: the checkpoint's own weights).
+
+        Raises `QueueFull` at once when `max_queued_requests` rows already wait."""
         self.validate(prompt_ids, config)
         if self._stopping.is_set() or not self.alive:
             raise EngineUnavailable("the engine is stopping" if self._stopping.is_set() else f"engine failed: {self.error}")
-        with self._lock:  # counted before the check so the set cannot be dropped in between
-            self._in_flight[run] += 1
-            self._last_used[run] = time.monotonic()
-            held = run in self.versions
-        if not held:
-            self._settled(run)
-            raise RunNotLoaded(f"the weights of run {run!r} are not loaded on this replica")
         row = _Row(prompt_ids=list(prompt_ids), config=config, future=concurrent.futures.Future(), run=run)
-        row.future.add_done_callback(lambda _f, key=run: self._settled(key))
-        # Made here so a row that cannot be set up fails alone, not the prefill group it joins.
+        # Made here so a row that cannot be set up fails alone, not the prefill group it joins
+        # (and before it is counted anywhere, so a failure here leaves nothing behind).
         row.generator = config.make_generator(self.device)
         if config.stop:
             row.detok = IncrementalDetokenizer(self.tokenizer)
-        self.stats.requests_received += 1
-        self._queue.put(row)
+        # One critical section: the place is taken, the set counted in flight (so it cannot be
+        # dropped before the row runs) and the row put, or nothing is; and never after the
+        # worker's last drain (`_closed`), which would leave the row unanswered.
+        with self._lock:
+            if self._closed:
+                raise EngineUnavailable(f"engine stopped: {self.error}" if self.error else "the engine is stopping")
+            if self._queued >= self.max_queued_requests:
+                self.stats.requests_refused += 1
+                raise QueueFull(
+                    f"inference is overloaded: {self._queued} requests already wait for a batch slot "
+                    f"(max_queued_requests={self.max_queued_requests}); retry shortly"
+                )
+            if run not in self.versions:
+                raise RunNotLoaded(f"the weights of run {run!r} are not loaded on this replica")
+            self._in_flight[run] += 1
+            self._last_used[run] = time.monotonic()
+            self._queued += 1
+            row.queued = True
+            self.stats.requests_received += 1
+            self._queue.put(row)
+        row.future.add_done_callback(lambda _f, key=run: self._settled(key))
         try:
             return await asyncio.wrap_future(row.future)
         except asyncio.CancelledError:
             row.cancelled = True  # the worker drops the row at its next step
+            self._cancel_seen = True
             raise
 
     def _settled(self, run: Key) -> None:
@@ -276,6 +339,13 @@ class TorchEngine:
             self._in_flight[run] -= 1
             if self._in_flight[run] <= 0:
                 del self._in_flight[run]
+
+    def _unqueue(self, row: _Row) -> None:
+        """The row left the waiting line (prefilled, or dropped by the worker): its place frees."""
+        with self._lock:
+            if row.queued:
+                row.queued = False
+                self._queued -= 1
 
     def swap_weights(
         self, state_dict: dict[str, torch.Tensor], version: int, run: Key = None
@@ -319,6 +389,8 @@ class TorchEngine:
             with torch.inference_mode():
                 while True:
                     self._apply_swap()
+                    if self._cancel_seen:
+                        self._drop_cancelled()
                     if self._stopping.is_set():
                         self._reject_queued()
                         if self._batch is None and not self._gathering:
@@ -339,6 +411,12 @@ class TorchEngine:
             self.error = exc
             log.exception("engine worker died")
             self._fail_all(exc)
+        finally:
+            # No put can follow this (generate checks `_closed` under the lock), so the last
+            # drain answers every row that will ever arrive.
+            with self._lock:
+                self._closed = True
+            self._reject_queued()
         log.info("engine worker stopped")
 
     def _fail_rows(self, rows: list[_Row], exc: Exception, what: str) -> None:
@@ -423,29 +501,55 @@ class TorchEngine:
                     del self._parked[i]
                     if row.future.set_running_or_notify_cancel():
                         return row
-                    self.stats.requests_cancelled += 1
+                    self._drop_waiting(row, None)
                     return self._pop(scan=True)
             return None
         while self._parked:
             row = self._parked[0]
             if row.cancelled or row.future.cancelled():
                 self._parked.popleft()
-                _settle(row.future, exc=EngineUnavailable("cancelled"))
-                self.stats.requests_cancelled += 1
+                self._drop_waiting(row, None)
                 continue
             if row.run != self.active:
                 if not switch:
                     return None
                 if not self._activate(row.run):
                     self._parked.popleft()
-                    _settle(row.future, exc=RunNotLoaded(f"the weights of run {row.run!r} were dropped; retry"))
+                    self._drop_waiting(row, RunNotLoaded(f"the weights of run {row.run!r} were dropped; retry"))
                     continue
             self._parked.popleft()
             if not row.future.set_running_or_notify_cancel():
-                self.stats.requests_cancelled += 1
+                self._drop_waiting(row, None)
                 continue
             return row
         return None
+
+    def _drop_cancelled(self) -> None:
+        """Drop every waiting row whose caller went away (wherever it waits), freeing its place."""
+        self._cancel_seen = False  # before the scan: a cancel after it sets it again
+        self._pull(timeout=None)
+        if any(row.cancelled or row.future.cancelled() for row in self._parked):
+            keep: deque[_Row] = deque()
+            for row in self._parked:
+                if row.cancelled or row.future.cancelled():
+                    self._drop_waiting(row, None)
+                else:
+                    keep.append(row)
+            self._parked = keep
+        if any(row.cancelled for row in self._gathering):
+            for row in self._gathering:
+                if row.cancelled:  # its future is running: settled here
+                    self._drop_waiting(row, None)
+            self._gathering = [row for row in self._gathering if not row.cancelled]
+
+    def _drop_waiting(self, row: _Row, exc: BaseException | None) -> None:
+        """A waiting row leaves without being served: answered with `exc` (None: it was
+        cancelled), and its place in the queue frees."""
+        if exc is None:
+            self.stats.requests_cancelled += 1
+            exc = EngineUnavailable("cancelled")
+        self._unqueue(row)  # first: a caller that was answered finds its place free
+        _settle(row.future, exc=exc)
 
     def _activate(self, run: Key) -> bool:
         """Swap the set of `run` into the model's parameters and keep the previous one in the
@@ -468,6 +572,8 @@ class TorchEngine:
         return True
 
     def _prefill(self, rows: list[_Row]) -> None:
+        for row in rows:  # they leave the waiting line: the running batch bounds them now
+            self._unqueue(row)
         version = self.version
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -577,7 +683,12 @@ class TorchEngine:
         """Drop finished and cancelled rows, and padding columns no remaining row needs."""
         if batch is None:
             return None
-        self.stats.requests_cancelled += sum(1 for r in batch.rows if r.cancelled and r.finish_reason is None)
+        for row in batch.rows:
+            if row.cancelled and row.finish_reason is None:
+                # Its future is running, so the caller's cancel could not settle it: settle it
+                # here, or the row's in-flight count would pin its run's weight set forever.
+                self.stats.requests_cancelled += 1
+                _settle(row.future, exc=EngineUnavailable("cancelled"))
         keep = [i for i, row in enumerate(batch.rows) if not row.done]
         if len(keep) == len(batch.rows):
             return batch
@@ -650,14 +761,15 @@ class TorchEngine:
     def _reject_queued(self) -> None:
         self._pull(timeout=None)
         while self._parked:
-            item = self._parked.popleft()
-            if item.future.set_running_or_notify_cancel():
-                _settle(item.future, exc=EngineUnavailable("the engine is stopping"))
+            row = self._parked.popleft()
+            self._unqueue(row)
+            _settle(row.future, exc=EngineUnavailable("the engine is stopping"))  # no-op if cancelled
 
     def _fail_all(self, exc: BaseException) -> None:
         rows = (self._batch.rows if self._batch is not None else []) + self._gathering
         self._batch, self._gathering = None, []
         for row in rows:
+            self._unqueue(row)  # a gathering row still held its place
             _settle(row.future, exc=EngineUnavailable(f"engine failed: {exc}"))
         self._stopping.set()
         self._reject_queued()
@@ -793,6 +905,7 @@ def load_engine(
     max_model_len: int | None = None,
     version: int = 0,
     max_sets: int = 1,
+    max_queued_requests: int = 1024,
 ) -> tuple[TorchEngine, Any]:
     """Resolve, load and start the engine; returns it with the checkpoint path it loaded."""
     from shared.models import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_model
@@ -810,6 +923,7 @@ def load_engine(
         version=version,
         max_model_len=max_model_len,
         max_sets=max_sets,
+        max_queued_requests=max_queued_requests,
     )
     engine.start()
     log.info(

@@ -22,6 +22,12 @@ class Settings(ServiceSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     engine: Literal["torch", "vllm"] = "torch"
     max_batch_size: int = Field(32, ge=1, le=4096)
+    max_queued_requests: int = Field(
+        1024, ge=1, le=1_000_000,
+        description="sequences (one per choice) that may wait for a place in the running batch; one more is "
+        "refused at once with 503 queue_full and Retry-After (transient overload: callers retry). A waiting one "
+        "holds little more than its prompt; 1024 covers 16 rollout workers at their default concurrency (64)",
+    )
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="how long an idle engine waits to batch peers")
     max_model_len: int | None = Field(None, ge=2, description="context limit; default: the model's")
     initial_version: int = Field(0, ge=0, description="policy version of the weights loaded at start")

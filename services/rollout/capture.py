@@ -40,12 +40,24 @@ def error_body(status: int, message: str, kind: str) -> bytes:
 
 class InferenceError(RuntimeError):
     """Inference refused or failed a call. `status` and `body` are what an HTTP caller is told:
-    inference's own answer for a 4xx, a relayrl error (502/503) once retries are spent."""
+    inference's own answer for a 4xx, a relayrl error (502/503) once retries are spent.
 
-    def __init__(self, message: str, status: int = 502, body: bytes | None = None, kind: str = "inference_error"):
+    `transient` marks the second kind: inference was overloaded (503 `queue_full`), restarting
+    or unreachable for the whole retry budget. That says nothing about the task, so a rollout
+    that fails because of it is run again rather than recorded as a failed sample (the worker)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 502,
+        body: bytes | None = None,
+        kind: str = "inference_error",
+        transient: bool = False,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.body = body if body is not None else error_body(status, message, kind)
+        self.transient = transient
 
 
 @dataclass
@@ -171,8 +183,10 @@ class CaptureClient:
         return Captured(data, transitions_from(path, data, role, time.perf_counter() - start), resp.content)
 
     async def request(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        """With bounded retries and exponential backoff on 429, 5xx and connection errors.
-        A 4xx other than 429 is inference refusing the request: raised at once with its body."""
+        """With bounded retries and exponential backoff on 429, 5xx and connection errors (a
+        `Retry-After`, e.g. inference's 503 `queue_full`, is honoured up to `backoff_max_s`).
+        A 4xx other than 429 is inference refusing the request: raised at once with its body.
+        Retries spent: a transient `InferenceError` (502 unreachable, 503 unavailable)."""
         last = ""
         unreachable = False
         for attempt in range(self.retries + 1):
@@ -195,10 +209,11 @@ class CaptureClient:
         attempts = self.retries + 1
         if unreachable:
             message = f"inference replica {url} unreachable after {attempts} attempts: {last}"
-            raise InferenceError(message, 502, kind="inference_unreachable")
+            raise InferenceError(message, 502, kind="inference_unreachable", transient=True)
         raise InferenceError(
-            f"inference unavailable after {attempts} attempts: {last}", 503, kind="inference_unavailable"
-        )
+            f"inference unavailable after {attempts} attempts: {last}", 503, kind="inference_unavailable",
+            transient=True,
+        )  # fmt: skip
 
 
 def _retry_after(resp: httpx.Response) -> float:

@@ -5,6 +5,12 @@ Two ways to call the policy, recorded the same way (`CaptureClient.capture`):
 - `await ctx.chat(messages)`: the in-process capture client;
 - any OpenAI-compatible client pointed at `ctx.base_url` (or `ctx.openai()`, a ready
   `openai.AsyncOpenAI`): the worker's capture proxy, so unchanged OpenAI-SDK agents are captured.
+
+A context lives exactly as long as its rollout: the worker drops it once the trajectory is
+built, and `aclose` (run on every way out: ok, error, timeout, cancel) closes what it handed
+out. After that it records nothing and makes no more inference calls, so a task the agent
+left running (or a sync agent's thread past its timeout) cannot keep the rollout's state
+growing or keep inference busy for a rollout that is over.
 """
 
 from __future__ import annotations
@@ -33,14 +39,22 @@ API_KEY = "relayrl"  # the proxy checks no key; OpenAI SDKs insist on one
 class AgentContext:
     request: RolloutRequest
     client: CaptureClient | None
+    # What the rollout recorded: as many as the agent made before its timeout_s, freed with the
+    # context when the rollout ends (the trajectory carries them on).
     transitions: list[Transition] = field(default_factory=list)
     rewards: list[Reward] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     proxy: CaptureProxy | None = None
-    # Set when the rollout is over: a call still in flight then is answered but not recorded.
+    # Set when the rollout is over: a call still in flight then is answered but not recorded,
+    # and a new call is refused.
     closed: bool = False
     # The rollout's trace context: calls arriving through the proxy (another task) are its children.
     trace_context: otel_context.Context = field(default_factory=otel_context.get_current, repr=False)
+    # The last call that failed because inference was unavailable past the client's retries
+    # (overloaded, restarting, unreachable): the worker runs such a failed rollout again.
+    inference_outage: InferenceError | None = None
+    # OpenAI clients handed out (one per role, plus one per call with custom kwargs or sync);
+    # emptied by `aclose` at the end of the rollout.
     _openai: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -115,10 +129,20 @@ class AgentContext:
         inference's response as returned. Raises `InferenceError` (with the HTTP status to report)."""
         if self.client is None:
             raise InferenceError("this worker has no inference configured", 503, kind="inference_unavailable")
+        if self.closed:
+            raise InferenceError(
+                f"rollout {self.request.rollout_id!r} is over (finished, timed out or cancelled): its calls are "
+                "no longer sent or recorded", 404, kind="not_found",
+            )  # fmt: skip
         replica = self.client.replica_for(self.request.rollout_id)
         with telemetry.child_span("llm_call", self.trace_context, role=role, endpoint=path, replica=replica) as span:
             body = self.with_sampling_defaults(body)
-            captured = await self.client.capture(replica, path, body, role, run_id=self.request.run_id)
+            try:
+                captured = await self.client.capture(replica, path, body, role, run_id=self.request.run_id)
+            except InferenceError as exc:
+                if exc.transient:
+                    self.inference_outage = exc
+                raise
             if span is not None:
                 span.set_attributes({
                     "prompt_tokens": sum(t.num_prompt_tokens for t in captured.transitions),

@@ -14,7 +14,9 @@ passes through.
 `stream: true` is served captured: the proxy records the whole completion, then replays it as
 server-sent events (`services.rollout.streaming`). An unknown (or finished) rollout answers 404,
 never an uncaptured call. Inference's own 4xx (e.g. a request it cannot serve) passes through with its body;
-429/5xx/connection errors are retried with backoff, then answered 502 (unreachable) or 503.
+429/5xx/connection errors are retried with backoff (honouring `Retry-After`, as inference's 503
+`queue_full` sends), then answered 502 (unreachable) or 503; the worker then runs a rollout that
+failed over it again instead of recording it as a failed sample (see `Worker._run_agent`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ class CaptureProxy:
 
     def __init__(self, client: CaptureClient | None) -> None:
         self.client = client
+        # The rollouts in flight on this worker, by id. An entry lives exactly as long as its
+        # `track` block (removed on every way out: ok, error, timeout, cancel, a transient
+        # failure retried later), so it holds at most as many as the worker runs at once
+        # (`concurrency`, the task consumer's max_in_flight). A second attempt of one id on this
+        # worker replaces the first, and the first's exit leaves the second's entry alone.
         self.rollouts: dict[str, AgentContext] = {}
         self.url: str | None = None  # http://host:port once serving
         self.app = self._build_app()

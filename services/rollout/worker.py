@@ -1,4 +1,15 @@
-"""The rollout worker: one rollout request in, one trajectory out, then ack."""
+"""The rollout worker: one rollout request in, one trajectory out, then ack.
+
+A rollout that failed (error or timeout) while inference was unavailable past the capture
+client's retries (overloaded: 503 `queue_full`; restarting; unreachable) failed for a reason
+outside its task: it is not published as a failed sample but handed back (`TransientError`,
+redelivered after the consumer's retry delay), up to its last attempt (`max_attempts`), which
+records the failure with the reason. So overload costs time, never a silently lost rollout.
+
+Per-rollout state (the context, its proxy entry, its OpenAI clients) lives only while the
+rollout runs: at most `concurrency` rollouts at once (the consumer's max_in_flight), each
+removed on every way out.
+"""
 
 from __future__ import annotations
 
@@ -84,6 +95,8 @@ class Worker:
                 delay = min(delay * 2, 5.0)
 
     async def run_rollout(self, req: RolloutRequest, attempt: int) -> Trajectory:
+        """Run the agent on `req` and build its trajectory (ok, error or timeout). Raises
+        `TransientError` instead when it failed over an inference outage and has attempts left."""
         started = time.time()
         ctx = AgentContext(request=req, client=self.client, proxy=self.proxy)
         try:
@@ -120,12 +133,30 @@ class Worker:
             async with asyncio.timeout(req.timeout_s):  # unlike wait_for, no extra task per rollout
                 value = await self._call(spec, ctx)
         except TimeoutError:
-            return "timeout", fill, f"agent exceeded its timeout of {req.timeout_s}s"
+            self._retry_after_outage(ctx, attempt)
+            return "timeout", fill, self._with_outage(f"agent exceeded its timeout of {req.timeout_s}s", ctx)
         except Exception as exc:  # the agent's failure is data, not a worker crash
+            self._retry_after_outage(ctx, attempt)
             return "error", fill, f"{type(exc).__name__}: {exc}"[:2000]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return "error", fill, f"agent returned a non-finite or non-numeric reward: {value!r}"[:2000]
         return "ok", float(value), None
+
+    def _retry_after_outage(self, ctx: AgentContext, attempt: int) -> None:
+        """Hand the request back (redelivered later) when it failed while inference was
+        unavailable, unless this is its last attempt: then the failure is recorded."""
+        outage = ctx.inference_outage
+        if outage is not None and attempt < self.settings.max_attempts:
+            raise TransientError(
+                f"rollout {ctx.request.rollout_id} (attempt {attempt} of {self.settings.max_attempts}) failed while "
+                f"inference was unavailable; it will run again: {outage}"
+            )  # fmt: skip
+
+    @staticmethod
+    def _with_outage(error: str, ctx: AgentContext) -> str:
+        if ctx.inference_outage is None:
+            return error
+        return f"{error}; inference was unavailable: {ctx.inference_outage}"[:2000]
 
     async def _call(self, spec: registry.RegisteredAgent, ctx: AgentContext) -> object:
         """Async agents run on the loop; sync ones in the worker's thread pool. A sync agent past
