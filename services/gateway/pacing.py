@@ -129,6 +129,8 @@ class Pacer:
     # Since when ticks have been failing (monotonic), and why; None while they succeed.
     failing_since: float | None = None
     last_error: str | None = None
+    # Per-run state, bounded by the live training runs: a run's entries go when it ends
+    # (`_forget`), and a dataset's cached rows when no live run reads it (`tick`).
     _leases: dict[str, Lease] = field(default_factory=dict)
     _renewed: dict[str, float] = field(default_factory=dict)
     _rows: dict[str, list[dict]] = field(default_factory=dict)
@@ -190,6 +192,9 @@ class Pacer:
                 await self._forget(run_id)
         for run_id in self._configs.keys() - live.keys():
             del self._configs[run_id]
+        # Cached datasets: only those a live run reads (bounded by the live runs, not by history).
+        for name in self._rows.keys() - {r.config.dataset_name for r in live.values()}:
+            del self._rows[name]
         for run in live.values():
             if run.state == "running":
                 await self._for_run(run.run_id, self.pace(run))
