@@ -72,6 +72,8 @@ class SoakConfig:
     max_staleness: int = 1
     seed: int = 0
     rollout_replicas: int = 1
+    nats_prof_port: int = 0  # with a port: nats-server heap profiles at each third, saved and summarised
+    nats_memory_limit_mb: int | None = StackConfig.nats_memory_limit_mb  # 0/None: Go's default, no limit
 
     @property
     def run_epochs(self) -> int:
@@ -154,6 +156,37 @@ def sample_streams(stack: Stack, s: Sample) -> None:
         s.streams, s.consumers = asyncio.run(asyncio.wait_for(_jetstream_state(stack.nats_url), 20))
     except Exception as exc:  # noqa: BLE001 - a busy or restarting server: recorded, not fatal
         s.errors.append(f"jetstream: {exc!r}")
+
+
+def nats_heap(port: int, state_dir: Path, t_s: float, log: Any) -> dict[str, Any]:
+    """Save nats-server's heap profile (Go pprof, debug=1) and summarise it: the Go runtime's
+    own memory figures and the allocation sites holding the most live bytes."""
+    import re
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/debug/pprof/heap?debug=1", timeout=20) as r:
+            text = r.read().decode()
+    except OSError as exc:
+        log(f"  nats heap profile failed: {exc!r}")
+        return {"t_s": t_s, "error": repr(exc)}
+    (state_dir / f"nats-heap-{t_s / 60:.0f}min.txt").write_text(text)
+    stats = {k: int(v) for k, v in re.findall(r"^# (HeapInuse|HeapIdle|HeapReleased|HeapSys|Sys|HeapAlloc) = (\d+)", text, re.M)}
+    sites = []
+    for record in text.split("\n\n"):
+        head = re.match(r"\s*(\d+): (\d+) \[", record)
+        if not head or int(head.group(2)) == 0:
+            continue
+        frames = re.findall(r"^#\s+0x[0-9a-f]+\s+(\S+)", record, re.M)
+        where = next((f.rsplit("/", 1)[-1] for f in frames if "nats-server" in f), frames[0] if frames else "?")
+        sites.append({"bytes": int(head.group(2)), "objects": int(head.group(1)), "site": where,
+                      "stack": [f.rsplit("/", 1)[-1] for f in frames[:6]]})  # fmt: skip
+    sites.sort(key=lambda x: -x["bytes"])
+    summary = {"t_s": t_s, "runtime": stats, "top": sites[:8]}
+    top = ", ".join(f"{x['site']} {x['bytes'] / MIB:.1f} MiB ({x['objects']})" for x in sites[:4])
+    log(f"  nats-server heap at {t_s / 60:.1f} min: in use {stats.get('HeapInuse', 0) / MIB:.0f} MiB, idle "
+        f"{stats.get('HeapIdle', 0) / MIB:.0f} MiB ({stats.get('HeapReleased', 0) / MIB:.0f} released); top: {top}")
+    return summary
 
 
 def dir_bytes(path: Path) -> int:
@@ -239,13 +272,15 @@ class SoakResult:
     interrupted: bool = False
     events: list[dict[str, Any]] = field(default_factory=list)  # the supervisor's exits and restarts
     logs: dict[str, list[str]] = field(default_factory=dict)  # process -> notable log lines
+    heaps: list[dict[str, Any]] = field(default_factory=list)  # nats-server heap summaries (--nats-prof-port)
 
 
 def soak(state_dir: Path, cfg: SoakConfig, log: Any = print) -> SoakResult:
     run_id = f"soak-{cfg.seed}"
     result = SoakResult(cfg, run_id, state_dir)
     stack = Stack(StackConfig(state_dir=state_dir, gateway_port=0, log_format="json",
-                              rollout_replicas=cfg.rollout_replicas))  # fmt: skip
+                              rollout_replicas=cfg.rollout_replicas, nats_prof_port=cfg.nats_prof_port,
+                              nats_memory_limit_mb=cfg.nats_memory_limit_mb or None))  # fmt: skip
     db = stack.state_dir / "relayrl.db"
     watch: Watch | None = None
     try:
@@ -276,6 +311,8 @@ def soak(state_dir: Path, cfg: SoakConfig, log: Any = print) -> SoakResult:
                 f"{s.sql.get('rollouts', '?')} rollouts, streams {s.stream_bytes / MIB:.2f} MiB, "
                 f"sqlite {s.disk['sqlite'] / MIB:.1f} MiB; RSS MiB {rss}"
                 + (f"; ! {'; '.join(s.errors)}" if s.errors else ""))  # fmt: skip
+            if cfg.nats_prof_port and due >= total_s * (len(result.heaps) + 1) / 3:  # at each third
+                result.heaps.append(nats_heap(cfg.nats_prof_port, state_dir, s.t_s, log))
             if run.get("state") in ("finished", "cancelled", "failed"):
                 log(f"! the run ended ({run.get('state')}: {run.get('error')}) before the soak did; sampling on")
             if due >= total_s:
@@ -499,6 +536,7 @@ def write_json(path: Path, result: SoakResult, summary: dict[str, Any]) -> None:
         "summary": summary,
         "events": result.events,
         "log_hits": result.logs,
+        "nats_heaps": result.heaps,
     }
     path.write_text(json.dumps(data, indent=1, default=str))
 
@@ -515,13 +553,18 @@ def main() -> None:
     p.add_argument("--rollout-replicas", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the raw samples here")
+    p.add_argument("--nats-memory-limit-mb", type=int, default=StackConfig.nats_memory_limit_mb,
+                   help="the embedded nats-server's GOMEMLIMIT (0: none, Go's default)")
+    p.add_argument("--nats-prof-port", type=int, default=0,
+                   help="enable nats-server's pprof on this port and save its heap profile at each third")
     p.add_argument("--state-dir", type=Path, default=None, help="default: a fresh temp dir (kept, for the logs)")
     args = p.parse_args()
     if args.minutes <= 0 or args.sample_s <= 0:
         p.error("--minutes and --sample-s must be positive")
     cfg = SoakConfig(minutes=args.minutes, sample_s=args.sample_s, rows=args.rows, epochs=args.epochs,
                      group_size=args.group_size, batch_size=args.batch_size, max_staleness=args.max_staleness,
-                     seed=args.seed, rollout_replicas=args.rollout_replicas)  # fmt: skip
+                     seed=args.seed, rollout_replicas=args.rollout_replicas,
+                     nats_prof_port=args.nats_prof_port, nats_memory_limit_mb=args.nats_memory_limit_mb)  # fmt: skip
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="relayrl-soak-"))
     signal.signal(signal.SIGTERM, _on_sigterm)
     result = soak(state_dir, cfg)

@@ -183,6 +183,15 @@ class Bus:
             except nats.js.errors.BadRequestError:  # another service created it first
                 return await self.js.key_value(bucket)
 
+    async def kv_value(self, bucket: str, key: str) -> bytes | None:
+        """The value under `key` in `bucket`; None when it is absent, deleted or empty."""
+        kv = await self.kv(bucket)
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.NotFoundError:  # KeyNotFoundError and KeyDeletedError are ones
+            return None
+        return entry.value or None
+
     async def object_store(self, bucket: str) -> ObjectStore:
         try:
             return await self.js.object_store(bucket)

@@ -344,17 +344,14 @@ async def _run_versions(store: ObjectStore, run_id: str) -> list[int]:
 
 async def latest_policy(bus: Bus, run_id: str) -> PolicyVersion | None:
     """The run's latest PolicyVersion, or None when it has published none."""
-    kv = await bus.kv(subjects.KV_POLICY)
-    try:
-        entry = await kv.get(subjects.policy_key(run_id))
-    except nats.js.errors.NotFoundError:  # also KeyDeletedError
-        return None
-    if not entry.value:
+    key = subjects.policy_key(run_id)
+    value = await bus.kv_value(subjects.KV_POLICY, key)
+    if value is None:
         return None
     try:
-        return PolicyVersion.decode(entry.value)
+        return PolicyVersion.decode(value)
     except DecodeError as exc:
-        raise WeightsError(f"KV {subjects.KV_POLICY}/{entry.key} holds no PolicyVersion: {exc}") from None
+        raise WeightsError(f"KV {subjects.KV_POLICY}/{key} holds no PolicyVersion: {exc}") from None
 
 
 async def read_weights(bus: Bus, pv: PolicyVersion, *, chunk_timeout_s: float | None = None) -> bytes:

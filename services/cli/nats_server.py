@@ -9,6 +9,7 @@ exercised on one machine.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -70,6 +71,10 @@ class NatsServer:
     name: str | None = None
     # HTTP monitoring (/healthz, /jsz); off when 0.
     http_port: int = 0
+    # Go pprof endpoint (/debug/pprof/heap): where the server's memory goes; off when 0.
+    prof_port: int = 0
+    # Go's soft memory limit (GOMEMLIMIT) for the server process; None: Go's default (none).
+    memory_limit_mb: int | None = None
     cluster_name: str | None = None
     cluster_port: int = 0
     routes: list[str] = field(default_factory=list)
@@ -89,6 +94,8 @@ class NatsServer:
             lines.append(f"server_name: {self.name}")
         if self.http_port:
             lines.append(f"http: {self.host}:{self.http_port}")
+        if self.prof_port:
+            lines.append(f"prof_port: {self.prof_port}")
         lines.append(f"jetstream {{\n  store_dir: {str(self.store_dir)!r}\n}}")
         if self.cluster_name:
             routes = ", ".join(self.routes)
@@ -108,7 +115,12 @@ class NatsServer:
         conf.write_text(self.config_text())
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+            env = dict(os.environ)
+            if self.memory_limit_mb:
+                env["GOMEMLIMIT"] = f"{self.memory_limit_mb}MiB"
+            self.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()  # the child holds its own copy of the descriptor

@@ -195,6 +195,13 @@ def _tail(path: Path, lines: int) -> str:
 class StackConfig:
     state_dir: Path = Path(".relayrl")
     nats_url: str | None = None  # use this server instead of starting one
+    nats_prof_port: int = 0  # the embedded nats-server's Go pprof endpoint (bench/soak.py); off when 0
+    # The embedded nats-server's GOMEMLIMIT. Without one its RSS grew ~10 MiB/min through a
+    # 30-minute run while it held ~3 MiB of messages (bench/soak.py): large deliveries
+    # (weight chunks) leave their buffers in the server's message pools, and Go's GC, paced
+    # by heap growth alone, collects less often as the heap grows. A soft limit makes it
+    # collect (and return memory) before RSS passes it. Raise it for weights of many MB.
+    nats_memory_limit_mb: int | None = 256
     gateway_port: int = 8000  # 0 = any free port
     inference_port: int = 0
     rollout_replicas: int = 1
@@ -243,7 +250,11 @@ class Stack:
     def start(self, timeout_s: float = 180.0) -> Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         if not self.nats_url:
-            self.nats = NatsServer(store_dir=self.state_dir / "nats")
+            self.nats = NatsServer(
+                store_dir=self.state_dir / "nats",
+                prof_port=self.config.nats_prof_port,
+                memory_limit_mb=self.config.nats_memory_limit_mb,
+            )
             self.nats_proc = NatsProcess(self.nats, self.logs / "nats.log")
             self.nats_proc.start()
             self.nats_url = self.nats.url

@@ -25,7 +25,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Awaitable
 
-import nats.js.errors
 import structlog
 
 from shared import subjects
@@ -102,12 +101,8 @@ def eval_due(config: RunConfig, cursor: PaceCursor, version: int, final: bool = 
 
 
 async def read_progress(bus: Bus, run_id: str) -> TrainerProgress | None:
-    kv = await bus.kv(subjects.KV_POLICY)
-    try:
-        entry = await kv.get(subjects.progress_key(run_id))
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        return None
-    return TrainerProgress.decode(entry.value) if entry.value else None
+    value = await bus.kv_value(subjects.KV_POLICY, subjects.progress_key(run_id))
+    return TrainerProgress.decode(value) if value is not None else None
 
 
 async def purge_tasks(bus: Bus, run_id: str, evals: bool = False) -> None:

@@ -62,14 +62,10 @@ async def clean_up_run(bus: Bus, run: RunView) -> int | None:
 
 
 async def _progress(bus: Bus, run_id: str) -> int | None:
-    kv = await bus.kv(subjects.KV_POLICY)
-    try:
-        entry = await kv.get(subjects.progress_key(run_id))
-    except nats.js.errors.NotFoundError:  # also KeyDeletedError
-        return None
-    if entry.value is None:
+    value = await bus.kv_value(subjects.KV_POLICY, subjects.progress_key(run_id))
+    if value is None:
         return None
     try:
-        return TrainerProgress.decode(entry.value).groups_consumed
+        return TrainerProgress.decode(value).groups_consumed
     except DecodeError:
         return None

@@ -205,3 +205,25 @@ async def test_an_ended_run_is_cleaned_up_once_and_a_restarted_store_brings_noth
     finally:
         await again.stop()
         await again.engine.dispose()
+
+
+def test_the_embedded_nats_server_runs_with_a_soft_memory_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`relayrl up`'s nats-server gets GOMEMLIMIT (StackConfig.nats_memory_limit_mb): without
+    one, bench/soak.py measured its RSS climbing through a run that kept ~3 MiB on the bus."""
+    from pathlib import Path
+
+    from services.cli.nats_server import NatsServer
+    from services.cli.stack import StackConfig
+
+    environ = Path("/proc/self/environ")
+    if not environ.exists():
+        pytest.skip("reads the server's environment from /proc (Linux)")
+    limit = StackConfig().nats_memory_limit_mb
+    assert limit is not None and limit > 0
+    server = NatsServer(store_dir=tmp_path / "nats", memory_limit_mb=limit).start()
+    try:
+        assert server.proc is not None
+        env = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+        assert f"GOMEMLIMIT={limit}MiB".encode() in env
+    finally:
+        server.stop()
