@@ -186,7 +186,7 @@ async def publish_weights(
         await kv.put(key, pv.encode())
     else:
         await fence.write(kv, key, pv.encode())
-    log.info("weights published", run_id=run_id, version=version, step=step, size=stored.size, chunks=stored.chunks)
+    log.debug("weights published", run_id=run_id, version=version, step=step, size=stored.size, chunks=stored.chunks)
     await prune_weights(bus, run_id, keep=keep, current=version)
     return pv
 
@@ -318,7 +318,7 @@ async def prune_weights(bus: Bus, run_id: str, keep: int, current: int | None = 
             pass  # another pruner got there first
         await _purge_quietly(bus, _meta_subject(name))
     if doomed:
-        log.info("old weights deleted", run_id=run_id, deleted=len(doomed), kept=kept)
+        log.debug("old weights deleted", run_id=run_id, deleted=len(doomed), kept=kept)
     return doomed
 
 

@@ -726,7 +726,7 @@ class TorchEngine:
             if run == self.active:
                 self.version = version
             self.stats.weight_swaps += 1
-            log.info("weights swapped", run=run, old_version=old, version=version, active_rows=self.active_rows,
+            log.debug("weights swapped", run=run, old_version=old, version=version, active_rows=self.active_rows,
                      active=run == self.active)  # fmt: skip
             fut.set_result(version)
         if pending:

@@ -138,7 +138,7 @@ class Store:
         )
         await self.repo.mark_published([(g.group_id, g.run_id, g.task_id, len(g.trajectories)) for g in groups])
         for g in groups:
-            log.info("group complete", run_id=g.run_id, group_id=g.group_id, size=len(g.trajectories))
+            log.debug("group complete", run_id=g.run_id, group_id=g.group_id, size=len(g.trajectories))
 
     def group_message(self, group: Group) -> Group | GroupRef:
         """`group` itself when it fits one message under the server's max_payload, else a
