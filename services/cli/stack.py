@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,10 @@ class StackConfig:
     backoff_max_s: float = retention.SUPERVISOR_BACKOFF_MAX_S  # the GROUPS/TASKS duplicate windows assume it
     healthy_after_s: float = 60.0
     supervise_every_s: float = 0.2
+    # A service's log past this size is rotated (copied to .1, older to .2, then truncated in
+    # place: the process keeps its append-mode descriptor); 0 never rotates.
+    max_log_mb: float = 64.0
+    keep_logs: int = 2
 
 
 class Stack:
@@ -451,6 +456,8 @@ class Stack:
                     except Exception as exc:  # noqa: BLE001 - one bad restart must not end supervision
                         proc.sup.restart_at = time.monotonic() + self._backoff(proc)
                         self._event("restart_failed", proc, f"{proc.name} failed to start: {exc!r}")
+                    if self.config.max_log_mb:
+                        rotate_log(proc.log_path, int(self.config.max_log_mb * 2**20), self.config.keep_logs)
 
     def _check(self, proc: Supervised) -> None:
         sup = proc.sup
@@ -548,6 +555,26 @@ def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     with ThreadPoolExecutor(1) as pool:  # a running loop (an async caller): use another thread
         return pool.submit(asyncio.run, coro).result()
+
+
+def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
+    """Rotate `path` when it is past `max_bytes`: `.1` .. `.keep` shift up, the current content
+    is copied to `.1`, then the file is truncated in place. Copy-then-truncate because the
+    service writes through an append-mode descriptor it keeps (a rename would leave it writing
+    to the rotated file); lines written between the copy and the truncate are lost."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+        for i in range(keep - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{i}")
+            if older.exists():
+                older.replace(path.with_name(f"{path.name}.{i + 1}"))
+        if keep > 0:
+            shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+        os.truncate(path, 0)
+    except OSError:  # a log that vanished or a full disk: try again next round
+        return False
+    return True
 
 
 async def _agents_registered(nats_url: str) -> bool:
