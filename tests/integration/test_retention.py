@@ -227,3 +227,43 @@ def test_the_embedded_nats_server_runs_with_a_soft_memory_limit(tmp_path) -> Non
         assert f"GOMEMLIMIT={limit}MiB".encode() in env
     finally:
         server.stop()
+
+
+async def test_a_stream_an_older_version_kept_with_limits_is_recreated_only_once_consumed(
+    settings: ServiceSettings,
+) -> None:
+    """JetStream cannot change retention in place: a `limits` TRAJECTORIES whose consumer has
+    not consumed everything is refused with what to do; once it has, it becomes a work queue."""
+    old = await Bus.connect(settings, "old-version")
+    try:
+        await old.js.add_stream(
+            js_api.StreamConfig(
+                name=subjects.STREAM_TRAJECTORIES,
+                subjects=[subjects.STREAM_SUBJECTS[subjects.STREAM_TRAJECTORIES]],
+                retention=js_api.RetentionPolicy.LIMITS,
+                max_age=7 * 86400.0,
+            )
+        )
+        await old.js.add_consumer(
+            subjects.STREAM_TRAJECTORIES,
+            js_api.ConsumerConfig(durable_name=subjects.CONSUMER_STORE_TRAJECTORIES, ack_policy=js_api.AckPolicy.EXPLICIT),
+        )
+        t = trajectory("old", 0, 1)
+        await old.publish(subjects.trajectories("r"), t, t.msg_id())
+
+        new = await Bus.connect(settings, "new-version")
+        try:
+            with pytest.raises(RuntimeError, match="store-trajectories \\(1 pending"):
+                await new.ensure_stream_named(subjects.STREAM_TRAJECTORIES)
+            assert (await new.js.stream_info(subjects.STREAM_TRAJECTORIES)).state.messages == 1  # untouched
+
+            sub = await old.js.pull_subscribe_bind(durable=subjects.CONSUMER_STORE_TRAJECTORIES, stream=subjects.STREAM_TRAJECTORIES)
+            for m in await sub.fetch(1, timeout=5):
+                await m.ack_sync()  # the old store stored it
+            await new.ensure_stream_named(subjects.STREAM_TRAJECTORIES)
+            info = await new.js.stream_info(subjects.STREAM_TRAJECTORIES)
+            assert info.config.retention == js_api.RetentionPolicy.WORK_QUEUE and info.state.messages == 0
+        finally:
+            await new.close()
+    finally:
+        await old.close()
