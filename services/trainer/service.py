@@ -132,6 +132,12 @@ class RunTrainer:
         return self.cancelled or (self._finished() and not self.stop.is_set())
 
     async def train(self) -> None:
+        # A run that ended while this trainer started or waited out a fault may be cleaned up
+        # already (services/store/cleanup.py): its durable, progress and weights must not come back.
+        if (await get_run(self.bus, self.run.run_id, self.settings.store_timeout_s)).state in RUN_ENDED:
+            log.info("run ended before training (re)started; nothing to do", run_id=self.run.run_id)
+            self.cancelled = True
+            return
         log.info("training run", run_id=self.run.run_id, mode=self.cfg.mode, planned_steps=self.run.total_steps)
         try:
             await asyncio.to_thread(self._load)

@@ -5,12 +5,15 @@ clearly improve, and no trained sample may be staler than `max_staleness`.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import nats
 import pytest
 
+from shared import subjects
 from services.cli.app import load_run_config
 from services.cli.client import GatewayClient
 from services.cli.stack import Stack, StackConfig
@@ -22,7 +25,9 @@ WINDOW = 5
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(StackConfig(state_dir=tmp_path / "stack", gateway_port=0, log_format="json")).start()
+    # The store cleans an ended run up at its next sweep (every 2 s here) instead of a minute on.
+    env = {"RELAYRL_CLEANUP_AFTER_S": "0", "RELAYRL_RECONCILE_EVERY_S": "2"}
+    s = Stack(StackConfig(state_dir=tmp_path / "stack", gateway_port=0, log_format="json", extra_env=env)).start()
     yield s
     s.stop()
 
@@ -70,3 +75,43 @@ def test_tiny_model_learns_echo_digit_through_the_pipeline_within_the_staleness_
     # Weights really moved through the system: late samples carry late policy versions.
     late = client.rollout(client.task(steps[-1]["group_ids"][0])["rollouts"][0]["rollout_id"])
     assert min(late["transitions"][0]["response_versions"]) >= len(steps) - 2
+
+    # The cancelled run leaves nothing on the bus but its kept weights, and a restarted
+    # trainer and gateway bring nothing back.
+    assert asyncio.run(_wait_bus_clean(stack.nats_url, "learn", 60)) is None
+    for name in ("trainer", "gateway"):
+        stack.kill(name, restart_after_s=0.0)
+    time.sleep(15)
+    assert asyncio.run(_wait_bus_clean(stack.nats_url, "learn", 0)) is None
+    assert client.run("learn")["groups_consumed"] > 0  # kept in SQL when the progress entry went
+
+
+async def _bus_leftovers(url: str, run_id: str) -> list[str]:
+    """What a run left on the bus besides its kept weights and policy entry."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        left = [f"consumer {c.name}" for c in await js.consumers_info(subjects.STREAM_GROUPS) if run_id in c.name]
+        for stream, subject in ((subjects.STREAM_GROUPS, subjects.groups(run_id)), (subjects.STREAM_TASKS, subjects.tasks(run_id))):
+            n = sum(((await js.stream_info(stream, subjects_filter=subject)).state.subjects or {}).values())
+            if n:
+                left.append(f"{n} messages on {subject}")
+        prefix = f"$KV.{subjects.KV_POLICY}."
+        keys = (await js.stream_info(f"KV_{subjects.KV_POLICY}", subjects_filter=f"{prefix}>")).state.subjects or {}
+        if f"{prefix}{subjects.progress_key(run_id)}" in keys:
+            left.append("progress entry")
+        return left
+    finally:
+        await nc.close()
+
+
+async def _wait_bus_clean(url: str, run_id: str, timeout_s: float) -> str | None:
+    """None once the run left nothing behind (within `timeout_s`), else what is left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = await _bus_leftovers(url, run_id)
+        if not left:
+            return None
+        if time.monotonic() >= deadline:
+            return ", ".join(left)
+        await asyncio.sleep(1.0)
