@@ -38,7 +38,7 @@ from services.rollout.context import AgentContext
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
 from tests.support.inference_app import running, settings as inference_settings
-from tests.support.proxy import INFERENCE, FailingStub, request, start_worker
+from tests.support.proxy import INFERENCE, FailingStub, request, start_worker, worker_on_bus
 from tests.support.streams import reader
 from tests.support.waiting import wait_until
 
@@ -330,7 +330,6 @@ async def test_a_rollout_refused_for_overload_is_run_again_and_published_once(
     handed back; the redelivery, once inference has room, publishes the one trajectory."""
     stub, engine = bounded
     stub.fail_next = stub.failed = 0
-    registry.load_builtin_and()
     ws = RolloutSettings(nats_url=settings.nats_url, worker_id="w-bounds", inference_urls=INFERENCE,
                          inference_retries=2, inference_backoff_s=0.01, inference_backoff_max_s=0.05)  # fmt: skip
     busy = occupy(engine)
@@ -338,26 +337,20 @@ async def test_a_rollout_refused_for_overload_is_run_again_and_published_once(
     waiting = [occupy(engine, max_tokens=2) for _ in range(BOUND)]
     await wait_until(lambda: engine.queued_requests == BOUND)
     refused_before = engine.stats.requests_refused
-    async with httpx.AsyncClient(mounts={INFERENCE: httpx.ASGITransport(app=stub)}, timeout=60) as http:
-        w = Worker(bus, ws, http)
-        async with proxy.serve(w.proxy):
-            stop = asyncio.Event()
-            task = asyncio.create_task(w.run(stop))
-            try:
-                req = timed(OPENAI_ECHO, "q.0")
-                await bus.publish(subjects.tasks("r"), req, req.rollout_id)
-                # The first attempt spends its retries on 503 queue_full, then hands the task back.
-                await wait_until(lambda: engine.stats.requests_refused - refused_before >= ws.inference_retries + 1)
-                await wait_until(lambda: w.proxy.rollouts == {})
-                await cancelled(busy, *waiting)  # inference has room again
-                async with reader(bus, subjects.STREAM_TRAJECTORIES, subjects.trajectories("r")) as sub:
-                    (msg,) = await sub.fetch(1, timeout=30)
-                    with pytest.raises(Exception):  # nats-py's fetch timeout: no second trajectory
-                        await sub.fetch(1, timeout=1.0)
-            finally:
-                stop.set()
-                await task
-                await cancelled(busy, *waiting)
+    try:
+        async with worker_on_bus(stub, bus, ws) as w:
+            req = timed(OPENAI_ECHO, "q.0")
+            await bus.publish(subjects.tasks("r"), req, req.rollout_id)
+            # The first attempt spends its retries on 503 queue_full, then hands the task back.
+            await wait_until(lambda: engine.stats.requests_refused - refused_before >= ws.inference_retries + 1)
+            await wait_until(lambda: w.proxy.rollouts == {})
+            await cancelled(busy, *waiting)  # inference has room again
+            async with reader(bus, subjects.STREAM_TRAJECTORIES, subjects.trajectories("r")) as sub:
+                (msg,) = await sub.fetch(1, timeout=30)
+                with pytest.raises(Exception):  # nats-py's fetch timeout: no second trajectory
+                    await sub.fetch(1, timeout=1.0)
+    finally:
+        await cancelled(busy, *waiting)
     traj = Trajectory.decode(msg.data)
     assert traj.rollout_id == "q.0" and traj.status == "ok", traj.error
     assert traj.attempt == 2 and len(traj.transitions) == 2

@@ -6,7 +6,6 @@ worker's proxy is served by uvicorn on a free loopback port and agents use the O
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from services.rollout.agents.openai_sdk import NAME as OPENAI_ECHO, first_messag
 from services.rollout.context import AgentContext
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
-from tests.support.proxy import INFERENCE, FailingStub, assert_transition_is, direct_chat, request, start_worker
+from tests.support.proxy import INFERENCE, FailingStub, assert_transition_is, direct_chat, request, start_worker, worker_on_bus
 from tests.support.streams import reader
 
 
@@ -215,22 +214,13 @@ async def test_inference_gone_is_a_clear_502_or_503(stub: FailingStub):
 
 async def test_worker_runs_the_openai_agent_from_the_task_stream(stub: FailingStub, settings: ServiceSettings,
                                                                  bus: Bus):
-    registry.load_builtin_and()
     ws = RolloutSettings(nats_url=settings.nats_url, worker_id="w-nats", inference_urls=INFERENCE)
-    async with httpx.AsyncClient(mounts={INFERENCE: httpx.ASGITransport(app=stub)}, timeout=60) as http:
-        w = Worker(bus, ws, http)
-        async with proxy.serve(w.proxy):
-            stop = asyncio.Event()
-            task = asyncio.create_task(w.run(stop))
-            try:
-                req = request(OPENAI_ECHO, rollout_id="n.0", text="ab")
-                await bus.publish(subjects.tasks("r"), req, req.rollout_id)
-                async with reader(bus, subjects.STREAM_TRAJECTORIES, subjects.trajectories("r")) as sub:
-                    (msg,) = await sub.fetch(1, timeout=30)
-                traj = Trajectory.decode(msg.data)
-            finally:
-                stop.set()
-                await task
+    async with worker_on_bus(stub, bus, ws):
+        req = request(OPENAI_ECHO, rollout_id="n.0", text="ab")
+        await bus.publish(subjects.tasks("r"), req, req.rollout_id)
+        async with reader(bus, subjects.STREAM_TRAJECTORIES, subjects.trajectories("r")) as sub:
+            (msg,) = await sub.fetch(1, timeout=30)
+        traj = Trajectory.decode(msg.data)
     assert traj.rollout_id == "n.0" and traj.status == "ok", traj.error
     assert len(traj.transitions) == 2 and 0.0 <= traj.reward <= 1.0
 

@@ -4,12 +4,15 @@ made straight to inference."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 
+from shared.bus import Bus
 from shared.messages import RolloutRequest, SamplingParams, unpack_f32, unpack_i32
 from services.rollout import proxy, registry
 from services.rollout.settings import RolloutSettings
@@ -51,6 +54,22 @@ async def start_worker(stub: FailingStub, **overrides: Any) -> AsyncIterator[Wor
         w = Worker(None, ws, http)  # type: ignore[arg-type] - run_rollout needs no bus
         async with proxy.serve(w.proxy, ws.proxy_host, ws.proxy_port):
             yield w
+
+
+@asynccontextmanager
+async def worker_on_bus(stub: FailingStub, bus: Bus, settings: RolloutSettings) -> AsyncIterator[Worker]:
+    """A worker consuming the real task stream through its proxy, stopped (drained) on exit."""
+    registry.load_builtin_and()
+    async with httpx.AsyncClient(mounts={INFERENCE: httpx.ASGITransport(app=stub)}, timeout=60) as http:
+        w = Worker(bus, settings, http)
+        async with proxy.serve(w.proxy):
+            stop = asyncio.Event()
+            task = asyncio.create_task(w.run(stop))
+            try:
+                yield w
+            finally:
+                stop.set()
+                await task
 
 
 def request(agent: str, rollout_id: str = "p.0", temperature: float = 0.0, **input: Any) -> RolloutRequest:
