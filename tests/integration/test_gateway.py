@@ -114,3 +114,24 @@ async def test_duplicate_task_ids_in_one_request_are_422(client: httpx.AsyncClie
     body = {"tasks": [{"agent": "null", "input": {}, "task_id": "dup"}, {"agent": "null", "input": {}, "task_id": "dup"}]}
     r = await client.post("/v1/tasks", json=body)
     assert r.status_code == 422 and "unique" in r.json()["detail"]
+
+
+async def test_a_full_task_stream_is_503_with_retry_after_and_the_retry_is_accepted(
+    client: httpx.AsyncClient, sqlite_store: RunningStore, bus: Bus
+):
+    """TASKS at its byte bound refuses the publish (`discard: new`): the caller is told to come
+    back, and once workers consumed what was queued, the same request goes through."""
+    def body(i: int) -> dict:
+        return {"tasks": [{"agent": "null", "input": {"i": i}, "group_size": 4, "task_id": f"full{i}"}]}
+
+    assert (await client.post("/v1/tasks", json=body(0))).status_code == 202
+    info = await bus.js.stream_info(subjects.STREAM_TASKS)
+    info.config.max_bytes = info.state.bytes + 64  # no room for another request
+    await bus.js.update_stream(info.config)
+
+    r = await client.post("/v1/tasks", json=body(1))
+    assert r.status_code == 503 and r.headers.get("retry-after"), r.text
+    await bus.js.purge_stream(subjects.STREAM_TASKS)  # what a worker taking the queue does
+    r = await client.post("/v1/tasks", json=body(1))  # the client's retry
+    assert r.status_code == 202, r.text
+    assert (await bus.js.stream_info(subjects.STREAM_TASKS)).state.messages == 4
