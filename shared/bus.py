@@ -22,6 +22,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.client import KV_PRE_TEMPLATE, KV_STREAM_TEMPLATE
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
@@ -96,7 +97,7 @@ class Bus:
                 (subjects.KV_LEASES, 1, subjects.LEASE_TTL_S),
             ):
                 await self.kv(bucket, history=history, ttl_s=ttl_s)
-                await self._raise_replicas(f"KV_{bucket}")  # nats-py's stream name for a bucket
+                await self._raise_replicas(KV_STREAM_TEMPLATE.format(bucket=bucket))
             await self.object_store(subjects.OBJ_WEIGHTS)
             await self._raise_replicas(f"OBJ_{subjects.OBJ_WEIGHTS}")
         except nats.js.errors.ServerError as exc:
@@ -125,10 +126,10 @@ class Bus:
         # ours, but never lower its replicas: one service started without the setting must
         # not shrink a cluster's R3 streams to R1.
         current = await self.js.stream_info(spec.name)
+        config.num_replicas = max(self.replicas, current.config.num_replicas or 1)
         if current.config.retention != spec.retention:
             await self._recreate_for_retention(spec, config, current)
             return
-        config.num_replicas = max(self.replicas, current.config.num_replicas or 1)
         await self.js.update_stream(config)
 
     async def _recreate_for_retention(
@@ -157,7 +158,6 @@ class Bus:
             await self.js.delete_stream(spec.name)
         except nats.js.errors.NotFoundError:
             pass  # another service got there first
-        config.num_replicas = max(self.replicas, current.config.num_replicas or 1)
         try:
             await self.js.add_stream(config)
         except nats.js.errors.BadRequestError:  # another service recreated it meanwhile
@@ -191,6 +191,13 @@ class Bus:
         except nats.js.errors.NotFoundError:  # KeyNotFoundError and KeyDeletedError are ones
             return None
         return entry.value or None
+
+    async def kv_purge(self, bucket: str, key: str) -> None:
+        """Remove `key` from `bucket` with every revision and no marker left behind (a KV
+        delete or purge keeps one marker per key forever)."""
+        await self.js.purge_stream(
+            KV_STREAM_TEMPLATE.format(bucket=bucket), subject=KV_PRE_TEMPLATE.format(bucket=bucket) + key
+        )
 
     async def object_store(self, bucket: str) -> ObjectStore:
         try:

@@ -25,9 +25,6 @@ from shared.weights import prune_weights
 
 log = structlog.get_logger("store.cleanup")
 
-KV_STREAM = "KV_{bucket}"  # the stream behind a KV bucket
-KV_SUBJECT = "$KV.{bucket}.{key}"
-
 
 async def clean_up_run(bus: Bus, run: RunView) -> int | None:
     """Remove `run`'s bus objects; returns the groups its trainer had consumed (from its
@@ -54,8 +51,7 @@ async def clean_up_run(bus: Bus, run: RunView) -> int | None:
     if keep == 0:
         keys.append((subjects.KV_POLICY, subjects.policy_key(run_id)))
     for bucket, key in keys:
-        # A stream purge, not a KV delete: a delete leaves a marker per key behind.
-        await bus.js.purge_stream(KV_STREAM.format(bucket=bucket), subject=KV_SUBJECT.format(bucket=bucket, key=key))
+        await bus.kv_purge(bucket, key)
     deleted = await prune_weights(bus, run_id, keep=keep)
     log.info("ended run cleaned up", run_id=run_id, state=run.state, weights_deleted=len(deleted), kept_versions=keep)
     return consumed

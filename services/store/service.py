@@ -244,11 +244,11 @@ class Store:
     async def reconcile_once(self) -> int:
         """One sweep; returns how many groups it published. Ended runs are cleaned up after."""
         total = 0
+        # Groups the normal path may be publishing right now are left to it: their last member
+        # finished less than two ack_waits ago (a batch in hand is either done by then or back
+        # on the stream for this store).
+        settled = time.time() - 2 * self.settings.ack_wait_s
         while True:
-            # Groups the normal path may be publishing right now are left to it: their last
-            # member finished less than two ack_waits ago (a batch in hand is either done by
-            # then or back on the stream for this store).
-            settled = time.time() - 2 * self.settings.ack_wait_s
             ids = await self.repo.sweep_complete_groups(_SWEEP_GROUPS, finished_before=settled)
             if ids:
                 await self.publish_groups(ids)
