@@ -484,6 +484,15 @@ LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
 KlPenalty = Literal["kl", "abs", "mse", "low_var_kl", "full"]
 # Credit assignment over a trajectory's calls; see services/trainer/credit.py.
 CreditMode = Literal["equal", "last", "discounted"]
+# What a run's trainer learns from:
+# - grpo: groups of rollouts the gateway's pacer asks for and the workers run;
+# - sft: conversations (dataset rows `{"messages": [...], "tools": [...]}`, loss on assistant
+#   tokens) or, with `sft.from_run`, a past run's stored trajectories (exact token ids); no
+#   rollouts are asked for, except evaluations.
+Algorithm = Literal["grpo", "sft"]
+ALGORITHMS: tuple[Algorithm, ...] = get_args(Algorithm)
+# Conversation roles an SFT row may hold (OpenAI chat); only "assistant" turns are trained.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class TrainingConfig(BaseModel):
@@ -589,6 +598,44 @@ class RuntimeConfig(BaseModel):
         return list(self.air_rules) if self.air_enabled else None
 
 
+class SftSource(BaseModel):
+    """Where an `algorithm: sft` run's examples come from when they are not its dataset rows:
+    the stored trajectories of a past run (rejection-sampling fine-tuning). Training uses the
+    token ids exactly as recorded, with their loss masks (`trained_roles` of this run)."""
+
+    model_config = ConfigDict(extra="forbid")
+    from_run: str | None = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the run whose trajectories to train on"
+    )
+    min_reward: float | None = Field(None, allow_inf_nan=False, description="only trajectories with at least this reward")
+
+
+def check_conversation(row: Any) -> str | None:
+    """Why `row` is not an SFT conversation (`{"messages": [...], "tools": [...]}`), or None.
+
+    Checks the shape the chat template needs; whether it renders is the trainer's check (it
+    holds the tokenizer)."""
+    if not isinstance(row, dict):
+        return f"a conversation is an object with `messages`, got {type(row).__name__}"
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "`messages` must be a non-empty list of chat messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            return f"messages[{i}] needs a `role` in {list(CHAT_ROLES)}"
+        content = m.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            return f"messages[{i}].content must be a string, a list of parts or null"
+        if m["role"] == "assistant" and not content and not m.get("tool_calls"):
+            return f"messages[{i}] is an assistant turn with neither content nor tool_calls"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message: nothing to train on"
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        return "`tools` must be a list of tool schemas"
+    return None
+
+
 class RunConfig(BaseModel):
     """A training (or evaluation) run: what `POST /v1/runs` and `relayrl train` accept."""
 
@@ -598,7 +645,15 @@ class RunConfig(BaseModel):
     )
     model: str = "tiny"
     agent: str = Field(min_length=1, max_length=128)
-    algorithm: Literal["grpo"] = "grpo"
+    algorithm: Algorithm = "grpo"
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="start from the latest weights of this run (same `model`), e.g. an SFT warm start",
+    )
+    sft: SftSource = Field(default_factory=SftSource, description="algorithm sft: train on a past run's trajectories")
     dataset: list[dict[str, Any]] = Field(default_factory=list, description="rows inline")
     dataset_name: str | None = Field(None, description="a dataset stored with POST /v1/datasets")
     eval_dataset: list[dict[str, Any]] = Field(
@@ -643,9 +698,29 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _has_data(self) -> Self:
+        if self.sft.from_run is not None:
+            if self.algorithm != "sft":
+                raise ValueError("sft.from_run is an `algorithm: sft` setting")
+            if self.dataset or self.dataset_name:
+                raise ValueError("an sft run trains on dataset rows or on sft.from_run's trajectories, not both")
+            if self.sft.from_run == self.run_id:
+                raise ValueError("sft.from_run must name another run")
+            return self
         if not self.dataset and not self.dataset_name:
             raise ValueError("a run needs dataset rows inline (`dataset`) or a stored dataset (`dataset_name`)")
+        if self.algorithm == "sft":
+            for i, row in enumerate(self.dataset):
+                reason = check_conversation(row)
+                if reason is not None:
+                    raise ValueError(f"dataset[{i}] is not an sft conversation: {reason}")
+        if self.init_from == self.run_id:
+            raise ValueError("init_from must name another run")
         return self
+
+    @property
+    def asks_rollouts(self) -> bool:
+        """Whether the gateway's pacer asks for training rollouts (evaluations are asked for any run)."""
+        return self.mode == "train" and self.algorithm == "grpo"
 
     @property
     def data_epochs(self) -> int:

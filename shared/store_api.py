@@ -68,6 +68,17 @@ class GetDataset(Message):
     offset: int = Field(0, ge=0)
 
 
+class GetRunTrajectories(Message):
+    """Trainer (sft from a past run), gateway (its size) -> store: a run's ok training
+    trajectories (evaluations left out) with reward >= `min_reward`, in rollout-id order after
+    `after`, as many as fit one reply and at most `limit` (0: only the count)."""
+
+    run_id: str
+    min_reward: float | None = None
+    after: str | None = None
+    limit: int = Field(1000, ge=0)
+
+
 # --- replies -----------------------------------------------------------------------------
 
 
@@ -148,6 +159,15 @@ class MetricsPage(Message):
     more: bool = False
 
 
+class TrajectoryPage(Message):
+    """Store -> caller of get_run_trajectories: one page, `total` matching in all, `next` (the
+    `after` of the next page) while more remain."""
+
+    trajectories: list[Trajectory]
+    total: int = Field(ge=0)
+    next: str | None = None
+
+
 class Evals(Message):
     """Store -> gateway: a run's evaluation rollouts aggregated per policy version."""
 
@@ -188,11 +208,13 @@ GET_METRICS = Rpc("get_metrics", GetMetrics, MetricsPage)
 GET_EVALS = Rpc("get_evals", GetEvals, Evals)
 REPLAY = Rpc("replay", ReplayRequest, Stored)
 GET_GROUP_MEMBERS = Rpc("get_group_members", GetGroupMembers, GroupMembers)
+GET_RUN_TRAJECTORIES = Rpc("get_run_trajectories", GetRunTrajectories, TrajectoryPage)
 
 # Every store RPC; the store serves exactly these (a handler `rpc_<method>` each).
 RPCS: tuple[Rpc[Any, Any], ...] = (
     PUT_TASKS, GET_TASK, GET_ROLLOUT, PING, PUT_RUN, GET_RUN, LIST_RUNS, SET_RUN_STATE,
     SAVE_CURSOR, PUT_DATASET, GET_DATASET, GET_METRICS, GET_EVALS, REPLAY, GET_GROUP_MEMBERS,
+    GET_RUN_TRAJECTORIES,
 )  # fmt: skip
 
 
@@ -338,6 +360,23 @@ class StoreClient:
         req = ReplayRequest(run_id=run_id, into=into, versions=versions, min_reward=min_reward)
         return (await self.call(REPLAY, req, timeout_s=timeout_s)).stored
 
+
+    async def count_run_trajectories(self, run_id: str, min_reward: float | None = None) -> int:
+        """How many ok training trajectories of `run_id` have reward >= `min_reward`."""
+        return (await self.call(GET_RUN_TRAJECTORIES, GetRunTrajectories(run_id=run_id, min_reward=min_reward, limit=0))).total
+
+    async def get_run_trajectories(self, run_id: str, min_reward: float | None = None) -> list[Trajectory]:
+        """Every ok training trajectory of `run_id` with reward >= `min_reward`, in rollout-id
+        order (stable across calls), following pages."""
+        out: list[Trajectory] = []
+        after: str | None = None
+        while True:
+            req = GetRunTrajectories(run_id=run_id, min_reward=min_reward, after=after)
+            page = await self.call(GET_RUN_TRAJECTORIES, req)
+            out.extend(page.trajectories)
+            if page.next is None or not page.trajectories:
+                return out
+            after = page.next
 
     async def get_group_members(self, group_id: str) -> list[Trajectory]:
         """Every stored member of a group in sample order, following pages (a group published

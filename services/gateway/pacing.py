@@ -218,7 +218,7 @@ class Pacer:
         cursor = await self._evaluate(run, version)
         n = allowance(run.config, cursor, progress.groups_consumed if progress else 0)
         specs: list[TaskSpec] = []
-        if n > 0 and not cursor.done:
+        if n > 0 and not cursor.done and run.config.asks_rollouts:  # an sft run asks only for evaluations
             rows = await self._dataset(run)
             cursor, specs = next_tasks(run.config, rows, cursor, n)
             if specs:

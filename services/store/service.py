@@ -40,6 +40,7 @@ from shared.store_api import (
     DatasetPage,
     Evals,
     GetDataset,
+    GetRunTrajectories,
     ListedRun,
     MetricsPage,
     Pong,
@@ -48,6 +49,7 @@ from shared.store_api import (
     RunPage,
     Stored,
     TaskFound,
+    TrajectoryPage,
     packed_size,
 )
 from services.store.cleanup import clean_up_run
@@ -75,6 +77,8 @@ _REPLAY_CHUNK = 64
 _GROUP_HEADROOM = 16 * 1024
 # Members read from SQL at once while filling one get_group_members reply.
 _MEMBERS_PER_READ = 4
+# Trajectories read from SQL at once while filling one get_run_trajectories reply.
+_TRAJECTORIES_PER_READ = 64
 # Groups one reconciler query returns (it pages until none are left).
 _SWEEP_GROUPS = 500
 
@@ -428,6 +432,28 @@ class Store:
                 log.warning("replay waiting for a transient fault", into=into, error=str(exc), retry_in_s=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def rpc_get_run_trajectories(self, req: GetRunTrajectories) -> TrajectoryPage:
+        """A page of a run's ok training trajectories (reward >= min_reward), under max_payload."""
+        total = await self.repo.count_run_trajectories(req.run_id, req.min_reward)
+        if req.limit == 0:
+            return TrajectoryPage(trajectories=[], total=total)
+        budget = self.bus.nc.max_payload - PAYLOAD_HEADROOM
+        out: list[Trajectory] = []
+        size = 0
+        after = req.after
+        while len(out) < req.limit:
+            page = await self.repo.run_trajectories_page(req.run_id, req.min_reward, after, _TRAJECTORIES_PER_READ)
+            for t in page:
+                n = len(t.encode())
+                if out and (size + n > budget or len(out) >= req.limit):
+                    return TrajectoryPage(trajectories=out, total=total, next=out[-1].rollout_id)
+                out.append(t)
+                size += n
+            if len(page) < _TRAJECTORIES_PER_READ:
+                return TrajectoryPage(trajectories=out, total=total)
+            after = page[-1].rollout_id
+        return TrajectoryPage(trajectories=out, total=total, next=out[-1].rollout_id)
 
     async def rpc_get_evals(self, req: GetEvals) -> Evals:
         """Evaluation rollouts of a run aggregated per policy version."""

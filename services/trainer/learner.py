@@ -178,6 +178,56 @@ class Learner:
         versions = [v for v in (min_version(s) for s in samples) if v is not None]
         return StepResult(self.step_count, metrics, len(samples), versions, skipped or nonfinite, nonfinite)
 
+    def sft_step(self, samples: Sequence[Sample]) -> StepResult:
+        """One supervised optimizer step: mean negative log-likelihood of the batch's loss tokens
+        (the assistant's), each micro-batch divided by the whole batch's count so micro-batching
+        never changes the gradient. The advantage and old logprobs of the samples are ignored."""
+        if not samples:
+            raise ValueError("sft_step() needs at least one sample")
+        batches = pack(samples, self.cfg.micro_batch_tokens, self.pad_id)
+        loss_tokens = sum(s.loss_tokens for s in samples)
+        self.optimizer.zero_grad(set_to_none=True)
+        nll = correct = tokens = 0.0
+        for mb in batches:
+            mb = mb.to(self.device)
+            with self._autocast():
+                logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False).logits
+            logits = logits[:, :-1]
+            summed = -(token_logprobs(logits, mb.targets) * mb.loss_mask).sum()
+            if mb.loss_tokens:
+                (summed / max(loss_tokens, 1)).backward()
+            nll += float(summed.detach())
+            correct += float(((logits.detach().argmax(-1) == mb.targets) * mb.loss_mask).sum())
+            tokens += mb.tokens
+        grad_norm = 0.0
+        nonfinite = False
+        if loss_tokens:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
+            nonfinite = not (math.isfinite(grad_norm) and math.isfinite(nll))
+            if not nonfinite:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        denominator = max(loss_tokens, 1)
+        metrics = {
+            "sft_loss": nll / denominator,
+            "token_accuracy": correct / denominator,
+            "grad_norm": grad_norm,
+            "loss_tokens": float(loss_tokens),
+            "tokens": tokens,
+            "samples": float(len(samples)),
+            "micro_batches": float(len(batches)),
+            "lr": self.cfg.learning_rate,
+            "nonfinite": float(nonfinite),
+        }
+        return StepResult(self.step_count, metrics, len(samples), [], loss_tokens == 0 or nonfinite, nonfinite)
+
+    def load_policy(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the policy's weights (an `init_from` warm start); the optimizer starts fresh."""
+        self.model.load_state_dict(state)
+        if self.reference is not None:  # the KL anchor is where training starts
+            self.reference.load_state_dict(state)
+
     def _set_denominators(self, samples: Sequence[Sample], loss_tokens: int) -> None:
         trained = sum(1 for s in samples if s.loss_tokens)
         horizon = self.loss_scale_factor

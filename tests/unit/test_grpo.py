@@ -23,7 +23,7 @@ from services.trainer.checkpoint import latest_checkpoint, save_checkpoint
 from services.trainer.learner import Learner
 from services.trainer.samples import build_samples, group_min_version, merge_mismatches, min_version
 from shared.messages import Group, TrainingConfig, Trajectory, Transition, pack_f32, pack_i32
-from shared.models import load_causal_lm, resolve_model
+from shared.models import load_causal_lm
 
 # --- builders ------------------------------------------------------------------------------
 
@@ -227,11 +227,6 @@ def test_collate_aligns_targets_and_logprobs() -> None:
 
 PROMPT = [5, 17, 42, 99, 7, 23]
 GOOD, BAD = 300, 301  # first response token: rewarded / not
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return resolve_model("tiny", tmp_path_factory.mktemp("models"))
 
 
 def model_logprobs(model: torch.nn.Module, prompt: list[int], response: list[int]) -> list[float]:

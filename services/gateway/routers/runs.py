@@ -73,7 +73,11 @@ async def create_run(
     """
     await _require_served_model(bus, config.model)
     await agents.require({config.agent})
-    rows = len(config.dataset) if config.dataset else await _dataset_size(store, config.dataset_name or "")
+    await _require_init_source(store, config)
+    if config.sft.from_run is not None:
+        rows = await _sft_source_size(store, config)
+    else:
+        rows = len(config.dataset) if config.dataset else await _dataset_size(store, config.dataset_name or "")
     run = await store.put_run(config, rows)
     request.app.state.pacer.wake.set()
     return run
@@ -229,6 +233,37 @@ async def _run_with_progress(run_id: str, store: StoreClient, bus: Bus) -> RunVi
             update={"step": progress.step, "version": progress.version, "groups_consumed": progress.groups_consumed}
         )
     return run
+
+
+async def _require_init_source(store: StoreClient, config: RunConfig) -> None:
+    """`init_from` must name an existing run of the same model (its weights must fit)."""
+    if config.init_from is None:
+        return
+    try:
+        source = await store.get_run(config.init_from)
+    except NotFound:
+        raise HTTPException(409, f"init_from: there is no run {config.init_from!r}") from None
+    if source.config.model != config.model:
+        raise HTTPException(
+            409, f"init_from: run {config.init_from!r} trained model {source.config.model!r}, not {config.model!r}"
+        )
+
+
+async def _sft_source_size(store: StoreClient, config: RunConfig) -> int:
+    """Trajectories an sft run on `sft.from_run` trains on; that run must have ended (so the
+    examples cannot change under a resumed trainer) and have some."""
+    source_id = config.sft.from_run or ""
+    try:
+        source = await store.get_run(source_id)
+    except NotFound:
+        raise HTTPException(409, f"sft.from_run: there is no run {source_id!r}") from None
+    if source.state in RUN_ACTIVE:
+        raise HTTPException(409, f"sft.from_run: run {source_id!r} is {source.state}; fine-tune on it once it ended")
+    rows = await store.count_run_trajectories(source_id, config.sft.min_reward)
+    if rows == 0:
+        floor = "" if config.sft.min_reward is None else f" with reward >= {config.sft.min_reward}"
+        raise HTTPException(422, f"sft.from_run: run {source_id!r} has no stored ok trajectory{floor}")
+    return rows
 
 
 async def _require_served_model(bus: Bus, model: str) -> None:
