@@ -8,10 +8,6 @@ the trainer (`python -m services.trainer`) trains them. Covered: drops, SIGKILL 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -40,6 +36,7 @@ from shared.store_api import RPCS, StoreClient
 from shared.weights import latest_policy, load_state_dict, read_weights
 from services.store.settings import StoreSettings
 from tests.support.store import RunningStore
+from tests.support.trainer import TrainerProcess
 from tests.support.streams import read_stream, stream_messages
 from tests.support.waiting import wait_until
 
@@ -53,30 +50,6 @@ async def store(settings: ServiceSettings, sqlite_url: str) -> AsyncIterator[Run
     if not st.task.done():
         await st.stop()
     await st.engine.dispose()
-
-
-class TrainerProcess:
-    def __init__(self, nats_url: str, tmp: Path, run_id: str, *extra: str) -> None:
-        self.log = tmp / f"trainer-{run_id}.log"
-        args = [
-            sys.executable, "-m", "services.trainer", "--run-id", run_id, "--exit-when-done", "--device", "cpu",
-            "--model-dir", str(tmp / "models"), "--checkpoint-dir", str(tmp / "checkpoints"),
-            "--ack-wait-s", "2", "--poll-s", "0.2", "--log-format", "console", *extra,
-        ]  # fmt: skip
-        env = {**os.environ, "NATS_URL": nats_url, "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=env)
-
-    async def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        await asyncio.to_thread(self.proc.wait, 10)
-
-    async def wait(self, timeout_s: float) -> int:
-        """Wait off the event loop: the store under test runs in this loop."""
-        try:
-            return await asyncio.to_thread(self.proc.wait, timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"trainer did not finish in {timeout_s}s:\n{self.log.read_text()[-3000:]}") from None
 
 
 def run_config(run_id: str, rows: int, **training: object) -> RunConfig:
