@@ -294,3 +294,47 @@ async def test_a_finished_run_gets_its_last_version_evaluated(client: httpx.Asyn
     await StoreClient(bus, timeout_s=5).set_run_state("ev4", "finished", from_states=["running"])
     await wait_until(versions, expect=[0, 3])
     await wait_until(lambda: queued_requests(bus, "ev4"), expect=0)
+
+
+def sft_body(run_id: str, **extra: Any) -> dict[str, Any]:
+    conversation = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    body = {**run_body(run_id, rows=0), "algorithm": "sft", "dataset": [conversation] * 4}
+    return {**body, "eval_dataset": [{"text": "e0"}], "eval_every": 2, **extra}
+
+
+async def test_an_sft_run_asks_for_evaluations_but_never_for_training_rollouts(client: httpx.AsyncClient, bus: Bus):
+    r = await client.post("/v1/runs", json=sft_body("sft1"))
+    assert r.status_code == 201, r.text
+    assert r.json()["rows"] == 4 and r.json()["total_steps"] == 2  # 4 conversations / batch 2
+
+    async def evaluations() -> list[int]:
+        return sorted({q.min_version for q in await queued(bus, "sft1", eval=True)})
+
+    await wait_until(evaluations, expect=[0])
+    await consume(bus, "sft1", groups=4)  # the trainer at version 2
+    await wait_until(evaluations, expect=[0, 2])
+    assert await queued(bus, "sft1", eval=False) == []
+
+
+@pytest.mark.parametrize(
+    "change, status, reason",
+    [
+        ({"dataset": [{"text": "not a conversation"}]}, 422, "dataset[0] is not an sft conversation"),
+        ({"dataset": [], "sft": {"from_run": "nobody"}}, 409, "sft.from_run: there is no run 'nobody'"),
+        ({"dataset": [], "sft": {"from_run": "base"}}, 409, "run 'base' is running"),
+        ({"init_from": "nobody"}, 409, "init_from: there is no run 'nobody'"),
+        ({"init_from": "base", "model": "tiny:other"}, 409, "trained model 'tiny'"),
+    ],
+)
+async def test_sft_and_init_from_sources_are_checked(client: httpx.AsyncClient, change, status, reason):
+    assert (await client.post("/v1/runs", json=run_body("base"))).status_code == 201
+    r = await client.post("/v1/runs", json={**sft_body("sft2"), **change})
+    assert r.status_code == status, r.text
+    assert reason in r.text
+
+
+async def test_sft_from_a_run_without_passing_trajectories_is_refused(client: httpx.AsyncClient):
+    assert (await client.post("/v1/runs", json=run_body("base"))).status_code == 201
+    assert (await client.post("/v1/runs/base/cancel")).status_code == 200
+    r = await client.post("/v1/runs", json={**sft_body("sft3"), "dataset": [], "sft": {"from_run": "base", "min_reward": 1}})
+    assert r.status_code == 422 and "no stored ok trajectory with reward >= 1.0" in r.text
