@@ -473,6 +473,10 @@ class EvalSummary(BaseModel):
     accuracy_threshold: float
     first_at: float
     last_at: float
+    calls_mean: float = Field(0.0, description="LLM calls per rollout")
+    response_tokens_mean: float = Field(0.0, description="generated tokens per LLM call")
+    events: dict[str, int] = Field(default_factory=dict, description="events recorded (ctx.event), by name")
+    rollouts_with: dict[str, int] = Field(default_factory=dict, description="rollouts with at least one such event")
 
 
 # --- training runs ---------------------------------------------------------------------

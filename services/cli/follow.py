@@ -35,9 +35,13 @@ class RunFollower:
     def line(self, run: dict[str, Any]) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         last = self.steps[-1] if self.steps else None
-        reward = f"{last['values']['reward_mean']:.3f}" if last else "-"
+        values = last["values"] if last else {}
+        if "sft_loss" in values:  # an sft run has a loss, not rewards
+            score = f"loss {values['sft_loss']:.3f}"
+        else:
+            score = "reward " + (f"{values['reward_mean']:.3f}" if "reward_mean" in values else "-")
         return (
-            f"v{run['version']} step {run['step']}/{run['total_steps']}  reward {reward}  "
+            f"v{run['version']} step {run['step']}/{run['total_steps']}  {score}  "
             f"{self.trajectories / elapsed:.1f} traj/s  staleness {_mean_staleness(last):.2f}  [{run['state']}]"
         )
 

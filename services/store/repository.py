@@ -325,8 +325,26 @@ class Repository:
             .group_by(RolloutRow.eval_version)
             .order_by(RolloutRow.eval_version)
         )
+        evals = (RolloutRow.run_id == run_id, RolloutRow.eval.is_(True), RolloutRow.eval_version.is_not(None))
+        calls = (
+            select(RolloutRow.eval_version, func.count(), func.sum(func.length(TransitionRow.response_ids)))
+            .join(TransitionRow, TransitionRow.rollout_id == RolloutRow.rollout_id)
+            .where(*evals)
+            .group_by(RolloutRow.eval_version)
+        )
+        events = (
+            select(RolloutRow.eval_version, EventRow.name, func.count(), func.count(func.distinct(EventRow.rollout_id)))
+            .join(EventRow, EventRow.rollout_id == RolloutRow.rollout_id)
+            .where(*evals)
+            .group_by(RolloutRow.eval_version, EventRow.name)
+        )
         async with self.sessions() as s:
             rows = (await s.execute(q)).all()
+            # Packed int32: 4 bytes a token.
+            per_call = {v: (int(n), int(nbytes or 0) // 4) for v, n, nbytes in (await s.execute(calls)).all()}
+            named: dict[int, dict[str, tuple[int, int]]] = defaultdict(dict)
+            for version, name, count, rollouts in (await s.execute(events)).all():
+                named[version][name] = (int(count), int(rollouts))
         return [
             EvalSummary(
                 version=version,
@@ -338,6 +356,10 @@ class Repository:
                 accuracy_threshold=accuracy_threshold,
                 first_at=float(first),
                 last_at=float(last),
+                calls_mean=per_call.get(version, (0, 0))[0] / int(n),
+                response_tokens_mean=per_call[version][1] / per_call[version][0] if per_call.get(version, (0, 0))[0] else 0.0,
+                events={name: c for name, (c, _) in sorted(named[version].items())},
+                rollouts_with={name: r for name, (_, r) in sorted(named[version].items())},
             )
             for version, n, n_ok, n_off, mean, n_passed, first, last in rows
         ]

@@ -17,7 +17,7 @@ import pytest
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
-from shared.messages import AgentInfo, RolloutRequest, TrainerProgress, Transition, pack_f32, pack_i32
+from shared.messages import AgentInfo, Event, RolloutRequest, TrainerProgress, Transition, pack_f32, pack_i32
 from shared.store_api import StoreClient
 from tests.support.factories import make_trajectory
 from tests.support.gateway import gateway, run_body
@@ -233,7 +233,10 @@ async def test_eval_results_are_aggregated_per_version_and_never_trained(
             "run_id": "ev3", "group_size": 1, "eval": True, "eval_version": version, "reward": reward,
             "transitions": [Transition(prompt_ids=pack_i32([1]), response_ids=pack_i32([2, 3]),
                                        response_logprobs=pack_f32([-0.1, -0.2]),
-                                       response_versions=pack_i32(tokens))]})
+                                       response_versions=pack_i32(tokens))],
+            # Rollout i records i tool successes and one failure when i is odd.
+            "events": [Event(name="tool_success", transition=0) for _ in range(i)]
+            + [Event(name="tool_failure", transition=0)] * (i % 2)})
         await bus.publish(subjects.trajectories("ev3"), t, t.msg_id())
     failed = make_trajectory("ev3-eval-v0-r9.0").model_copy(update={
         "run_id": "ev3", "group_size": 1, "eval": True, "eval_version": 0, "status": "error", "reward": 0.0,
@@ -249,6 +252,11 @@ async def test_eval_results_are_aggregated_per_version_and_never_trained(
     assert v0["rollouts"] == 4 and v0["ok"] == 3 and v0["off_version"] == 0
     assert v0["accuracy"] == pytest.approx(2 / 4) and v0["reward_mean"] == pytest.approx(2 / 4)
     assert v5["rollouts"] == 2 and v5["off_version"] == 1 and v5["accuracy"] == 0.5
+    # The seeds' episode figures: calls per rollout (the failed one made none), tokens per call,
+    # and events (v0 holds rollouts 0, 1, 2 and the failed one; v5 rollouts 3 and 4).
+    assert v0["calls_mean"] == pytest.approx(3 / 4) and v0["response_tokens_mean"] == 2.0
+    assert v0["events"] == {"tool_failure": 1, "tool_success": 3} and v0["rollouts_with"] == {"tool_failure": 1, "tool_success": 2}
+    assert v5["events"] == {"tool_failure": 1, "tool_success": 7} and v5["rollouts_with"]["tool_success"] == 2
     lenient = (await client.get("/v1/runs/ev3/evals", params={"accuracy_threshold": 0.5})).json()
     assert [s["accuracy"] for s in lenient] == [0.5, 1.0]
     # Complete groups of one, yet nothing went to the trainer's subject.
