@@ -68,6 +68,10 @@ class WeightsError(RuntimeError):
     """Weights that cannot be stored or used: missing, truncated, wrong sha256, unreadable."""
 
 
+class WeightsNotFound(WeightsError):
+    """The weights asked for are not in the object store: never published, or pruned since."""
+
+
 @dataclass(frozen=True)
 class StoredWeights:
     """What `put_weight_bytes` wrote: the object name and the digest of its bytes."""
@@ -367,7 +371,7 @@ async def read_weights(bus: Bus, pv: PolicyVersion, *, chunk_timeout_s: float | 
     store = await bus.object_store(subjects.OBJ_WEIGHTS)
     info = await _object_info(store, pv.object)
     if info is None or info.deleted:
-        raise WeightsError(f"weights object {pv.object!r} not found (deleted by pruning or never written)")
+        raise WeightsNotFound(f"weights object {pv.object!r} not found (deleted by pruning or never written)")
     if info.size != pv.size:
         raise WeightsError(f"weights object {pv.object!r} has {info.size} bytes, the PolicyVersion says {pv.size}")
     async with _read_lock(bus.nc):
@@ -379,6 +383,96 @@ async def read_weights(bus: Bus, pv: PolicyVersion, *, chunk_timeout_s: float | 
         raise WeightsError(f"weights object {pv.object!r}: sha256 {sha} does not match the PolicyVersion's {pv.sha256}")
     log.debug("weights read", object=pv.object, size=pv.size, read_s=round(time.monotonic() - started, 3))
     return data
+
+
+async def read_version(bus: Bus, run_id: str, version: int | None = None) -> tuple[PolicyVersion, bytes]:
+    """One version of a run's weights (`None`: the latest the KV names) and the PolicyVersion
+    that describes it; the bytes are checked against its size and sha256 like `read_weights`.
+
+    The KV keeps only the latest PolicyVersion, so an older version's is rebuilt from what the
+    object store keeps of it: size and sha256 from the object's info (the digest its writer
+    computed from the bytes) and the step `publish_weights` records in the safetensors header
+    (0 for an object written without it). Raises `WeightsNotFound`, naming the versions that
+    are stored, for a version that is not (or, pruned while being read, no longer) there.
+    """
+    # A newer version may replace the latest (and pruning delete it) while it is read: then
+    # the new latest is read instead, a few times at most for a trainer publishing that fast.
+    for _ in range(3):
+        latest = await latest_policy(bus, run_id)
+        if version is not None:
+            wanted = version
+        elif latest is not None:
+            wanted = latest.version
+        else:
+            raise WeightsNotFound(f"run {run_id!r} has no published weights (none yet, or none kept once it ended)")
+        pv = latest if latest is not None and latest.version == wanted else await _stored_policy(bus, run_id, wanted)
+        try:
+            data = await read_weights(bus, pv)
+        except WeightsError:
+            store = await bus.object_store(subjects.OBJ_WEIGHTS)
+            info = await _object_info(store, pv.object)
+            if info is not None and not info.deleted:
+                raise  # still there: the bytes themselves are bad
+            if version is None and await latest_policy(bus, run_id) != latest:
+                continue
+            raise WeightsNotFound(
+                f"run {run_id!r}: version {wanted} was pruned while being read; "
+                f"{_stored_list(await _run_versions(store, run_id))}"
+            ) from None
+        if pv is not latest:
+            pv = pv.model_copy(update={"step": _recorded_step(data) or 0})
+        return pv, data
+    raise WeightsNotFound(f"run {run_id!r}: its latest version was replaced and pruned on every read; retry")
+
+
+async def _stored_policy(bus: Bus, run_id: str, version: int) -> PolicyVersion:
+    """A PolicyVersion for a stored version the KV no longer names (its step is filled in once read)."""
+    store = await bus.object_store(subjects.OBJ_WEIGHTS)
+    name = subjects.weights_object(run_id, version)
+    info = await _object_info(store, name)
+    if info is None or info.deleted:
+        raise WeightsNotFound(
+            f"run {run_id!r} has no weights version {version} (never published, or pruned: only the "
+            f"newest versions are kept); {_stored_list(await _run_versions(store, run_id))}"
+        )
+    algorithm, _, encoded = (info.digest or "").partition("=")
+    if algorithm.upper() != "SHA-256" or not encoded:
+        raise WeightsError(f"weights object {name!r} has no SHA-256 digest to check its bytes against")
+    sha = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).hex()
+    return PolicyVersion(
+        run_id=run_id, version=version, object=name, sha256=sha, size=info.size or 0, step=0,
+        created_at=_mtime(info.mtime),
+    )
+
+
+def _mtime(stamp: str | None) -> float:
+    """An object's mtime as a timestamp: ours are isoformat; Go clients write RFC 3339 with
+    nanoseconds, which fromisoformat refuses, so the fraction is cut to microseconds."""
+    if not stamp:
+        return time.time()
+    head, dot, tail = stamp.replace("Z", "+00:00").partition(".")
+    if dot:
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        head = f"{head}.{tail[:min(digits, 6)]}{tail[digits:]}"
+    try:
+        return datetime.fromisoformat(head).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def _stored_list(versions: list[int]) -> str:
+    return f"stored: {', '.join(map(str, versions))}" if versions else "it has no weights stored"
+
+
+def _recorded_step(data: bytes) -> int | None:
+    """The step `publish_weights` wrote into the safetensors header's metadata, if any."""
+    try:
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size])
+        step = json.loads(header["__metadata__"]["relayrl"])["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return step if isinstance(step, int) and step >= 0 else None
 
 
 # One object read at a time per connection: each ordered consumer may have a flow-control

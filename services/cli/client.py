@@ -130,5 +130,16 @@ class GatewayClient:
         params = {"accuracy_threshold": accuracy_threshold}
         return self._json(self.http.get(f"/v1/runs/{run_id}/evals", params=params), f"evaluations of {run_id}")
 
+    def weights(self, run_id: str, version: int | None = None, timeout_s: float = 600.0) -> tuple[bytes, httpx.Headers]:
+        """One version of a run's weights (default: the latest) as safetensors bytes, with the
+        response headers: `X-Policy-Version`, `X-Policy-Sha256`, `X-Policy-Step`."""
+        params = {} if version is None else {"version": version}
+        # The gateway reads and checks the whole object before its first byte goes out, and a
+        # real model's weights are gigabytes: the client's default timeout is for small JSON.
+        r = self.http.get(f"/v1/runs/{run_id}/weights", params=params, timeout=timeout_s)
+        if r.status_code >= 400:
+            raise GatewayError(f"weights of {run_id}: {r.status_code} {_detail(r)}")
+        return r.content, r.headers
+
     def close(self) -> None:
         self.http.close()

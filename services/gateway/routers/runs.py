@@ -9,12 +9,14 @@ from typing import Any, Literal
 import nats.errors
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bus import Bus
 from shared.faults import NotFound, Rejected
 from shared.messages import RUN_ACTIVE, EvalSummary, RunConfig, RunState, RunView, StepMetrics
 from shared.store_api import ListedRun, StoreClient
+from shared.weights import WeightsError, WeightsNotFound, read_version
 from services.gateway.agents import AgentCatalog
 from services.gateway.deps import get_agents, get_bus, get_settings, get_store
 from services.gateway.evals import eval_tasks
@@ -296,4 +298,44 @@ async def _require_served_model(bus: Bus, model: str) -> None:
     raise HTTPException(
         409, f"model {model!r} is not served by inference (its replicas serve {', '.join(served)}): create the run "
         "with one of those models, or start inference with --model for it",
+    )
+
+
+@router.get(
+    "/runs/{run_id}/weights",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the version's safetensors bytes"},
+        **ERRORS,
+        502: {"model": ErrorOut},
+    },
+)
+async def get_weights(
+    run_id: str,
+    version: int | None = Query(None, ge=0, description="default: the latest version the run published"),
+    store: StoreClient = Depends(get_store),
+    bus: Bus = Depends(get_bus),
+) -> Response:
+    """One version of a run's weights as safetensors bytes, with `X-Policy-Version`,
+    `X-Policy-Sha256` and `X-Policy-Step`. Only the versions the trainer still keeps are there
+    (`training.keep_versions`, `keep_versions_after` once the run ended); another is 404 with
+    the versions that are."""
+    await store.get_run(run_id)  # 404 for an unknown run, before its id names an object
+    try:
+        # read_version checks the bytes against the sha256 (the KV's, or the object's digest
+        # for an older version) before anything is sent: a client gets good bytes or an error.
+        pv, data = await read_version(bus, run_id, version)
+    except WeightsNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except WeightsError as exc:
+        raise HTTPException(502, f"the stored weights of run {run_id} are unusable: {exc}") from None
+    return Response(
+        content=data,
+        media_type="application/octet-stream",
+        headers={
+            "X-Policy-Version": str(pv.version),
+            "X-Policy-Sha256": pv.sha256,
+            "X-Policy-Step": str(pv.step),
+            "Content-Disposition": f'attachment; filename="{run_id}-v{pv.version}.safetensors"',
+        },
     )
