@@ -372,5 +372,83 @@ def evaluate(
     console.print(table)
 
 
+@app.command()
+def sft(
+    from_run: str = typer.Option(..., "--from-run", help="fine-tune on this ended run's stored trajectories"),
+    min_reward: Optional[float] = typer.Option(None, "--min-reward", help="only trajectories with at least this reward"),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="the new run's id (default: <from-run>-sft)"),
+    learning_rate: float = typer.Option(1e-3, "--learning-rate"),
+    batch_size: int = typer.Option(16, "--batch-size", help="trajectories per optimizer step"),
+    epochs: int = typer.Option(1, "--epochs"),
+    wait: bool = typer.Option(True, "--follow/--no-follow"),
+    timeout_s: float = typer.Option(24 * 3600.0, "--timeout"),
+    gateway: Optional[str] = typer.Option(None, "--gateway"),
+    state_dir: Path = StateDir,
+) -> None:
+    """Rejection-sampling fine-tuning: SFT on a past run's trajectories (exact recorded tokens),
+    keeping its model, agent and trained roles. Start an RL run from it with `init_from`."""
+    client = GatewayClient(gateway_url(gateway, state_dir))
+    try:
+        source = client.run(from_run)["config"]
+        run = client.create_run({
+            "run_id": run_id or f"{from_run}-sft", "model": source["model"], "agent": source["agent"],
+            "algorithm": "sft", "sft": {"from_run": from_run, "min_reward": min_reward},
+            "trained_roles": source["trained_roles"], "seed": source["seed"],
+            "training": {"learning_rate": learning_rate, "batch_size": batch_size, "epochs": epochs},
+        })  # fmt: skip
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from None
+    console.print(f"run [bold]{run['run_id']}[/bold]: sft on {run['rows']} trajectories of {from_run}, ~{run['total_steps']} steps")
+    if wait:
+        follow(client, run["run_id"], console, timeout_s)
+
+
+@app.command("export-model")
+def export_model_command(
+    run_id: str = typer.Argument(..., help="the run whose weights to save"),
+    out: Path = typer.Option(..., "--out", help="the Hugging Face checkpoint directory to write"),
+    version: Optional[int] = typer.Option(None, "--version", help="a kept version (default: the latest)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty OUT"),
+    gateway: Optional[str] = typer.Option(None, "--gateway"),
+    state_dir: Path = StateDir,
+) -> None:
+    """Save a run's weights with its base model's config and tokenizer as a Hugging Face
+    checkpoint directory, usable as any run's (or inference's) `model:`."""
+    from services.cli.export_model import ExportError, export_model
+
+    client = GatewayClient(gateway_url(gateway, state_dir))
+    try:
+        saved = export_model(client, run_id, out, version=version, force=force)
+    except (ExportError, GatewayError) as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    console.print(f"saved {run_id} version {saved['version']} (base {saved['base_model']}) to {saved['path']}")
+
+
+@app.command()
+def reproduce(
+    study: str = typer.Argument(..., help="calculator or text-to-sql"),
+    out: Path = typer.Option(..., "--out", help="results.json, metrics.csv and accuracy.png go here"),
+    sft_steps: Optional[int] = typer.Option(None, "--sft-steps", help="cap the warm start's steps (default: the study's)"),
+    rl_steps: Optional[int] = typer.Option(None, "--rl-steps", help="cap the GRPO run's steps (default: the study's)"),
+    eval_rows: Optional[int] = typer.Option(None, "--eval-rows", help="held-out rows evaluated (default: the study's)"),
+    seed: int = typer.Option(0, "--seed"),
+    timeout_s: float = typer.Option(3600.0, "--timeout"),
+) -> None:
+    """Reproduce one of the seeds' studies on the embedded stack: SFT warm start, baseline
+    evaluation, GRPO through the real services, final evaluation."""
+    from services.cli.reproduce import STUDY_NAMES, load_study, run_study, sized
+
+    if study not in STUDY_NAMES:
+        raise typer.BadParameter(f"unknown study {study!r}; choose one of {', '.join(STUDY_NAMES)}")
+    chosen = sized(load_study(study), sft_steps=sft_steps, rl_steps=rl_steps, eval_n=eval_rows, seed=seed)  # type: ignore[arg-type]
+    results = run_study(chosen, out, console, timeout_s)
+    console.print(
+        f"[bold]{study}[/bold]: held-out accuracy {results['baseline_accuracy']:.3f} -> {results['final_accuracy']:.3f} "
+        f"in {results['steps']} GRPO steps, {results['wall_s'] / 60:.1f} min in all; {out / 'results.json'}"
+    )
+
+
 if __name__ == "__main__":
     app()
