@@ -223,8 +223,16 @@ class Learner:
         return StepResult(self.step_count, metrics, len(samples), [], loss_tokens == 0 or nonfinite, nonfinite)
 
     def load_policy(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the policy's weights (an `init_from` warm start); the optimizer starts fresh."""
-        self.model.load_state_dict(state)
+        """Replace the policy's weights (an `init_from` warm start); the optimizer starts fresh.
+
+        Published weights hold a tied tensor once (shared/weights.py), so a missing name is
+        accepted only when its parameter shares storage with one that was loaded."""
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        loaded = {params[k].data_ptr() for k in state if k in params}
+        untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
+        if untied or unexpected:
+            raise ValueError(f"weights do not fit the model: missing {untied[:5]}, unexpected {list(unexpected)[:5]}")
         if self.reference is not None:  # the KL anchor is where training starts
             self.reference.load_state_dict(state)
 

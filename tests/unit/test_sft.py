@@ -173,3 +173,19 @@ def test_micro_batching_does_not_change_the_sft_step(tiny: Path, tokenizer, stop
     eps64 = torch.finfo(torch.float64).eps
     assert many.metrics["sft_loss"] == pytest.approx(one.metrics["sft_loss"], rel=terms * eps64 * 8)
     assert all(torch.allclose(w_one[k], w_many[k], rtol=0, atol=1e-12) for k in w_one)
+
+
+def test_init_from_weights_load_with_tied_tensors_stored_once(tiny: Path) -> None:
+    source = Learner(load_causal_lm(tiny), TrainingConfig(), seed=1, device="cpu")
+    with torch.no_grad():
+        for p in source.model.parameters():
+            p.add_(0.01)
+    state = source.policy_state()
+    state.pop("lm_head.weight", None)  # tied to the embeddings: published once (shared/weights.py)
+    target = Learner(load_causal_lm(tiny), TrainingConfig(), seed=0, device="cpu")
+    target.load_policy(state)
+    got = target.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    assert torch.equal(got["lm_head.weight"], state["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="unexpected"):
+        target.load_policy({**state, "extra.weight": torch.zeros(1)})
