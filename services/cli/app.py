@@ -443,11 +443,16 @@ def reproduce(
     if study not in STUDY_NAMES:
         raise typer.BadParameter(f"unknown study {study!r}; choose one of {', '.join(STUDY_NAMES)}")
     chosen = sized(load_study(study), sft_steps=sft_steps, rl_steps=rl_steps, eval_n=eval_rows, seed=seed)  # type: ignore[arg-type]
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill stops the study's stack too (its finally)
     results = run_study(chosen, out, console, timeout_s)
     console.print(
         f"[bold]{study}[/bold]: held-out accuracy {results['baseline_accuracy']:.3f} -> {results['final_accuracy']:.3f} "
         f"in {results['steps']} GRPO steps, {results['wall_s'] / 60:.1f} min in all; {out / 'results.json'}"
     )
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

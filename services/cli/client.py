@@ -105,6 +105,9 @@ class GatewayClient:
             raise GatewayError(f"{what}: {r.status_code} {_detail(r)}")
         return r.json()
 
+    def put_dataset(self, name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return self._json(self.http.post("/v1/datasets", json={"name": name, "rows": rows}), f"dataset {name}")
+
     def create_run(self, config: dict[str, Any]) -> dict[str, Any]:
         return self._json(self.http.post("/v1/runs", json=config), "gateway refused the run")
 

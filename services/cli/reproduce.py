@@ -24,9 +24,10 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Iterator, Literal, get_args
 
 from rich.console import Console
 
@@ -117,45 +118,84 @@ def run_study(study: Study, out: Path, console: Console, timeout_s: float = 3600
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    sft_id, rl_id = f"{study.name}-sft-{stamp}", f"{study.name}-rl-{stamp}"
-    seed = int(study.rl.get("seed", 0))
-    demos = study.demonstrations(study.sft_examples, seed + 1)
     held_out = study.eval_rows(study.eval_n)
+    with study_stack(study, out, console) as (client, config):
+        warm = warm_start(client, study, f"{study.name}-sft-{stamp}", held_out, console, timeout_s)
+        rl_config = {**study.rl, "run_id": f"{study.name}-rl-{stamp}"}
+        final, curve, rl = train_from(client, study, warm, rl_config, held_out, console, timeout_s)
+    results = _results(study, warm, final, curve, rl, time.monotonic() - started, config, rl_config)
+    _write(out, results, warm.sft, rl)
+    return results
+
+
+@dataclass
+class WarmStart:
+    """An ended SFT run and its held-out evaluation: where every GRPO run of a study starts."""
+
+    run_id: str
+    baseline: EvalPoint
+    sft: RunFollower
+    wall_s: float
+
+
+@contextmanager
+def study_stack(study: Study, out: Path, console: Console) -> Iterator[tuple[GatewayClient, StackConfig]]:
+    """A fresh embedded stack serving the study's model, stopped on the way out."""
     config = StackConfig(state_dir=out / "stack", gateway_port=0, model=study.model, log_format="json", **study.stack)
     with console.status(f"starting the stack ({study.model})…"):
         stack = Stack(config).start()
     try:
-        client = GatewayClient(stack.gateway_url, timeout_s=60.0)
-        console.print(f"[bold]1/3 SFT warm start[/bold] {sft_id}: {len(demos)} demonstrations")
-        # eval_every beyond the run's length: the pacer evaluates its version 0 (the untrained
-        # model) and, once it finished, its last version, which nothing changes any more.
-        client.create_run({**study.sft, "run_id": sft_id, "agent": study.agent, "model": study.model,
-                           "algorithm": "sft", "dataset": demos, "eval_dataset": held_out,
-                           "eval_every": _NEVER})  # fmt: skip
-        sft = follow(client, sft_id, console, timeout_s)
-        _require_finished(client, sft_id)
-        sft_wall = time.monotonic() - started
-        version = client.run(sft_id)["version"]
-        console.print(f"[bold]2/3 baseline[/bold]: {len(held_out)} held-out rows at the warm start (version {version})")
-        baseline = EvalPoint.of(_wait_eval(client, sft_id, version, len(held_out), timeout_s), study.tool_events)
-        console.print(f"baseline accuracy {baseline.accuracy:.3f}" + _tool_text(baseline))
-
-        console.print(f"[bold]3/3 GRPO[/bold] {rl_id} from the warm start")
-        rl_config = {**study.rl, "run_id": rl_id, "agent": study.agent, "model": study.model, "init_from": sft_id,
-                     "dataset": study.rl_rows(), "eval_dataset": held_out}  # fmt: skip
-        client.create_run(rl_config)
-        rl = follow(client, rl_id, console, timeout_s)
-        _require_finished(client, rl_id)
-        final_version = client.run(rl_id)["version"]
-        _wait_eval(client, rl_id, final_version, len(held_out), timeout_s)
-        curve = [EvalPoint.of(s, study.tool_events) for s in client.evals(rl_id)]
-        final = next(p for p in curve if p.version == final_version)
-        console.print(f"final accuracy {final.accuracy:.3f}" + _tool_text(final))
+        yield GatewayClient(stack.gateway_url, timeout_s=60.0), config
     finally:
         stack.stop()
-    results = _results(study, baseline, final, curve, rl, sft, time.monotonic() - started, sft_wall, config, rl_config)
-    _write(out, results, sft, rl)
-    return results
+
+
+def warm_start(
+    client: GatewayClient, study: Study, run_id: str, held_out: Rows, console: Console, timeout_s: float
+) -> WarmStart:
+    """SFT on the study's demonstrations, then its last version evaluated on `held_out`."""
+    started = time.monotonic()
+    demos = study.demonstrations(study.sft_examples, int(study.sft.get("seed", 0)) + 1)
+    console.print(f"[bold]SFT warm start[/bold] {run_id}: {len(demos)} demonstrations")
+    # A stored dataset, not inline rows: a run's config travels with every read of the run
+    # (the trainer polls its state), so thousands of conversations inline would be re-sent
+    # each time. eval_every beyond the run's length: the pacer evaluates its version 0 (the
+    # untrained model) and, once it finished, its last version, which nothing changes any more.
+    client.put_dataset(run_id, demos)
+    client.create_run({**study.sft, "run_id": run_id, "agent": study.agent, "model": study.model,
+                       "algorithm": "sft", "dataset_name": run_id, "eval_dataset": held_out,
+                       "eval_every": _NEVER})  # fmt: skip
+    sft = follow(client, run_id, console, timeout_s)
+    _require_finished(client, run_id)
+    version = client.run(run_id)["version"]
+    baseline = EvalPoint.of(_wait_eval(client, run_id, version, len(held_out), timeout_s), study.tool_events)
+    console.print(f"baseline (version {version}): held-out accuracy {baseline.accuracy:.3f}" + _tool_text(baseline))
+    return WarmStart(run_id, baseline, sft, time.monotonic() - started)
+
+
+def train_from(
+    client: GatewayClient,
+    study: Study,
+    warm: WarmStart,
+    rl_config: dict[str, Any],
+    held_out: Rows,
+    console: Console,
+    timeout_s: float,
+) -> tuple[EvalPoint, list[EvalPoint], RunFollower]:
+    """A GRPO run (`rl_config`, the study's rl config with any changes) from the warm start,
+    through the stack; its final held-out evaluation, the whole curve, and its steps."""
+    run_id = rl_config["run_id"]
+    console.print(f"[bold]GRPO[/bold] {run_id} from {warm.run_id}")
+    client.create_run({**rl_config, "agent": study.agent, "model": study.model, "init_from": warm.run_id,
+                       "dataset": study.rl_rows(), "eval_dataset": held_out})  # fmt: skip
+    rl = follow(client, run_id, console, timeout_s)
+    _require_finished(client, run_id)
+    final_version = client.run(run_id)["version"]
+    _wait_eval(client, run_id, final_version, len(held_out), timeout_s)
+    curve = [EvalPoint.of(s, study.tool_events) for s in client.evals(run_id)]
+    final = next(p for p in curve if p.version == final_version)
+    console.print(f"final (version {final_version}): held-out accuracy {final.accuracy:.3f}" + _tool_text(final))
+    return final, curve, rl
 
 
 def _require_finished(client: GatewayClient, run_id: str) -> None:
@@ -184,16 +224,15 @@ def _tool_text(point: EvalPoint) -> str:
 
 def _results(
     study: Study,
-    baseline: EvalPoint,
+    warm: WarmStart,
     final: EvalPoint,
     curve: list[EvalPoint],
     rl: RunFollower,
-    sft: RunFollower,
     wall_s: float,
-    sft_wall_s: float,
     stack: StackConfig,
     rl_config: dict[str, Any],
 ) -> dict[str, Any]:
+    baseline, sft = warm.baseline, warm.sft
     steps_to_version = {s["version"]: s["step"] for s in rl.steps}
     return {
         "study": study.name,
@@ -213,7 +252,7 @@ def _results(
         "sft_examples": study.sft_examples,
         "eval_rows": baseline.rollouts,
         "wall_s": round(wall_s, 1),
-        "sft_wall_s": round(sft_wall_s, 1),
+        "sft_wall_s": round(warm.wall_s, 1),
         "curve": [{**p.__dict__, "step": steps_to_version.get(p.version, p.version)} for p in curve],
         "baseline": baseline.__dict__,
         "rl_config": {k: v for k, v in rl_config.items() if k not in ("dataset", "eval_dataset")},
