@@ -702,6 +702,14 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _has_data(self) -> Self:
+        if self.algorithm == "sft" and self.mode != "train":
+            raise ValueError(f"an sft run trains on its own data: mode {self.mode!r} does not apply")
+        if self.algorithm == "sft" and self.training.kl_coef > 0:
+            raise ValueError("kl_coef is a GRPO setting: an sft run has no KL term")
+        if self.sft.min_reward is not None and self.sft.from_run is None:
+            raise ValueError("sft.min_reward filters sft.from_run's trajectories: give sft.from_run")
+        if self.init_from is not None and self.init_from == self.run_id:
+            raise ValueError("init_from must name another run")
         if self.sft.from_run is not None:
             if self.algorithm != "sft":
                 raise ValueError("sft.from_run is an `algorithm: sft` setting")
@@ -717,8 +725,6 @@ class RunConfig(BaseModel):
                 reason = check_conversation(row)
                 if reason is not None:
                     raise ValueError(f"dataset[{i}] is not an sft conversation: {reason}")
-        if self.init_from == self.run_id:
-            raise ValueError("init_from must name another run")
         return self
 
     @property

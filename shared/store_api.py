@@ -71,10 +71,12 @@ class GetDataset(Message):
 class GetRunTrajectories(Message):
     """Trainer (sft from a past run), gateway (its size) -> store: a run's ok training
     trajectories (evaluations left out) with reward >= `min_reward`, in rollout-id order after
-    `after`, as many as fit one reply and at most `limit` (0: only the count)."""
+    `after`, as many as fit one reply and at most `limit` (0: only the count). The count comes
+    with the first page only (`after` None)."""
 
     run_id: str
     min_reward: float | None = None
+    finished_before: float | None = Field(None, description="only trajectories finished before this time")
     after: str | None = None
     limit: int = Field(1000, ge=0)
 
@@ -164,7 +166,7 @@ class TrajectoryPage(Message):
     `after` of the next page) while more remain."""
 
     trajectories: list[Trajectory]
-    total: int = Field(ge=0)
+    total: int | None = Field(None, ge=0, description="set on the first page")
     next: str | None = None
 
 
@@ -363,15 +365,18 @@ class StoreClient:
 
     async def count_run_trajectories(self, run_id: str, min_reward: float | None = None) -> int:
         """How many ok training trajectories of `run_id` have reward >= `min_reward`."""
-        return (await self.call(GET_RUN_TRAJECTORIES, GetRunTrajectories(run_id=run_id, min_reward=min_reward, limit=0))).total
+        req = GetRunTrajectories(run_id=run_id, min_reward=min_reward, limit=0)
+        return (await self.call(GET_RUN_TRAJECTORIES, req)).total or 0
 
-    async def get_run_trajectories(self, run_id: str, min_reward: float | None = None) -> list[Trajectory]:
-        """Every ok training trajectory of `run_id` with reward >= `min_reward`, in rollout-id
-        order (stable across calls), following pages."""
+    async def get_run_trajectories(
+        self, run_id: str, min_reward: float | None = None, finished_before: float | None = None
+    ) -> list[Trajectory]:
+        """Every ok training trajectory of `run_id` with reward >= `min_reward` (finished
+        before `finished_before`), in rollout-id order (stable across calls), following pages."""
         out: list[Trajectory] = []
         after: str | None = None
         while True:
-            req = GetRunTrajectories(run_id=run_id, min_reward=min_reward, after=after)
+            req = GetRunTrajectories(run_id=run_id, min_reward=min_reward, finished_before=finished_before, after=after)
             page = await self.call(GET_RUN_TRAJECTORIES, req)
             out.extend(page.trajectories)
             if page.next is None or not page.trajectories:

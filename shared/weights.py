@@ -294,6 +294,10 @@ async def _chunk_acked(index: int, fut: asyncio.Future[Msg], timeout: float) -> 
         raise WeightsError(f"chunk {index}: rejected: {ack['error']}")
 
 
+# Listing the bucket's objects reads one small meta message per object.
+_LIST_TIMEOUT_S = 30.0
+
+
 async def prune_weights(bus: Bus, run_id: str, keep: int, current: int | None = None) -> list[str]:
     """Delete this run's weight objects except the newest `keep`; returns the names deleted.
 
@@ -326,12 +330,19 @@ async def prune_weights(bus: Bus, run_id: str, keep: int, current: int | None = 
     return doomed
 
 
-async def _run_versions(store: ObjectStore, run_id: str) -> list[int]:
-    """Sorted versions of `run_id` present (not deleted) in the weights bucket."""
+async def _run_versions(store: ObjectStore, run_id: str, timeout_s: float = _LIST_TIMEOUT_S) -> list[int]:
+    """Sorted versions of `run_id` present (not deleted) in the weights bucket.
+
+    nats-py's `ObjectStore.list` waits without a bound for its watcher's end-of-listing
+    marker; it was seen never to arrive (a trainer stuck for good after publishing), so the
+    listing gets a deadline, and a listing that misses it is a transient fault (TimeoutError):
+    the trainer resumes from its checkpoint and lists again."""
     try:
-        infos = await store.list(ignore_deletes=True)
+        infos = await asyncio.wait_for(store.list(ignore_deletes=True), timeout=timeout_s)
     except nats.js.errors.NotFoundError:
         return []
+    except asyncio.TimeoutError:
+        raise TimeoutError(f"listing the weights bucket took over {timeout_s:.0f}s") from None
     prefix = subjects.weights_object(run_id, 0)[: -len("0")]
     versions = []
     for info in infos:

@@ -214,6 +214,10 @@ class Pacer:
         if run.cursor.done and not has_eval_schedule(run.config):
             return
         progress = await read_progress(self.bus, run.run_id)
+        if progress is None and run.config.init_from is not None:
+            # Until its trainer published version 0 (the init_from weights), inference would
+            # serve the base model under that version: nothing is asked for before.
+            return
         version = progress.version if progress else 0
         cursor = await self._evaluate(run, version)
         n = allowance(run.config, cursor, progress.groups_consumed if progress else 0)

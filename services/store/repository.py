@@ -181,21 +181,23 @@ class Repository:
             )
             return await self._assemble(s, rows)
 
-    def _run_trajectories(self, run_id: str, min_reward: float | None):  # type: ignore[no-untyped-def]
+    def _run_trajectories(self, run_id: str, min_reward: float | None, finished_before: float | None):  # type: ignore[no-untyped-def]
         q = select(RolloutRow).where(RolloutRow.run_id == run_id, RolloutRow.status == "ok", RolloutRow.eval.is_(False))
+        if finished_before is not None:
+            q = q.where(RolloutRow.finished_at < finished_before)
         return q if min_reward is None else q.where(RolloutRow.reward >= min_reward)
 
-    async def count_run_trajectories(self, run_id: str, min_reward: float | None) -> int:
+    async def count_run_trajectories(self, run_id: str, min_reward: float | None, finished_before: float | None) -> int:
         """Ok training (not evaluation) trajectories of a run with reward >= `min_reward`."""
-        q = self._run_trajectories(run_id, min_reward).with_only_columns(func.count())
+        q = self._run_trajectories(run_id, min_reward, finished_before).with_only_columns(func.count())
         async with self.sessions() as s:
             return int((await s.execute(q)).scalar_one())
 
     async def run_trajectories_page(
-        self, run_id: str, min_reward: float | None, after: str | None, limit: int
+        self, run_id: str, min_reward: float | None, finished_before: float | None, after: str | None, limit: int
     ) -> list[Trajectory]:
         """Up to `limit` of those trajectories, in rollout-id order after `after`."""
-        q = self._run_trajectories(run_id, min_reward)
+        q = self._run_trajectories(run_id, min_reward, finished_before)
         if after is not None:
             q = q.where(RolloutRow.rollout_id > after)
         async with self.sessions() as s:

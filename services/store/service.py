@@ -435,7 +435,9 @@ class Store:
 
     async def rpc_get_run_trajectories(self, req: GetRunTrajectories) -> TrajectoryPage:
         """A page of a run's ok training trajectories (reward >= min_reward), under max_payload."""
-        total = await self.repo.count_run_trajectories(req.run_id, req.min_reward)
+        total = None
+        if req.after is None:
+            total = await self.repo.count_run_trajectories(req.run_id, req.min_reward, req.finished_before)
         if req.limit == 0:
             return TrajectoryPage(trajectories=[], total=total)
         budget = self.bus.nc.max_payload - PAYLOAD_HEADROOM
@@ -443,9 +445,13 @@ class Store:
         size = 0
         after = req.after
         while len(out) < req.limit:
-            page = await self.repo.run_trajectories_page(req.run_id, req.min_reward, after, _TRAJECTORIES_PER_READ)
+            page = await self.repo.run_trajectories_page(
+                req.run_id, req.min_reward, req.finished_before, after, _TRAJECTORIES_PER_READ
+            )
             for t in page:
                 n = len(t.encode())
+                if n > budget:  # never fits a reply: the caller must hear which one and why
+                    raise Refused(413, f"trajectory {t.rollout_id!r} is {n} bytes packed; one reply holds {budget}")
                 if out and (size + n > budget or len(out) >= req.limit):
                     return TrajectoryPage(trajectories=out, total=total, next=out[-1].rollout_id)
                 out.append(t)

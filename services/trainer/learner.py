@@ -227,14 +227,14 @@ class Learner:
 
         Published weights hold a tied tensor once (shared/weights.py), so a missing name is
         accepted only when its parameter shares storage with one that was loaded."""
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        loaded = {params[k].data_ptr() for k in state if k in params}
-        untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
-        if untied or unexpected:
-            raise ValueError(f"weights do not fit the model: missing {untied[:5]}, unexpected {list(unexpected)[:5]}")
+        _load_tied(self.model, state)
         if self.reference is not None:  # the KL anchor is where training starts
-            self.reference.load_state_dict(state)
+            _load_tied(self.reference, state)
+
+    def load_reference(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the frozen KL reference (a resumed `init_from` run: its policy came from the checkpoint)."""
+        if self.reference is not None:
+            _load_tied(self.reference, state)
 
     def _set_denominators(self, samples: Sequence[Sample], loss_tokens: int) -> None:
         trained = sum(1 for s in samples if s.loss_tokens)
@@ -394,6 +394,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` into `model`; a name missing from it is accepted only when its parameter
+    shares storage with one that was loaded (tied weights are stored once)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {untied[:5]}, unexpected {list(unexpected)[:5]}")
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -163,23 +163,27 @@ class RunTrainer:
             await asyncio.to_thread(self._load)
         except (OSError, ValueError) as exc:  # the model cannot be found or built: retrying cannot help
             raise PermanentRunError(f"cannot load model {self.cfg.model!r}: {type(exc).__name__}: {exc}") from exc
-        if self.counters.step == 0 and self.cfg.init_from is not None:
-            await self._init_from(self.cfg.init_from)
+        if self.cfg.init_from is not None:
+            await self._init_from(self.cfg.init_from, fresh=self.counters.step == 0)
         await self._publish_current_weights()
         await self._put_progress(force=True)
         return True
 
-    async def _init_from(self, source: str) -> None:
-        """Start from the latest weights `source` published (e.g. an SFT warm start). Only a
-        fresh run does: a resumed one has its own checkpoint."""
+    async def _init_from(self, source: str, fresh: bool) -> None:
+        """Start from the latest weights `source` published (e.g. an SFT warm start): a fresh
+        run's policy (and KL reference) become them; a resumed run has its policy from its
+        checkpoint, and only its KL reference is set again (checkpoints leave it out). The
+        gateway only accepts an ended source, so its latest weights cannot move."""
         assert self.learner is not None
+        if not fresh and self.learner.reference is None:
+            return
         pv = await latest_policy(self.bus, source)
         if pv is None:
             raise PermanentRunError(f"init_from: run {source!r} has no published weights")
         data = await read_weights(self.bus, pv)
         try:
             state = load_state_dict(data)
-            await asyncio.to_thread(self.learner.load_policy, state)
+            await asyncio.to_thread(self.learner.load_policy if fresh else self.learner.load_reference, state)
         except (WeightsError, RuntimeError, ValueError) as exc:  # another architecture: permanent
             raise PermanentRunError(
                 f"init_from: the weights of {source!r} (version {pv.version}) do not fit model {self.cfg.model!r}: {exc}"
@@ -230,6 +234,9 @@ class RunTrainer:
             await publish_metrics(self.bus, StepMetrics.model_validate(self._resent_metrics))
         latest = await latest_policy(self.bus, self.run.run_id)
         if latest is None or latest.version != self.counters.version or latest.step != self.counters.step:
+            # These weights go out as version = step: the counters must say so too, or metrics
+            # and progress would name a version inference no longer serves.
+            self.counters.version = self.counters.step
             await self._publish_weights(self.counters.step)
 
     # --- collecting groups -------------------------------------------------------------

@@ -28,8 +28,8 @@ import time
 
 import structlog
 
-from shared.faults import PermanentRunError, is_transient
-from shared.messages import RUN_ENDED, StepMetrics
+from shared.faults import NotFound, PermanentRunError, is_transient
+from shared.messages import RUN_ENDED, Group, StepMetrics
 from shared.models import load_tokenizer, resolve_model, stop_token_ids
 from shared.store_api import StoreClient
 from services.trainer.learner import StepResult
@@ -79,6 +79,9 @@ class SftRunTrainer(RunTrainer):
         if not await self._begin():
             return
         self.examples = await self._load_examples()
+        # The run's size counted what it was made from (conversations, trajectories); its steps
+        # are the examples', which progress reports from here on.
+        self.run = self.run.model_copy(update={"total_steps": self.total_steps})
         log.info("sft examples", run_id=self.run.run_id, examples=len(self.examples), steps=self.total_steps,
                  source=self.cfg.sft.from_run or "dataset")  # fmt: skip
         while not self._finished():
@@ -92,7 +95,15 @@ class SftRunTrainer(RunTrainer):
         store = StoreClient(self.bus, self.settings.store_timeout_s)
         source = self.cfg.sft.from_run
         if source is not None:
-            trajectories = await store.get_run_trajectories(source, self.cfg.sft.min_reward)
+            # Only what was stored before this run was made: an ended run can still receive a
+            # straggler, and a resumed trainer must train the very same examples.
+            trajectories = await store.get_run_trajectories(source, self.cfg.sft.min_reward, self.run.created_at)
+            assert self.learner is not None
+            for t in trajectories:
+                alone = Group(run_id=t.run_id, group_id=t.group_id, task_id=t.task_id, trajectories=[t])
+                bad = self.learner.out_of_vocabulary(alone)
+                if bad is not None:
+                    raise PermanentRunError(f"sft.from_run: {bad} (another model's tokens?)")
             samples = trajectory_samples(trajectories, self.roles)
             if not samples:
                 floor = "" if self.cfg.sft.min_reward is None else f" with reward >= {self.cfg.sft.min_reward}"
@@ -103,10 +114,13 @@ class SftRunTrainer(RunTrainer):
             return samples
         rows = (await get_run(self.bus, self.run.run_id, self.settings.store_timeout_s)).config.dataset
         if not rows and self.cfg.dataset_name:
-            rows = await store.get_dataset(self.cfg.dataset_name)
+            try:
+                rows = await store.get_dataset(self.cfg.dataset_name)
+            except NotFound as exc:
+                raise PermanentRunError(f"sft dataset {self.cfg.dataset_name!r}: {exc}") from exc
         try:
             return await asyncio.to_thread(self._render, rows)
-        except (OSError, ValueError) as exc:  # ConversationError included: the data, not the system
+        except ValueError as exc:  # ConversationError included: the data, not the system
             raise PermanentRunError(f"sft dataset: {exc}") from exc
 
     def _render(self, rows: list[dict]) -> list[Sample]:  # type: ignore[type-arg]

@@ -332,6 +332,7 @@ async def test_an_sft_run_asks_for_evaluations_but_never_for_training_rollouts(c
         ({"dataset": [], "sft": {"from_run": "base"}}, 409, "run 'base' is running"),
         ({"init_from": "nobody"}, 409, "init_from: there is no run 'nobody'"),
         ({"init_from": "base", "model": "tiny:other"}, 409, "trained model 'tiny'"),
+        ({"init_from": "base"}, 409, "init_from: run 'base' is running; start from it once it ended"),
     ],
 )
 async def test_sft_and_init_from_sources_are_checked(client: httpx.AsyncClient, change, status, reason):
@@ -346,3 +347,9 @@ async def test_sft_from_a_run_without_passing_trajectories_is_refused(client: ht
     assert (await client.post("/v1/runs/base/cancel")).status_code == 200
     r = await client.post("/v1/runs", json={**sft_body("sft3"), "dataset": [], "sft": {"from_run": "base", "min_reward": 1}})
     assert r.status_code == 422 and "no stored ok trajectory with reward >= 1.0" in r.text
+    other = {**sft_body("sft4"), "model": "tiny:agent", "dataset": [], "sft": {"from_run": "base"}}
+    r = await client.post("/v1/runs", json=other)
+    assert r.status_code == 409 and "sampled model 'tiny', not 'tiny:agent'" in r.text
+    # A cancelled run is not a warm start: only a finished run's last weights are.
+    r = await client.post("/v1/runs", json={**run_body("rl"), "init_from": "base"})
+    assert r.status_code == 409 and "start from a finished run" in r.text

@@ -117,6 +117,14 @@ def test_run_config_refuses_sft_rows_that_are_not_conversations() -> None:
         RunConfig(agent="a", algorithm="sft", dataset=[CONVERSATION], sft={"from_run": "other"})
     with pytest.raises(ValueError, match="algorithm: sft"):
         RunConfig(agent="a", sft={"from_run": "other"})
+    with pytest.raises(ValueError, match="mode 'replay' does not apply"):
+        RunConfig(agent="a", algorithm="sft", dataset=[CONVERSATION], mode="replay")
+    with pytest.raises(ValueError, match="no KL term"):
+        RunConfig(agent="a", algorithm="sft", dataset=[CONVERSATION], training={"kl_coef": 0.1})
+    with pytest.raises(ValueError, match="give sft.from_run"):
+        RunConfig(agent="a", algorithm="sft", dataset=[CONVERSATION], sft={"min_reward": 1.0})
+    with pytest.raises(ValueError, match="another run"):
+        RunConfig(run_id="x", agent="a", dataset=[{}], init_from="x")
     config = RunConfig(agent="a", algorithm="sft", sft={"from_run": "other", "min_reward": 1.0})
     assert not config.asks_rollouts and RunConfig(agent="a", dataset=[{}]).asks_rollouts
 
@@ -182,10 +190,17 @@ def test_init_from_weights_load_with_tied_tensors_stored_once(tiny: Path) -> Non
             p.add_(0.01)
     state = source.policy_state()
     state.pop("lm_head.weight", None)  # tied to the embeddings: published once (shared/weights.py)
-    target = Learner(load_causal_lm(tiny), TrainingConfig(), seed=0, device="cpu")
+    target = Learner(load_causal_lm(tiny), TrainingConfig(kl_coef=0.01), seed=0, device="cpu")
     target.load_policy(state)
     got = target.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in state.items())
     assert torch.equal(got["lm_head.weight"], state["model.embed_tokens.weight"])
+    # The KL anchor is the warm start too, and a resumed run sets it alone.
+    assert target.reference is not None
+    assert all(torch.equal(target.reference.state_dict()[k], v) for k, v in state.items())
+    resumed = Learner(load_causal_lm(tiny), TrainingConfig(kl_coef=0.01), seed=0, device="cpu")
+    resumed.load_reference(state)
+    assert resumed.reference is not None and torch.equal(resumed.reference.state_dict()["lm_head.weight"], state["model.embed_tokens.weight"])
+    assert not torch.equal(resumed.model.state_dict()["lm_head.weight"], state["model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="unexpected"):
         target.load_policy({**state, "extra.weight": torch.zeros(1)})

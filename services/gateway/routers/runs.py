@@ -249,6 +249,12 @@ async def _require_init_source(store: StoreClient, config: RunConfig) -> None:
         raise HTTPException(
             409, f"init_from: run {config.init_from!r} trained model {source.config.model!r}, not {config.model!r}"
         )
+    # Ended: its latest weights cannot move, so a resumed trainer starts its KL reference (and a
+    # restarted fresh one its policy) from the same weights as the first attempt.
+    if source.state in RUN_ACTIVE:
+        raise HTTPException(409, f"init_from: run {config.init_from!r} is {source.state}; start from it once it ended")
+    if source.state != "finished":
+        raise HTTPException(409, f"init_from: run {config.init_from!r} {source.state}; start from a finished run")
 
 
 async def _sft_source_size(store: StoreClient, config: RunConfig) -> int:
@@ -261,6 +267,8 @@ async def _sft_source_size(store: StoreClient, config: RunConfig) -> int:
         raise HTTPException(409, f"sft.from_run: there is no run {source_id!r}") from None
     if source.state in RUN_ACTIVE:
         raise HTTPException(409, f"sft.from_run: run {source_id!r} is {source.state}; fine-tune on it once it ended")
+    if source.config.model != config.model:  # its token ids are another tokenizer's
+        raise HTTPException(409, f"sft.from_run: run {source_id!r} sampled model {source.config.model!r}, not {config.model!r}")
     rows = await store.count_run_trajectories(source_id, config.sft.min_reward)
     if rows == 0:
         floor = "" if config.sft.min_reward is None else f" with reward >= {config.sft.min_reward}"
