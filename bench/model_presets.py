@@ -31,7 +31,8 @@ tests ran beside it now and then (four runs: SFT step h128 l4 0.30-0.33 s, h192 
     h192 l4               2.66M          5,131            3.996s            0.540s          1,676
     h256 l6               6.69M          1,957            9.167s            1.384s            833
 
-Chosen for `agent`: h128 l4 (the `small` shape, 1536-token vocabulary). It is the one size whose
+Step times only; the size `agent` has was chosen by learning per second (bench/sft_sizes.py): h64 l2. Earlier
+choice here, by step time alone: h128 l4 (the `small` shape, 1536-token vocabulary). It is the one size whose
 SFT step on 16 compact calculator conversations is ~0.3 s; h192 l4 is already ~0.55 s and
 h256 l6 ~1.4 s. The same conversations under the Hermes template and the 512-token BPE take
 6-8x longer per step: the prompts, not the model's size, were what made CPU training slow.

@@ -209,10 +209,12 @@ class Preset:
     max_positions: int = TINY_MAX_POSITIONS
 
 
-# Chosen with bench/model_presets.py (table in its docstring): one SFT step on 16 calculator
-# conversations takes ~0.3 s at this size on a 2-core CPU; the next candidate (192 wide) ~0.55 s.
+# Chosen by learning per wall-clock second, not by step time alone (bench/sft_sizes.py; figures
+# in docs/benchmarks.md): SFT on perfect calculator demonstrations, 2 threads, greedy end-to-end
+# held-out accuracy after 120 s of training: this size (0.26M parameters, ~7 steps/s) 82%; 128
+# wide x 4 layers (1.25M, ~2.6 steps/s) 7%. bench/model_presets.py times the step of each size.
 AGENT_SIZE: dict[str, int | float] = {
-    "hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
 }  # fmt: skip
 # Tokens of the calculator first prompt / the text-to-SQL write prompt by vocabulary size
 # (measured): 1024: 124/196, 1536: 111/172, 2048: 104/171, 3072: 103/170. Past 1536 the prompts

@@ -253,7 +253,7 @@ def test_the_agent_preset_builds_once_and_loads_like_any_checkpoint(
     model = load_causal_lm(agent)
     assert len(tok) == model.config.vocab_size == 1536
     assert model.config.max_position_embeddings == 2048 and tok.model_max_length == 2048
-    assert (model.config.hidden_size, model.config.num_hidden_layers) == (128, 4)
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (64, 2)
     assert stop_token_ids(model, tok) == {tok.convert_tokens_to_ids(IM_END), tok.eos_token_id}
     assert tok.chat_template == COMPACT_CHAT_TEMPLATE
     assert json.loads((agent / MODEL_INFO_FILE).read_text()) == {
