@@ -59,6 +59,13 @@ class Study:
     rl: dict[str, Any]  # run config of the GRPO run (`dataset`, `eval_dataset`, `init_from` filled in)
     sft_examples: int = 2000
     eval_n: int = 100
+    # The warm start is picked by evaluation, not by a fixed length: SFT accuracy jumps steeply
+    # (bench/sft_sizes.py), so SFT runs in stages (`sft_stage_steps`, each continuing the last
+    # with init_from) until the held-out accuracy of a stage's last version reaches
+    # `baseline_floor` (the seeds' baselines sit around 15-55%), at most `max_sft_stages`.
+    sft_stage_steps: int = 100
+    baseline_floor: float = 0.15
+    max_sft_stages: int = 6
     # The event names whose ratio is the study's tool-call success (None: not a tool study).
     tool_events: tuple[str, str] | None = None
     stack: dict[str, Any] = field(default_factory=dict)  # StackConfig overrides
@@ -153,24 +160,43 @@ def study_stack(study: Study, out: Path, console: Console) -> Iterator[tuple[Gat
 def warm_start(
     client: GatewayClient, study: Study, run_id: str, held_out: Rows, console: Console, timeout_s: float
 ) -> WarmStart:
-    """SFT on the study's demonstrations, then its last version evaluated on `held_out`."""
+    """SFT on the study's demonstrations, stage by stage until a stage's last version reaches
+    the study's `baseline_floor` on `held_out` (see `Study`); that version is the warm start."""
     started = time.monotonic()
     demos = study.demonstrations(study.sft_examples, int(study.sft.get("seed", 0)) + 1)
-    console.print(f"[bold]SFT warm start[/bold] {run_id}: {len(demos)} demonstrations")
     # A stored dataset, not inline rows: a run's config travels with every read of the run
     # (the trainer polls its state), so thousands of conversations inline would be re-sent
-    # each time. eval_every beyond the run's length: the pacer evaluates its version 0 (the
-    # untrained model) and, once it finished, its last version, which nothing changes any more.
+    # each time.
     client.put_dataset(run_id, demos)
-    client.create_run({**study.sft, "run_id": run_id, "agent": study.agent, "model": study.model,
-                       "algorithm": "sft", "dataset_name": run_id, "eval_dataset": held_out,
-                       "eval_every": _NEVER})  # fmt: skip
-    sft = follow(client, run_id, console, timeout_s)
-    _require_finished(client, run_id)
-    version = client.run(run_id)["version"]
-    baseline = EvalPoint.of(_wait_eval(client, run_id, version, len(held_out), timeout_s), study.tool_events)
-    console.print(f"baseline (version {version}): held-out accuracy {baseline.accuracy:.3f}" + _tool_text(baseline))
-    return WarmStart(run_id, baseline, sft, time.monotonic() - started)
+    console.print(f"[bold]SFT warm start[/bold] {run_id}: {len(demos)} demonstrations")
+    source: str | None = None
+    steps: list[dict[str, Any]] = []
+    for stage in range(study.max_sft_stages):
+        stage_id = f"{run_id}-{stage}"
+        training = dict(study.sft["training"])
+        if stage:
+            training["max_steps"] = study.sft_stage_steps
+        # eval_every beyond the run's length: the pacer evaluates the stage's version 0 and, once
+        # it finished, its last version, which nothing changes any more.
+        client.create_run({**study.sft, "training": training, "run_id": stage_id, "agent": study.agent,
+                           "model": study.model, "algorithm": "sft", "dataset_name": run_id, "init_from": source,
+                           "seed": int(study.sft.get("seed", 0)) + stage, "eval_dataset": held_out,
+                           "eval_every": _NEVER})  # fmt: skip
+        follower = follow(client, stage_id, console, timeout_s)
+        _require_finished(client, stage_id)
+        offset = steps[-1]["step"] if steps else 0
+        steps += [{**m, "step": m["step"] + offset} for m in follower.steps]
+        version = client.run(stage_id)["version"]
+        baseline = EvalPoint.of(_wait_eval(client, stage_id, version, len(held_out), timeout_s), study.tool_events)
+        console.print(f"SFT stage {stage} ({offset + version} steps in all): held-out accuracy {baseline.accuracy:.3f}"
+                      + _tool_text(baseline))  # fmt: skip
+        source = stage_id
+        if baseline.accuracy >= study.baseline_floor:
+            break
+    assert source is not None
+    sft = RunFollower(client, source)
+    sft.steps = steps
+    return WarmStart(source, baseline, sft, time.monotonic() - started)
 
 
 def train_from(
