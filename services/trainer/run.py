@@ -311,8 +311,15 @@ class RunTrainer:
 
     async def _idle(self) -> None:
         await self._put_progress()
+        run = await self._check_state()
+        if run is not None and self.replay:  # the replay job sets the run's size after the run may have been claimed
+            self.run = run
+
+    async def _check_state(self) -> RunView | None:
+        """Every `poll_s`, the run as the store has it (None when not due yet, or the store is
+        unavailable: looked at again later); a run that ended elsewhere stops this trainer."""
         if time.monotonic() - self._last_state_check < self.settings.poll_s:
-            return
+            return None
         self._last_state_check = time.monotonic()
         try:
             run = await get_run(self.bus, self.run.run_id, self.settings.store_timeout_s)
@@ -320,12 +327,11 @@ class RunTrainer:
             if not is_transient(exc):
                 raise
             log.warning("cannot read the run's state; will look again", run_id=self.run.run_id, error=str(exc))
-            return
-        if self.replay:  # the replay job sets the run's size after the run may have been claimed
-            self.run = run
+            return None
         if run.state in RUN_ENDED:
             log.info("run ended elsewhere; stopping", run_id=self.run.run_id, state=run.state)
             self.cancelled = True
+        return run
 
     # --- one step ----------------------------------------------------------------------
 

@@ -28,8 +28,8 @@ import time
 
 import structlog
 
-from shared.faults import NotFound, PermanentRunError, is_transient
-from shared.messages import RUN_ENDED, Group, StepMetrics
+from shared.faults import NotFound, PermanentRunError
+from shared.messages import Group, StepMetrics
 from shared.models import load_tokenizer, resolve_model, stop_token_ids
 from shared.store_api import StoreClient
 from services.trainer.learner import StepResult
@@ -169,19 +169,3 @@ class SftRunTrainer(RunTrainer):
         if sync:
             log.info("sft step", run_id=self.run.run_id, step=c.step, version=c.version,
                      loss=round(values.get("sft_loss", math.nan), 4), seconds=round(elapsed, 3))  # fmt: skip
-
-    async def _check_state(self) -> None:
-        """Every `poll_s`: stop when the run was cancelled or ended elsewhere."""
-        if time.monotonic() - self._last_state_check < self.settings.poll_s:
-            return
-        self._last_state_check = time.monotonic()
-        try:
-            run = await get_run(self.bus, self.run.run_id, self.settings.store_timeout_s)
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("cannot read the run's state; will look again", run_id=self.run.run_id, error=str(exc))
-            return
-        if run.state in RUN_ENDED:
-            log.info("run ended elsewhere; stopping", run_id=self.run.run_id, state=run.state)
-            self.cancelled = True
