@@ -347,15 +347,7 @@ class RunTrainer:
         c.step += 1
         c.groups_trained += len(batch.kept)
         self._unsettled = 0
-        c.nonfinite_streak = c.nonfinite_streak + 1 if result.nonfinite else 0
-        if c.nonfinite_streak >= self.settings.max_nonfinite_steps:
-            raise PermanentRunError(
-                f"non-finite loss or gradients {c.nonfinite_streak} steps in a row (last at step {c.step}); "
-                "updates were not applied"
-            )
-        sync = c.step % self.train_cfg.sync_every == 0 or self._finished()
-        if sync:
-            c.version = c.step
+        sync = self._advance(result)
         metrics = StepMetrics(
             run_id=self.run.run_id,
             step=c.step,
@@ -368,14 +360,8 @@ class RunTrainer:
             trainer_id=self.settings.trainer_id,
         )
         c.forget_old(self.train_cfg.checkpoint_every)
-        if c.step % self.train_cfg.checkpoint_every == 0 or self._finished():
-            await self._save(metrics)
-        self.lease.check()
-        await publish_metrics(self.bus, metrics)
-        if sync:
-            await self._publish_weights(c.step)
-        await self._put_progress(force=True)
-        if c.step % self.train_cfg.checkpoint_every == 0 or self._finished():
+        await self._record(metrics, sync)
+        if self._checkpoint_due():
             await self._ack_held()
         log.info(
             "step",
@@ -387,6 +373,35 @@ class RunTrainer:
             dropped=len(batch.dropped),
             seconds=round(elapsed, 3),
         )
+
+    def _advance(self, result: StepResult) -> bool:
+        """After a step (counters.step already counts it): fail the run after too many
+        non-finite updates in a row; whether this step's weights go out (its version)."""
+        c = self.counters
+        c.nonfinite_streak = c.nonfinite_streak + 1 if result.nonfinite else 0
+        if c.nonfinite_streak >= self.settings.max_nonfinite_steps:
+            raise PermanentRunError(
+                f"non-finite loss or gradients {c.nonfinite_streak} steps in a row (last at step {c.step}); "
+                "updates were not applied"
+            )
+        sync = c.step % self.train_cfg.sync_every == 0 or self._finished()
+        if sync:
+            c.version = c.step
+        return sync
+
+    def _checkpoint_due(self) -> bool:
+        return self.counters.step % self.train_cfg.checkpoint_every == 0 or self._finished()
+
+    async def _record(self, metrics: StepMetrics, sync: bool, force_progress: bool = True) -> None:
+        """A step's durable effects, in the one order every algorithm follows: checkpoint (when
+        due) -> metrics -> weights (when `sync`) -> progress."""
+        if self._checkpoint_due():
+            await self._save(metrics)
+        self.lease.check()
+        await publish_metrics(self.bus, metrics)
+        if sync:
+            await self._publish_weights(self.counters.step)
+        await self._put_progress(force=force_progress)
 
     def _values(self, result: Any, batch: Batch, elapsed: float) -> dict[str, float]:
         values = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}

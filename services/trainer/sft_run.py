@@ -33,7 +33,7 @@ from shared.messages import Group, StepMetrics
 from shared.models import load_tokenizer, resolve_model, stop_token_ids
 from shared.store_api import StoreClient
 from services.trainer.learner import StepResult
-from services.trainer.progress import get_run, publish_metrics
+from services.trainer.progress import get_run
 from services.trainer.run import RunTrainer
 from services.trainer.samples import Sample
 from services.trainer.sft import ConversationError, render_conversations, trajectory_samples
@@ -141,12 +141,7 @@ class SftRunTrainer(RunTrainer):
         c.step += 1
         c.groups_consumed += len(batch)
         c.groups_trained += len(batch)
-        c.nonfinite_streak = c.nonfinite_streak + 1 if result.nonfinite else 0
-        if c.nonfinite_streak >= self.settings.max_nonfinite_steps:
-            raise PermanentRunError(f"non-finite loss or gradients {c.nonfinite_streak} steps in a row (last at step {c.step})")
-        sync = c.step % self.train_cfg.sync_every == 0 or self._finished()
-        if sync:
-            c.version = c.step
+        sync = self._advance(result)
         values = {k: float(v) for k, v in result.metrics.items() if math.isfinite(v)}
         values["step_time_s"] = elapsed
         values["tokens_per_s"] = values.get("tokens", 0.0) / elapsed if elapsed > 0 else 0.0
@@ -159,13 +154,8 @@ class SftRunTrainer(RunTrainer):
             values=values,
             trainer_id=self.settings.trainer_id,
         )
-        if c.step % self.train_cfg.checkpoint_every == 0 or self._finished():
-            await self._save(metrics)
-        self.lease.check()
-        await publish_metrics(self.bus, metrics)
-        if sync:
-            await self._publish_weights(c.step)
-        await self._put_progress(force=sync)
+        # Progress is rate-limited between syncs: sft steps are fast, and pacing waits on nothing here.
+        await self._record(metrics, sync, force_progress=sync)
         if sync:
             log.info("sft step", run_id=self.run.run_id, step=c.step, version=c.version,
                      loss=round(values.get("sft_loss", math.nan), 4), seconds=round(elapsed, 3))  # fmt: skip
