@@ -35,14 +35,12 @@ for evaluation) nor in the RL rows (`rows.jsonl`).
 
 from __future__ import annotations
 
-import argparse
 import ast
 import functools
 import hashlib
 import json
 import math
 import random
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ from examples.calculator.agent import CALCULATOR_TOOL, first_messages
 from examples.calculator.calc import calculator
 from examples.calculator.data import PROBLEMS, Problem, as_row, iter_problems
 from examples.calculator.reward import answer_reward
+from examples.splits_cli import write_split
 
 Row = dict[str, Any]
 
@@ -312,22 +311,7 @@ def demonstrations(n: int, seed: int, mix: DemoMix = DemoMix()) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write calculator SFT demonstrations or the held-out split as JSONL")
-    parser.add_argument("what", choices=["demos", "eval"])
-    parser.add_argument("--n", type=int, default=None, help="rows (default: 2000 demos, 200 eval)")
-    parser.add_argument("--seed", type=int, default=None, help=f"default: 1 for demos, {EVAL_SEED} for eval")
-    parser.add_argument("--out", type=Path, default=None, help="default: stdout")
-    args = parser.parse_args(argv)
-    if args.what == "demos":
-        rows = demonstrations(2000 if args.n is None else args.n, 1 if args.seed is None else args.seed)
-    else:
-        rows = eval_rows(200 if args.n is None else args.n, EVAL_SEED if args.seed is None else args.seed)
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    if args.out is None:
-        sys.stdout.write(text)
-    else:
-        args.out.write_text(text)
-
+    write_split(argv, "write calculator SFT demonstrations or the held-out split as JSONL", demonstrations, eval_rows, EVAL_SEED, 200)
 
 if __name__ == "__main__":
     main()

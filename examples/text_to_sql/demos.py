@@ -39,13 +39,11 @@ No demonstration of any seed asks a reserved question, and no RL row is reserved
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
 import random
 import re
-import sys
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
@@ -62,6 +60,7 @@ from examples.text_to_sql.data import make_dataset
 from examples.text_to_sql.databases import database_path, memory_database
 from examples.text_to_sql.reward import execution_reward
 from examples.text_to_sql.sql import QueryResult, execute_sql, extract_sql, schema_sql
+from examples.splits_cli import write_split
 
 Row = dict[str, Any]
 
@@ -420,22 +419,7 @@ def eval_rows(n: int, seed: int = EVAL_SEED) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="write text-to-SQL SFT demonstrations or the held-out split as JSONL")
-    parser.add_argument("what", choices=["demos", "eval"])
-    parser.add_argument("--n", type=int, default=None, help="rows (default: 2000 demos, 100 eval)")
-    parser.add_argument("--seed", type=int, default=None, help=f"default: 1 for demos, {EVAL_SEED} for eval")
-    parser.add_argument("--out", type=Path, default=None, help="default: stdout")
-    args = parser.parse_args(argv)
-    if args.what == "demos":
-        rows = demonstrations(2000 if args.n is None else args.n, 1 if args.seed is None else args.seed)
-    else:
-        rows = eval_rows(100 if args.n is None else args.n, EVAL_SEED if args.seed is None else args.seed)
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    if args.out is None:
-        sys.stdout.write(text)
-    else:
-        args.out.write_text(text)
-
+    write_split(argv, "write text-to-SQL SFT demonstrations or the held-out split as JSONL", demonstrations, eval_rows, EVAL_SEED, 100)
 
 if __name__ == "__main__":
     main()
