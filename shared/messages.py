@@ -509,6 +509,9 @@ class TrainingConfig(BaseModel):
     epochs: int = Field(1, ge=1, le=10000)
     kl_coef: float = Field(0.0, ge=0)
     kl_penalty: KlPenalty = "low_var_kl"
+    entropy_coeff: float = Field(
+        0.0, ge=0, le=1, description="entropy bonus subtracted from the loss (verl's entropy_coeff): keeps a policy from collapsing onto one answer"
+    )
     policy_loss: str = "vanilla"
     loss_agg_mode: LossAggMode = "token-mean"
     clip_ratio_low: float = Field(0.2, ge=0, le=1)

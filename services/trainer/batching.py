@@ -116,9 +116,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-@torch.no_grad()
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution per position (a metric: no gradient)."""
+    """Entropy of the next-token distribution per position (differentiable: pass detached
+    logits for a metric, live ones for an entropy bonus)."""
     logp = torch.log_softmax(_at_least_f32(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 

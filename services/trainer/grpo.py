@@ -76,6 +76,7 @@ def actor_config(cfg: TrainingConfig, loss_scale_factor: int | None = None) -> A
         use_kl_loss=cfg.kl_coef > 0,
         kl_loss_coef=cfg.kl_coef,
         kl_loss_type=cfg.kl_penalty,
+        entropy_coeff=cfg.entropy_coeff,
     )
 
 
@@ -139,4 +140,12 @@ def kl_loss(
     kld = core_algos.kl_penalty(logprob=logprobs, ref_logprob=ref_logprobs, kl_penalty=config.kl_loss_type)
     return core_algos.agg_loss(
         loss_mat=kld, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info
+    )
+
+
+def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor, config: ActorConfig) -> torch.Tensor:
+    """Per-token entropy aggregated like the policy loss (verl's actor subtracts
+    `entropy_coeff` times this from the loss: an exploration bonus)."""
+    return core_algos.agg_loss(
+        loss_mat=entropy, loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **config.global_batch_info
     )

@@ -259,9 +259,16 @@ class Learner:
             kl = grpo.kl_loss(logprobs, self._reference_logprobs(mb), mb.loss_mask, self.actor_config)
             loss = loss + self.cfg.kl_coef * kl
             out["kl_loss"] = float(kl.detach())
+        if self.cfg.entropy_coeff > 0:
+            entropy = token_entropy(logits)
+            bonus = grpo.entropy_loss(entropy, mb.loss_mask, self.actor_config)
+            loss = loss - self.cfg.entropy_coeff * bonus
+            out["entropy_loss"] = float(bonus.detach())
+            entropy = entropy.detach()
+        else:
+            entropy = token_entropy(logits.detach())
         if mb.loss_tokens:
             loss.backward()
-        entropy = token_entropy(logits.detach())
         out["entropy_sum"] = float((entropy * mb.loss_mask).sum())
         out.update({f"mean:{k}": v for k, v in pg_metrics.items()})
         return out

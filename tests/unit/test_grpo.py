@@ -388,6 +388,27 @@ def test_a_batch_without_trained_tokens_leaves_the_weights(tiny: Path) -> None:
     assert weights_sha(learner) == before
 
 
+def test_an_entropy_bonus_spreads_a_policy_that_has_no_advantage_to_follow(tiny: Path) -> None:
+    """A collapsed policy's groups have no reward variance, so the policy loss has no
+    gradient; `entropy_coeff` still pushes the sampled positions' distributions back open."""
+    flat = [simple_group(f"z{i}", [1.0, 1.0, 1.0, 1.0]) for i in range(2)]
+    entropies = {}
+    for coeff in (0.0, 0.1):
+        cfg = TrainingConfig(learning_rate=1e-2, entropy_coeff=coeff, drop_zero_variance=False)
+        learner = Learner(load_causal_lm(tiny), cfg, seed=0, device="cpu")
+        before = weights_sha(learner)
+        first = learner.step(flat).metrics
+        for _ in range(9):
+            last = learner.step(flat).metrics
+        entropies[coeff] = (first["entropy"], last["entropy"])
+        if coeff == 0.0:
+            assert weights_sha(learner) == before, "no advantage and no bonus: nothing to learn"
+        else:
+            assert first["entropy_loss"] > 0
+    assert entropies[0.0][1] == entropies[0.0][0]
+    assert entropies[0.1][1] > entropies[0.1][0] + 0.01
+
+
 def test_a_non_finite_update_never_reaches_the_weights(tiny: Path) -> None:
     """NaN old logprobs (data that slipped past decoding) make the loss NaN: the step is
     reported non-finite and the weights stay as they were, so nothing NaN is published."""
