@@ -2,18 +2,53 @@
 
 Every service subclasses `ServiceSettings`; `load(SettingsClass, argv)` parses
 `RELAYRL_*` environment variables and `--kebab-case` flags (flags win).
+
+Secrets (the workers' inference token, the weights signing key) are `SecretStr` settings so
+they never print in a repr or a log line; `require_secret` is how a service refuses to start
+without one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from pathlib import Path
 from typing import Any, Coroutine, Literal, TypeVar
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import retention
+
+
+# A shorter shared secret is refused: it could be guessed (new_secret makes 43 characters).
+MIN_SECRET_CHARS = 16
+
+
+class ConfigError(ValueError):
+    """Permanent: a setting is missing or unusable. The service refuses to start with this reason."""
+
+
+def new_secret() -> str:
+    """A fresh random secret (256 bits, URL-safe text) for a token or a signing key."""
+    return secrets.token_urlsafe(32)
+
+
+def require_secret(value: SecretStr | None, setting: str, purpose: str) -> str:
+    """The secret in `value`, or `ConfigError` saying which variable to set and why.
+
+    Secure by default: a service that needs a shared secret never runs without one."""
+    env = f"RELAYRL_{setting.upper()}"
+    text = value.get_secret_value().strip() if value is not None else ""
+    if not text:
+        raise ConfigError(
+            f"{setting} is not set: set {env} (or --{setting.replace('_', '-')}) to {purpose}. `relayrl up` "
+            f"generates one into its state dir; generate one with: python -c 'import secrets; "
+            f"print(secrets.token_urlsafe(32))'"
+        )
+    if len(text) < MIN_SECRET_CHARS:
+        raise ConfigError(f"{env} is too short ({len(text)} characters; at least {MIN_SECRET_CHARS}): use a random secret")
+    return text
 
 
 class ServiceSettings(BaseSettings):
@@ -57,6 +92,13 @@ class ServiceSettings(BaseSettings):
         description="JetStream replicas of every stream, KV bucket and the object store (3 on a 3-node "
         "cluster); raises existing ones, never lowers them",
     )
+    weights_key: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 key the trainer signs each published weight object with and inference "
+        "replicas verify before loading it; the same value on both (RELAYRL_WEIGHTS_KEY). Trainer and "
+        "inference refuse to start without it; other services never read it",
+    )
+
 
 
 S = TypeVar("S", bound=ServiceSettings)

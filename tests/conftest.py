@@ -19,7 +19,19 @@ from services.cli.nats_server import NatsServer
 from services.cli.stack import Stack, StackConfig
 from shared.bus import Bus
 from shared.config import ServiceSettings
+from tests.support import secrets
 from tests.support.databases import POSTGRES_URL, postgres_reachable
+
+
+@pytest.fixture(scope="session", autouse=True)
+def service_secrets() -> Iterator[None]:
+    """The inference token and the weights signing key, generated for this session and set in the
+    environment: settings built in-process and service processes started by tests read them
+    there, as deployed services do (tests/support/secrets.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(secrets.INFERENCE_TOKEN_ENV, secrets.INFERENCE_TOKEN)
+        mp.setenv(secrets.WEIGHTS_KEY_ENV, secrets.WEIGHTS_KEY)
+        yield
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ import httpx
 import nats
 
 from services.cli.nats_server import NatsServer, free_port
+from services.cli.secrets import ensure_secrets, service_env
 from shared import retention, subjects
 
 T = TypeVar("T")
@@ -239,6 +240,8 @@ class Stack:
         self.nats: NatsServer | None = None
         self.nats_proc: NatsProcess | None = None
         self.nats_url = config.nats_url or ""
+        # The inference token and weights key (services/cli/secrets.py): loaded or generated at start.
+        self.secrets: dict[str, str] = {}
         self.services: list[Service] = []
         self.gateway_url = ""
         self.inference_urls: list[str] = []
@@ -254,6 +257,7 @@ class Stack:
 
     def start(self, timeout_s: float = 180.0) -> Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.secrets = ensure_secrets(self.state_dir)
         if not self.nats_url:
             self.nats = NatsServer(
                 store_dir=self.state_dir / "nats",
@@ -311,6 +315,7 @@ class Stack:
             "NATS_URL": self.nats_url,
             "RELAYRL_LOG_FORMAT": self.config.log_format,
             "PYTHONUNBUFFERED": "1",
+            **service_env(module, self.secrets),  # only the secrets this service's role uses
             **self.config.extra_env,
         }
         svc = Service(name, module, args, env, self.logs / f"{name}.log", ready_url, ready_line)

@@ -10,7 +10,7 @@ import uvicorn
 from services.inference.api import create_app
 from services.inference.engine import check_engine_kind
 from services.inference.settings import Settings
-from shared.config import load
+from shared.config import ConfigError, load
 from shared.telemetry import setup
 
 
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         structlog.contextvars.bind_contextvars(run_id=settings.run_id)
     try:
         check_engine_kind(settings.engine)
-    except (RuntimeError, ValueError) as exc:
+        app = create_app(settings)  # refuses (ConfigError) without its token or weights key
+    except (RuntimeError, ConfigError, ValueError) as exc:
         log.error("cannot start", error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         follows=(settings.run_id or "latest run") if settings.watch_policy else None,
     )
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the logging that telemetry.setup configured

@@ -13,6 +13,12 @@ replica refuses other runs (409 `wrong_run`), a following one loads the run's we
 `policy_run_id` (null: the checkpoint's own weights, every run's version 0) and
 `policy_sha256`. See `services.inference.policy` for the two replica modes and their memory.
 
+Authentication: every `/v1` route needs `Authorization: Bearer <inference_token>` (the
+rollout workers' shared secret, `RELAYRL_INFERENCE_TOKEN`); without it, or with another, the
+answer is 401 with the reason. `/healthz` and `/readyz` stay open for probes. A replica with
+no token configured refuses to start (`ConfigError`), and so does one that follows the
+trainer's weights without the key that verifies their signatures (`RELAYRL_WEIGHTS_KEY`).
+
 Overload: the engine holds at most `max_queued_requests` waiting sequences; past that a request
 is refused at once with 503 `queue_full` and `Retry-After` (the capture client waits and
 retries), so a burst costs the replica nothing it has to keep.
@@ -21,16 +27,17 @@ retries), so a burst costs the replica nothing it has to keep.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import structlog
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -52,6 +59,7 @@ from services.inference.settings import Settings
 from services.inference.text import TokenTexts
 from services.inference.tools import parse_tool_calls
 from shared import subjects
+from shared.config import require_secret
 
 # Unbound lazy logger: binding at import would freeze structlog's config before telemetry.setup.
 log = structlog.get_logger("inference.api")
@@ -60,6 +68,10 @@ MAX_CHOICES = 256
 RUN_HEADER = "x-relayrl-run"
 # Seconds a refused caller is told to wait: about the time a batch of short agent turns takes.
 OVERLOAD_RETRY_AFTER_S = 1
+
+
+class Unauthorized(Exception):
+    """A /v1 request without the workers' bearer token, or with another one (401)."""
 
 
 class Runtime:
@@ -151,6 +163,13 @@ class Runtime:
 
 
 def create_app(settings: Settings) -> FastAPI:
+    """The app; raises `shared.config.ConfigError` when a required secret is not configured."""
+    token = require_secret(settings.inference_token, "inference_token", "the token the rollout workers send")
+    if settings.watch_policy:
+        # Checked here, not at the first publish: a replica that could not verify weights
+        # would otherwise start, look healthy, and refuse every version it is sent.
+        require_secret(settings.weights_key, "weights_key", "the trainer's weights signing key")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(settings)
@@ -176,7 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="relayrl inference", version="0.1.0", lifespan=lifespan)
     app.include_router(_health_router())
-    app.include_router(_openai_router())
+    app.include_router(_openai_router(token))
     _install_error_handlers(app)
     return app
 
@@ -216,6 +235,12 @@ def _install_error_handlers(app: FastAPI) -> None:
             loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
             parts.append(f"{loc}: {err.get('msg')}")
         return _error(400, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        response = _error(401, str(exc), "authentication_error", code="invalid_token")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.exception_handler(InvalidRequest)
     async def _bad(_: Request, exc: InvalidRequest) -> JSONResponse:
@@ -278,8 +303,23 @@ def _health_router() -> APIRouter:
     return router
 
 
-def _openai_router() -> APIRouter:
-    router = APIRouter(prefix="/v1")
+def _bearer_check(token: str) -> Callable[[Request], Awaitable[None]]:
+    expected = token.encode()
+
+    async def check(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise Unauthorized("inference requires the rollout workers' token: send Authorization: Bearer "
+                               "<RELAYRL_INFERENCE_TOKEN>")  # fmt: skip
+        # Constant-time: how long a refusal takes must not tell how much of a guess was right.
+        if not hmac.compare_digest(given.strip().encode(), expected):
+            raise Unauthorized("the bearer token is not this inference service's token (RELAYRL_INFERENCE_TOKEN)")
+
+    return check
+
+
+def _openai_router(token: str) -> APIRouter:
+    router = APIRouter(prefix="/v1", dependencies=[Depends(_bearer_check(token))])
 
     @router.get("/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from shared.config import ServiceSettings
 from shared.models import default_model_dir
@@ -51,6 +51,11 @@ class Settings(ServiceSettings):
         "weights in memory); a pinned replica (--run-id) holds one",
     )
     graceful_timeout_s: float = Field(30.0, gt=0, description="how long SIGTERM waits for in-flight requests")
+    inference_token: SecretStr | None = Field(
+        None,
+        description="bearer token every /v1 request must carry (Authorization: Bearer <token>); the rollout "
+        "workers' RELAYRL_INFERENCE_TOKEN. Required: the replica refuses to start without it",
+    )
 
     @field_validator("run_id", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ import httpx
 
 from shared import telemetry
 from shared.bus import Bus, install_signal_handlers
-from shared.config import load, run_service
+from shared.config import ConfigError, load, require_secret, run_service
 from services.rollout import proxy, registry
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
@@ -17,6 +17,13 @@ from services.rollout.worker import Worker
 
 async def main(settings: RolloutSettings) -> None:
     log = telemetry.setup("rollout", settings)
+    if settings.inference_url_list():
+        try:  # before connecting anywhere: a worker without inference's token could capture nothing
+            require_secret(settings.inference_token, "inference_token", "the token inference expects")
+        except ConfigError as exc:
+            log.error("cannot start", error=str(exc))
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
     stop = asyncio.Event()
     install_signal_handlers(stop)
     agents = registry.load_builtin_and(settings.agent_modules)

@@ -8,6 +8,9 @@ Every call names the rollout's run (body `run_id`, replacing whatever the agent 
 inference samples it only with that run's weights; an answer produced with another run's
 weights is refused here as well (502), never recorded.
 
+Every request carries the workers' bearer token (`inference_token`): inference answers 401
+without it, and that 401 passes through to the agent like any other refusal.
+
 This is the single recording path: `AgentContext.chat` and the worker's HTTP capture proxy
 (`services.rollout.proxy`, what OpenAI-SDK agents talk to) both go through `CaptureClient.capture`.
 """
@@ -150,10 +153,14 @@ class CaptureClient:
         retries: int,
         backoff_s: float = 0.25,
         backoff_max_s: float = 4.0,
+        token: str | None = None,
     ) -> None:
         if not base_urls:
             raise ValueError("no inference URLs configured")
         self.http = http
+        # Per request rather than on the shared client: whoever built the client (tests, bench)
+        # need not know about it, and it never leaks into requests to anything but inference.
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_urls = base_urls
         self.retries = retries
         self.backoff_s = backoff_s
@@ -192,7 +199,7 @@ class CaptureClient:
         for attempt in range(self.retries + 1):
             delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
             try:
-                resp = await self.http.request(method, url, json=body)
+                resp = await self.http.request(method, url, json=body, headers=self.headers)
             except httpx.TransportError as exc:  # connect/read errors: the replica may be restarting
                 last, unreachable = f"{type(exc).__name__}: {exc}", True
             else:

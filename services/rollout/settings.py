@@ -1,9 +1,11 @@
+"""Settings of a rollout worker (`RELAYRL_*` env vars or `--kebab-case` flags)."""
+
 from __future__ import annotations
 
 import os
 import socket
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from shared import retention
 from shared.config import ServiceSettings
@@ -27,6 +29,11 @@ class RolloutSettings(ServiceSettings):
     )
     inference_backoff_s: float = Field(0.25, ge=0, description="first retry delay; doubles per retry")
     inference_backoff_max_s: float = Field(4.0, ge=0, description="cap on one retry delay (and on Retry-After)")
+    inference_token: SecretStr | None = Field(
+        None,
+        description="bearer token sent on every call to inference (its RELAYRL_INFERENCE_TOKEN); required "
+        "when inference_urls is set",
+    )
     proxy_host: str = Field("127.0.0.1", description="capture proxy bind address (agents' OpenAI base_url)")
     proxy_port: int = Field(0, ge=0, le=65535, description="capture proxy port; 0 = a free port")
     http_connections: int = Field(16, ge=1, description="HTTP connections to inference, shared by all agent runs")

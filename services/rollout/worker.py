@@ -23,6 +23,7 @@ import structlog
 
 from shared import subjects, telemetry
 from shared.bus import Bus, ConsumerSpec, Delivery, PullConsumer, TransientError, wait_for_stop
+from shared.config import require_secret
 from shared.faults import is_transient
 from shared.messages import AgentInfo, RolloutRequest, Trajectory, TrajectoryStatus
 from services.rollout import registry
@@ -46,6 +47,7 @@ class Worker:
                 settings.inference_retries,
                 backoff_s=settings.inference_backoff_s,
                 backoff_max_s=settings.inference_backoff_max_s,
+                token=require_secret(settings.inference_token, "inference_token", "inference's token"),
             )
             if urls
             else None

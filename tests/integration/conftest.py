@@ -18,6 +18,7 @@ from shared.models import ensure_tiny_model
 from tests.support.inference_app import running, settings as inference_settings
 from tests.support.proxy import INFERENCE, FailingStub
 from tests.support.store import RunningStore
+from tests.support.secrets import AUTH
 
 
 @pytest.fixture
@@ -56,5 +57,6 @@ async def stub(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Failin
 @pytest.fixture
 async def direct(stub: FailingStub) -> AsyncIterator[httpx.AsyncClient]:
     """Straight to inference, bypassing the stub's failures and the proxy."""
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60) as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60,
+                                 headers=AUTH) as c:
         yield c

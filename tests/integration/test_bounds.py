@@ -41,6 +41,7 @@ from tests.support.inference_app import running, settings as inference_settings
 from tests.support.proxy import INFERENCE, FailingStub, request, start_worker, worker_on_bus
 from tests.support.streams import reader
 from tests.support.waiting import wait_until
+from tests.support.secrets import AUTH
 
 BOUND = 3  # max_queued_requests of the bounded replica below (one decoding row besides)
 # A context limit past the tiny model's 1024 positions (its rotary embeddings have no position
@@ -67,7 +68,8 @@ async def bounded(model_path: Path) -> AsyncIterator[tuple[FailingStub, TorchEng
 async def client(bounded: tuple[FailingStub, TorchEngine]) -> AsyncIterator[httpx.AsyncClient]:
     stub, engine = bounded
     stub.fail_next = stub.failed = 0
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60) as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60,
+                                 headers=AUTH) as c:
         yield c
     await wait_until(lambda: idle(engine))  # nothing a test left behind reaches the next one
 

@@ -21,8 +21,10 @@ import torch
 from services.inference.api import create_app
 from services.inference.engine import TorchEngine
 from services.inference.settings import Settings
+from shared.config import ConfigError
 from shared.models import ensure_tiny_model, load_causal_lm, load_tokenizer, resolve_model
 from tests.support.inference_app import running, settings as inference_settings
+from tests.support.secrets import AUTH, INFERENCE_TOKEN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +56,7 @@ def _settings(model_path: Path, **overrides: Any) -> Settings:
 async def serve(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, TorchEngine]]:
     async with running(settings) as app:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://inference", timeout=60) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://inference", timeout=60, headers=AUTH) as client:
             engine = app.state.runtime.engine
             assert engine is not None
             yield client, engine
@@ -118,11 +120,78 @@ async def test_health_models_stats(client: httpx.AsyncClient, engine: TorchEngin
     assert {"requests_finished", "generated_tokens", "batch_sizes", "policy_version"} <= stats.keys()
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/models"), ("GET", "/v1/stats"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")],
+)
+async def test_v1_routes_need_the_workers_token(
+    served: tuple[httpx.AsyncClient, TorchEngine], method: str, path: str
+) -> None:
+    client, _ = served
+    body = {"prompt": "hi", "max_tokens": 2} if path == "/v1/completions" else {
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}  # fmt: skip
+    refusals = {
+        "no header": {},
+        "wrong token": {"Authorization": f"Bearer {INFERENCE_TOKEN}x"},
+        "not bearer": {"Authorization": f"Basic {INFERENCE_TOKEN}"},
+        "empty bearer": {"Authorization": "Bearer "},
+    }
+    async with httpx.AsyncClient(transport=client._transport, base_url="http://inference", timeout=60) as bare:
+        for why, headers in refusals.items():
+            r = await bare.request(method, path, json=body if method == "POST" else None, headers=headers)
+            assert r.status_code == 401, (why, r.status_code, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+            error = r.json()["error"]
+            assert error["type"] == "authentication_error" and "RELAYRL_INFERENCE_TOKEN" in error["message"], why
+            assert INFERENCE_TOKEN not in r.text  # a refusal never echoes the secret
+        # An invalid body without a token is still 401: nothing about the request is looked at first.
+        assert (await bare.post("/v1/completions", json={"prompt": []})).status_code == 401
+        # Probes stay open.
+        assert (await bare.get("/healthz")).status_code == 200
+        assert (await bare.get("/readyz")).status_code == 200
+    r = await client.request(method, path, json=body if method == "POST" else None)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_max_tokens_past_the_context_is_400_with_the_reason(client: httpx.AsyncClient, path: str) -> None:
+    body = {"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    for field in ("max_tokens", "max_completion_tokens") if path == "/v1/chat/completions" else ("max_tokens",):
+        r = await client.post(path, json={**body, field: 1024})  # the tiny model's whole context, plus the prompt
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert "maximum context length is 1024 tokens" in error["message"] and "asks for 1024 more" in error["message"]
+    r = await client.post(path, json={**body, "max_tokens": 10**30})  # absurd, still a clear 400 and no 500
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
+def test_app_refuses_to_start_without_its_secrets(model_path: Path) -> None:
+    with pytest.raises(ConfigError, match="RELAYRL_INFERENCE_TOKEN"):
+        create_app(_settings(model_path, inference_token=None))
+    with pytest.raises(ConfigError, match="too short"):
+        create_app(_settings(model_path, inference_token="short"))
+    # A replica that follows the trainer must be able to verify its weights.
+    with pytest.raises(ConfigError, match="RELAYRL_WEIGHTS_KEY"):
+        create_app(_settings(model_path, watch_policy=True, weights_key=None))
+    create_app(_settings(model_path, weights_key=None))  # fixed weights (--no-watch-policy): no key needed
+
+
+def test_process_without_a_token_exits_with_the_reason() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RELAYRL_INFERENCE_TOKEN"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.inference", "--port", "0", "--no-watch-policy"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "inference_token is not set" in proc.stderr and "RELAYRL_INFERENCE_TOKEN" in proc.stderr
+
+
 async def test_readyz_is_503_while_loading(model_path: Path) -> None:
     app = create_app(_settings(model_path))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://inference") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://inference", headers=AUTH) as c:
             first = await c.get("/readyz")  # the model loads in a thread; we asked at once
             assert (await c.get("/healthz")).status_code == 200
             if first.status_code == 503:
@@ -135,7 +204,7 @@ async def test_missing_model_fails_health(tmp_path: Path) -> None:
     app = create_app(_settings(tmp_path / "nope"))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://inference") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://inference", headers=AUTH) as c:
             for _ in range(200):
                 r = await c.get("/readyz")
                 if r.json()["status"] == "failed":
@@ -468,7 +537,7 @@ def test_process_serves_and_drains_on_sigterm(model_path: Path) -> None:
             raise AssertionError("server never became ready")
 
         async def long_then_term() -> httpx.Response:
-            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+            async with httpx.AsyncClient(base_url=base, timeout=60, headers=AUTH) as c:
                 body = {"prompt": "drain", "max_tokens": 800, "temperature": 0, "ignore_eos": True}
                 task = asyncio.create_task(c.post("/v1/completions", json=body))
                 while (await c.get("/v1/stats")).json()["active_rows"] == 0:

@@ -21,6 +21,7 @@ from services.inference.schemas import ChatCompletionRequest
 from services.inference.tools import callable_names, parse_tool_calls
 from shared.models import ensure_tiny_model, load_tokenizer
 from tests.support.inference_app import running, settings as inference_settings
+from tests.support.secrets import AUTH, INFERENCE_TOKEN
 
 BASE = "http://inference"
 
@@ -72,7 +73,7 @@ async def app(model_path: Path) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE, timeout=60) as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE, timeout=60, headers=AUTH) as c:
         yield c
 
 
@@ -297,7 +298,7 @@ async def test_bad_tool_requests_are_400(client: httpx.AsyncClient) -> None:
 
 async def test_openai_sdk_sends_tools_and_tool_history(app: FastAPI) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), timeout=60) as http:
-        sdk = openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key="none", http_client=http, max_retries=0)
+        sdk = openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key=INFERENCE_TOKEN, http_client=http, max_retries=0)
         reply = await sdk.chat.completions.create(  # type: ignore[call-overload]
             model="x", messages=CONVERSATION, tools=TOOLS, tool_choice="auto", max_tokens=4, temperature=0.0
         )

@@ -17,7 +17,7 @@ import pytest
 
 from shared import subjects
 from shared.bus import Bus
-from shared.config import ServiceSettings
+from shared.config import ConfigError, ServiceSettings
 from shared.messages import Trajectory, unpack_f32, unpack_i32
 from services.rollout import proxy, registry
 from services.rollout.agents.openai_sdk import NAME as OPENAI_ECHO, first_messages, second_messages
@@ -25,6 +25,7 @@ from services.rollout.context import AgentContext
 from services.rollout.settings import RolloutSettings
 from services.rollout.worker import Worker
 from tests.support.proxy import INFERENCE, FailingStub, assert_transition_is, direct_chat, request, start_worker, worker_on_bus
+from tests.support.secrets import INFERENCE_TOKEN
 from tests.support.streams import reader
 
 
@@ -207,6 +208,34 @@ async def test_inference_gone_is_a_clear_502_or_503(stub: FailingStub):
             assert stub.failed == 3 and ctx.transitions == []
     finally:
         stub.fail_next = 0
+
+
+# --- authentication toward inference, and where the proxy listens ------------------------------------
+
+
+async def test_a_worker_with_the_wrong_token_is_refused_401_and_records_nothing(stub: FailingStub):
+    async for w in start_worker(stub, inference_token=INFERENCE_TOKEN + "-not-it"):
+        ctx = AgentContext(request=request("none"), client=w.client, proxy=w.proxy)
+        with w.proxy.track(ctx):
+            with pytest.raises(openai.APIStatusError) as err:
+                await ctx.openai().chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        await ctx.aclose()
+        # Inference's own refusal passes through (not retried): the reason says which secret is wrong.
+        assert err.value.status_code == 401 and "RELAYRL_INFERENCE_TOKEN" in str(err.value)
+        assert ctx.transitions == []
+
+
+async def test_a_worker_without_a_token_refuses_to_start(stub: FailingStub):
+    with pytest.raises(ConfigError, match="RELAYRL_INFERENCE_TOKEN"):
+        async for _ in start_worker(stub, inference_token=None):
+            pass
+    async for w in start_worker(stub, inference_token=None, inference_urls=""):
+        assert w.client is None  # no inference configured (model-free agents only): nothing to authenticate to
+
+
+async def test_the_proxy_listens_on_loopback_by_default(worker: Worker):
+    assert RolloutSettings().proxy_host == "127.0.0.1"
+    assert worker.proxy.url is not None and worker.proxy.url.startswith("http://127.0.0.1:")
 
 
 # --- the whole worker: NATS in, trajectory out ----------------------------------------------------------

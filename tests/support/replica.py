@@ -17,6 +17,7 @@ from services.inference.api import create_app
 from services.inference.engine import TorchEngine
 from services.inference.settings import Settings
 from shared.models import load_causal_lm
+from tests.support.secrets import AUTH
 
 PROMPT = [5, 17, 42, 99, 7]
 
@@ -55,7 +56,7 @@ async def replica(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, 
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://inference", timeout=60) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://inference", timeout=60, headers=AUTH) as client:
             waiting: list[dict[str, Any]] = []
             deadline = time.monotonic() + 30
             while (r := await client.get("/readyz")).status_code != 200:
