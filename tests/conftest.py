@@ -15,6 +15,7 @@ from typing import AsyncIterator, Iterator
 
 import pytest
 
+from examples.text_to_sql.access import DB_DIR_ENV as TEXT_TO_SQL_DB_DIR_ENV
 from services.cli.nats_server import NatsServer
 from services.cli.stack import Stack, StackConfig
 from shared.bus import Bus
@@ -93,7 +94,18 @@ async def database_url(request: pytest.FixtureRequest, sqlite_url: str) -> Async
 
 
 @pytest.fixture(scope="session")
-def agent_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def text_to_sql_db_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The directory the text-to-SQL agent may open databases from besides its generated ones
+    (examples/text_to_sql/access.py), set in the environment before `agent_stack`'s worker
+    starts: end-to-end tests put their Spider-format folders under it."""
+    path = tmp_path_factory.mktemp("text-to-sql-databases")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(TEXT_TO_SQL_DB_DIR_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def agent_stack(tmp_path_factory: pytest.TempPathFactory, text_to_sql_db_dir: Path) -> Iterator[Stack]:
     """One real stack (nats-server, store, inference with the tiny model, a rollout worker,
     gateway; no trainer) shared by the example agents' end-to-end tests (tests/support/agent_stack.py)."""
     state = tmp_path_factory.mktemp("agent-stack")

@@ -18,10 +18,22 @@ speaks between turns, at most `max_turns - 1` times (a verdict after the last qu
 change nothing). The reward is 1.0 when the final query's result matches the gold query's
 (`reward.execution_reward`: multisets of rows, ordered when the gold sorts), else 0.0.
 
-Input: `question`, `gold_sql`, and `db_path` (a SQLite file, e.g. from `load_spider`; relative
-paths resolve on the worker) or `db_id` (a generated database, built on first use). Optional:
-`max_turns`, `sql_max_tokens` (default: the run's sampling `max_tokens`), `check_max_tokens`
-(default 96), `query_timeout_s` (default 2).
+Input: `question`, `gold_sql`, and `db_path` (a SQLite file, e.g. from `load_spider`) or
+`db_id` (a generated database, built on first use). Optional: `max_turns`, `sql_max_tokens`
+(default: the run's sampling `max_tokens`), `check_max_tokens` (default 96), `query_timeout_s`
+(default 2, at most `sql.MAX_TIMEOUT_S` = 10).
+
+The input is untrusted (anyone who may submit tasks writes it):
+
+- `db_path` must name one of the generated databases or a SQLite file under the worker's
+  configured database directory (`access.allowed_database`, `RELAYRL_TEXT_TO_SQL_DB_DIR`);
+  anything else fails the rollout with the reason, before the file is opened or its schema
+  reaches a prompt;
+- `gold_sql` runs under the same executor as the model's queries (read-only, time-, size- and
+  function-limited) and is used by its result only: neither it nor its error text (which can
+  quote data, e.g. `json_extract('{}', (SELECT secret FROM t))`) reaches a prompt, a reward
+  or the rollout's recorded error;
+- `query_timeout_s` outside (0, 10] is refused rather than silently cut.
 """
 
 from __future__ import annotations
@@ -31,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from examples.text_to_sql.access import allowed_database
 from examples.text_to_sql.databases import DB_IDS, database_path
 from examples.text_to_sql.reward import execution_reward
-from examples.text_to_sql.sql import QueryResult, execute_sql, extract_sql, format_result, schema_sql
+from examples.text_to_sql.sql import MAX_TIMEOUT_S, QueryResult, execute_sql, extract_sql, format_result, schema_sql
 from services.rollout.context import AgentContext
 from services.rollout.registry import agent
 
@@ -62,7 +75,7 @@ class Task:
 
     question: str
     gold_sql: str
-    db_path: Path | None  # given by the row (Spider); else `db_id` names a generated database
+    db_path: str | None  # given by the row (Spider), unchecked until `database()`; else `db_id`
     db_id: str | None
     max_turns: int
     sql_max_tokens: int | None
@@ -75,7 +88,7 @@ class Task:
         gold_sql = str(data.get("gold_sql") or data.get("query") or "").strip()
         if not question or not gold_sql:
             raise ValueError("a text-to-sql input needs `question` and `gold_sql`")
-        db_path = Path(data["db_path"]) if data.get("db_path") else None
+        db_path = str(data["db_path"]) if data.get("db_path") else None
         db_id = str(data["db_id"]) if data.get("db_id") else None
         if db_path is None and db_id not in DB_IDS:
             raise ValueError(f"give `db_path`, or `db_id` naming a generated database {list(DB_IDS)}; got {db_id!r}")
@@ -83,6 +96,9 @@ class Task:
         if max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         sql_tokens = data.get("sql_max_tokens")
+        query_timeout_s = float(data.get("query_timeout_s", DEFAULT_QUERY_TIMEOUT_S))
+        if not (0 < query_timeout_s <= MAX_TIMEOUT_S):  # also refuses NaN and inf
+            raise ValueError(f"query_timeout_s must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {query_timeout_s}")
         return cls(
             question=question,
             gold_sql=gold_sql,
@@ -91,15 +107,14 @@ class Task:
             max_turns=max_turns,
             sql_max_tokens=int(sql_tokens) if sql_tokens is not None else None,
             check_max_tokens=int(data.get("check_max_tokens", DEFAULT_CHECK_MAX_TOKENS)),
-            query_timeout_s=float(data.get("query_timeout_s", DEFAULT_QUERY_TIMEOUT_S)),
+            query_timeout_s=query_timeout_s,
         )
 
     def database(self) -> Path:
-        """The SQLite file to query (builds a generated database on first use)."""
+        """The SQLite file to query (builds a generated database on first use). Raises
+        `access.DatabaseRefused` for a `db_path` the example may not open."""
         if self.db_path is not None:
-            if not self.db_path.is_file():
-                raise FileNotFoundError(f"database file not found: {self.db_path}")
-            return self.db_path
+            return allowed_database(self.db_path)
         assert self.db_id is not None
         return database_path(self.db_id)
 
@@ -146,6 +161,10 @@ def approved(verdict: str) -> bool:
 # --- the loop ---------------------------------------------------------------------------
 
 
+class GoldQueryFailed(ValueError):
+    """The task's gold query did not run; deliberately without SQLite's error text."""
+
+
 class ContextFull(Exception):
     """Inference refused a call because the prompt no longer fits the model's context."""
 
@@ -184,9 +203,10 @@ async def text_to_sql_agent(ctx: AgentContext) -> float:
     db = await asyncio.to_thread(task.database)
     schema = await asyncio.to_thread(schema_sql, db)
     # The gold result first: a broken row fails the rollout before any model call is spent on it.
-    gold = await asyncio.to_thread(execute_sql, db, task.gold_sql, timeout_s=max(task.query_timeout_s, 10.0))
+    # Its error text is dropped: it can quote the data the query read (see the module docstring).
+    gold = await asyncio.to_thread(execute_sql, db, task.gold_sql, timeout_s=MAX_TIMEOUT_S)
     if not gold.ok:
-        raise ValueError(f"the gold query fails on {db.name}: {gold.error}")
+        raise GoldQueryFailed(f"the gold query fails on {db.name} (its error is not reported)")
 
     conversation = write_messages(schema, task.question)
     answer = await complete(ctx, "write", conversation, task.sql_max_tokens)

@@ -208,10 +208,15 @@ def memory_database(db_id: str) -> sqlite3.Connection:
     return conn
 
 
+def generated_path(db_id: str) -> Path:
+    """Where generated database `db_id` lives in `cache_dir()` (built or not: nothing is touched)."""
+    _check_db_id(db_id)
+    return cache_dir() / f"{db_id}-{content_hash(db_id)[:16]}.sqlite"
+
+
 def database_path(db_id: str) -> Path:
     """The SQLite file of generated database `db_id`, built into `cache_dir()` if it is missing."""
-    _check_db_id(db_id)
-    path = cache_dir() / f"{db_id}-{content_hash(db_id)[:16]}.sqlite"
+    path = generated_path(db_id)
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

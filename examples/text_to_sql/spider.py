@@ -15,7 +15,9 @@ have.
     # [{"db_id": "concert_singer", "question": "...", "gold_sql": "SELECT ...",
     #   "db_path": "/data/spider/database/concert_singer/concert_singer.sqlite"}, ...]
 
-`db_path` is absolute, so the rows work from any worker that sees the same path.
+`db_path` is absolute, so the rows work from any worker that sees the same path and allows it:
+the agent opens only files under the worker's `RELAYRL_TEXT_TO_SQL_DB_DIR` (set it to the
+`database/` folder, e.g. `RELAYRL_TEXT_TO_SQL_DB_DIR=/data/spider/database`; see `access.py`).
 """
 
 from __future__ import annotations

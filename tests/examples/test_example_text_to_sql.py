@@ -3,23 +3,30 @@ loader, the agent's write/check/rewrite loop (scripted model), and one end-to-en
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
 import sqlite3
 import sys
+import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
 from examples.text_to_sql import agent as t2s
+from examples.text_to_sql import sql as t2s_sql
+from examples.text_to_sql.access import DB_DIR_ENV, DatabaseRefused, allowed_database
 from examples.text_to_sql.data import TEMPLATES, Db, answerable, make_dataset
 from examples.text_to_sql.databases import DB_IDS, SCHEMAS, content_hash, database_path, memory_database
 from examples.text_to_sql.reward import execution_reward, has_order_by, rows_match
 from examples.text_to_sql.spider import load_spider
 from examples.text_to_sql.sql import QueryResult, execute_sql, extract_sql, format_result, schema_sql
 from services.cli.app import load_run_config
+from services.cli.client import GatewayClient
 from services.rollout import registry
 from shared.messages import RunConfig, unpack_i32
 from tests.support.agent_stack import assert_captured, run_tasks, samples_of
@@ -31,10 +38,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture
-def spider_root(tmp_path: Path) -> Path:
-    """A tiny Spider-format folder: dev.json and database/concerts/concerts.sqlite."""
-    db_dir = tmp_path / "spider" / "database" / "concerts"
+def make_spider(root: Path) -> Path:
+    """A tiny Spider-format folder at `root`: dev.json and database/concerts/concerts.sqlite."""
+    db_dir = root / "database" / "concerts"
     db_dir.mkdir(parents=True)
     conn = sqlite3.connect(db_dir / "concerts.sqlite")
     conn.execute("CREATE TABLE singer (singer_id INTEGER PRIMARY KEY, name TEXT, country TEXT, age INTEGER)")
@@ -50,8 +56,16 @@ def spider_root(tmp_path: Path) -> Path:
         {"db_id": "concerts", "question": "Names of singers from France by age.",
          "query": "SELECT name FROM singer WHERE country = 'France' ORDER BY age"},
     ]  # fmt: skip
-    (tmp_path / "spider" / "dev.json").write_text(json.dumps(examples))
-    return tmp_path / "spider"
+    (root / "dev.json").write_text(json.dumps(examples))
+    return root
+
+
+@pytest.fixture
+def spider_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`make_spider` under tmp_path, its database folder configured as the one the agent may read."""
+    root = make_spider(tmp_path / "spider")
+    monkeypatch.setenv(DB_DIR_ENV, str(root / "database"))
+    return root
 
 
 # --- databases --------------------------------------------------------------------------
@@ -366,6 +380,218 @@ async def test_agent_rejects_bad_inputs() -> None:
         await t2s.text_to_sql_agent(ScriptedCtx({**GOLD, "max_turns": 0}, {}))  # type: ignore[arg-type]
 
 
+# --- untrusted input: db_path, gold SQL, timeouts, expensive functions ----------------------
+
+FOREVER = "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
+SECRET = "TOPSECRET-42"
+
+_recording: list[str] | None = None  # paths opened while `opened_files` records (audit hook below)
+
+
+def _record_opens(event: str, args: tuple[Any, ...]) -> None:
+    if _recording is not None and event in ("open", "sqlite3.connect"):
+        _recording.append(os.fsdecode(args[0]) if isinstance(args[0], (str, bytes, os.PathLike)) else str(args[0]))
+
+
+@pytest.fixture
+def opened_files() -> Iterator[list[str]]:
+    """Every path the process opens during the test (Python's `open` and `sqlite3.connect` audit
+    events, from any thread). An audit hook cannot be removed: it is added once and only records
+    while a test holds this fixture."""
+    global _recording
+    if not getattr(sys, "_t2s_open_hook", False):
+        sys.addaudithook(_record_opens)
+        sys._t2s_open_hook = True  # type: ignore[attr-defined]
+    _recording = []
+    try:
+        yield _recording
+    finally:
+        _recording = None
+
+
+def sqlite_file(path: Path, *statements: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    return path
+
+
+@pytest.fixture
+def db_places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A configured database directory (a database, a text file, symlinks pointing out of it)
+    and, outside it, a database holding a secret."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    sqlite_file(allowed / "good.sqlite", "CREATE TABLE t (x INTEGER)", "INSERT INTO t VALUES (7)")
+    sqlite_file(outside / "secret.sqlite", "CREATE TABLE vault_secret_table (p TEXT)", f"INSERT INTO vault_secret_table VALUES ('{SECRET}')")
+    (allowed / "notes.txt").write_text("SQLite format 2 -- not a database\n")
+    (allowed / "link.sqlite").symlink_to(outside / "secret.sqlite")
+    (allowed / "linkdir").symlink_to(outside, target_is_directory=True)
+    (allowed / "inner.sqlite").symlink_to(allowed / "good.sqlite")
+    monkeypatch.setenv(DB_DIR_ENV, str(allowed))
+    return allowed, outside
+
+
+@pytest.mark.parametrize(
+    ("db_path", "reason"),
+    [
+        ("{outside}/secret.sqlite", "only the example's generated databases"),
+        ("/etc/passwd", "only the example's generated databases"),
+        ("{allowed}/../outside/secret.sqlite", "'..' components are not allowed"),
+        ("../outside/secret.sqlite", "'..' components are not allowed"),
+        ("{allowed}/link.sqlite", "only the example's generated databases"),  # a symlink out of the dir
+        ("{allowed}/linkdir/secret.sqlite", "only the example's generated databases"),
+        ("{allowed}/notes.txt", "not a SQLite database"),
+        ("{allowed}/missing.sqlite", "no such database file"),
+        ("{allowed}", "no such database file"),  # the directory itself
+    ],
+)
+async def test_db_path_outside_the_allowed_places_is_refused_unopened(
+    db_path: str, reason: str, db_places: tuple[Path, Path], opened_files: list[str]
+) -> None:
+    allowed, outside = db_places
+    path = db_path.format(allowed=allowed, outside=outside)
+    ctx = ScriptedCtx({"question": "q?", "gold_sql": "SELECT 1", "db_path": path}, {})
+    with pytest.raises(DatabaseRefused, match=reason) as refused:
+        await t2s.text_to_sql_agent(ctx)  # type: ignore[arg-type]
+    assert ctx.calls == [] and ctx.events == []  # no prompt, so no schema in one
+    assert str(allowed) not in str(refused.value).replace(path, "")  # the configured dir is not disclosed
+    # Nothing outside the allowed directory was opened, not even to read a header.
+    assert [p for p in opened_files if str(outside) in p or "passwd" in p or "secret" in p] == []
+    assert any(str(allowed) in p for p in opened_files) == path.endswith("notes.txt")  # the hook sees opens
+
+
+def test_db_path_inside_the_allowed_places(db_places: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    allowed, outside = db_places
+    good = (allowed / "good.sqlite").resolve()
+    assert allowed_database(str(allowed / "good.sqlite")) == good
+    assert allowed_database("good.sqlite") == good  # relative: under the configured directory
+    assert allowed_database(str(allowed / "inner.sqlite")) == good  # a symlink that stays inside
+    generated = database_path("shop")
+    assert allowed_database(str(generated)) == generated.resolve()
+    monkeypatch.setenv(DB_DIR_ENV, os.pathsep.join([str(tmp) for tmp in (outside / "none", allowed)]))
+    assert allowed_database(str(allowed / "good.sqlite")) == good  # any of several directories
+    monkeypatch.delenv(DB_DIR_ENV)
+    assert allowed_database(str(generated)) == generated.resolve()  # generated ones need no setting
+    with pytest.raises(DatabaseRefused, match="only the example's generated databases"):
+        allowed_database(str(allowed / "good.sqlite"))
+    with pytest.raises(DatabaseRefused, match="relative path needs a database directory"):
+        allowed_database("good.sqlite")
+    # Another file in the generated databases' cache directory is not a generated database.
+    stray = sqlite_file(generated.parent / "stray-test.sqlite", "CREATE TABLE t (x)")
+    try:
+        with pytest.raises(DatabaseRefused, match="only the example's generated databases"):
+            allowed_database(str(stray))
+    finally:
+        stray.unlink()
+
+
+async def test_agent_runs_on_a_database_in_the_configured_directory(db_places: tuple[Path, Path]) -> None:
+    ctx = ScriptedCtx(
+        {"question": "x?", "gold_sql": "SELECT x FROM t", "db_path": "good.sqlite", "max_turns": 1},
+        {"write": ["SELECT x FROM t"]},
+    )
+    assert await t2s.text_to_sql_agent(ctx) == 1.0  # type: ignore[arg-type]
+    assert "CREATE TABLE t" in ctx.calls[0][1][-1]["content"]
+
+
+async def test_gold_query_error_text_never_leaves_the_agent(db_places: tuple[Path, Path]) -> None:
+    allowed, _ = db_places
+    vault = sqlite_file(allowed / "vault.sqlite", "CREATE TABLE u (p TEXT)", f"INSERT INTO u VALUES ('{SECRET}')")
+    for gold in (
+        "SELECT json_extract('{}', (SELECT p FROM u))",  # SQLite quotes the bad path: the secret
+        "SELECT p FROM u WHERE p = 'x' AND zeroblob(1)",
+        FOREVER,
+    ):
+        ctx = ScriptedCtx({"question": "q?", "gold_sql": gold, "db_path": str(vault)}, {})
+        with pytest.raises(t2s.GoldQueryFailed, match="gold query fails on vault.sqlite") as failed:
+            await t2s.text_to_sql_agent(ctx)  # type: ignore[arg-type]
+        # What the worker records as the rollout's error (worker._run_agent): type and message.
+        recorded = f"{type(failed.value).__name__}: {failed.value}"
+        assert SECRET not in recorded and gold not in recorded and SECRET not in repr(failed.value)
+        assert failed.value.__cause__ is None and failed.value.__context__ is None
+        assert ctx.calls == []
+    # The channel is real: the same query's own error quotes the secret.
+    assert SECRET in (execute_sql(vault, "SELECT json_extract('{}', (SELECT p FROM u))").error or "")
+    with pytest.raises(ValueError, match="gold query failed") as reward_error:
+        execution_reward(QueryResult(True, ("n",), ((1,),)), QueryResult(False, error=SECRET), "SELECT 1")
+    assert SECRET not in str(reward_error.value)
+
+
+def running_execute_sql() -> list[int]:
+    """Ids of threads whose stack is inside `execute_sql` right now."""
+    code = t2s_sql.execute_sql.__code__
+    return [
+        tid for tid, frame in sys._current_frames().items()
+        if any(f.f_code is code for f, _ in traceback.walk_stack(frame))
+    ]  # fmt: skip
+
+
+def test_a_runaway_query_stops_at_the_timeout_cap() -> None:
+    started = time.monotonic()
+    res = execute_sql(database_path("library"), FOREVER, timeout_s=1e18)
+    elapsed = time.monotonic() - started
+    assert res.error == f"query timed out after {t2s_sql.MAX_TIMEOUT_S:g}s" == "query timed out after 10s"
+    assert t2s_sql.MAX_TIMEOUT_S <= elapsed < t2s_sql.MAX_TIMEOUT_S + 2.0
+    assert not execute_sql(database_path("library"), "SELECT 1", timeout_s=float("nan")).ok
+
+
+async def test_agent_timeouts_are_capped_and_leave_no_thread_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in (1e18, float("inf"), float("nan"), 0, -1, t2s_sql.MAX_TIMEOUT_S + 0.5):
+        with pytest.raises(ValueError, match="query_timeout_s must be in"):
+            t2s.Task.from_input({**GOLD, "query_timeout_s": bad})
+    assert t2s.Task.from_input({**GOLD, "query_timeout_s": t2s_sql.MAX_TIMEOUT_S}).query_timeout_s == 10.0
+    # The gold query runs at the cap: shrink the cap (in both modules that read it) to keep this fast.
+    monkeypatch.setattr(t2s_sql, "MAX_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(t2s, "MAX_TIMEOUT_S", 0.3)
+    started = time.monotonic()
+    with pytest.raises(t2s.GoldQueryFailed):
+        await t2s.text_to_sql_agent(ScriptedCtx({**GOLD, "gold_sql": FOREVER, "query_timeout_s": 0.2}, {}))  # type: ignore[arg-type]
+    assert time.monotonic() - started < 2.0 and running_execute_sql() == []
+    ctx = ScriptedCtx({**GOLD, "max_turns": 1, "query_timeout_s": 0.2}, {"write": [FOREVER]})
+    assert await t2s.text_to_sql_agent(ctx) == 0.0  # type: ignore[arg-type]
+    assert ctx.events[0][1]["error"] == "query timed out after 0.2s" and running_execute_sql() == []
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT zeroblob(10)",
+        "SELECT length(randomblob(10))",
+        "SELECT RandomBlob(10)",  # names are case-insensitive
+        "SELECT printf('%.*c', 100000000, 'x')",
+        "SELECT format('%d', 1)",
+        "SELECT replace(name, 'a', name) FROM authors",
+        "SELECT load_extension('/tmp/evil.so')",
+        "SELECT name FROM authors WHERE id IN (SELECT length(zeroblob(5)))",
+    ],
+)
+def test_memory_heavy_functions_are_denied(sql: str) -> None:
+    res = execute_sql(database_path("library"), sql)
+    assert not res.ok and (res.error or "").startswith("not authorized:") and "zeroblob()" in (res.error or "")
+
+
+def test_values_and_results_are_size_capped() -> None:
+    db = database_path("library")
+    doubling = "WITH RECURSIVE r(s) AS (SELECT 'x' UNION ALL SELECT s || s FROM r) SELECT max(length(s)) FROM r"
+    assert execute_sql(db, doubling).error == "string or blob too big"  # not a 1 GB string
+    assert execute_sql(db, f"SELECT 'a' LIKE '{'%' * (t2s_sql.MAX_LIKE_PATTERN + 1)}'").error is not None
+    big = t2s_sql.MAX_VALUE_BYTES - 1
+    wide = (
+        f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 200) "
+        f"SELECT substr(hex(zeroblob(1)), 1, 1) || (SELECT group_concat(name, '') FROM authors), "
+        f"(WITH RECURSIVE r(s) AS (SELECT 'x' UNION ALL SELECT s || s FROM r WHERE length(s) * 2 <= {big}) "
+        f"SELECT max(s) FROM r) FROM n"
+    )
+    assert not execute_sql(db, wide).ok  # zeroblob: denied before it runs
+    rows_of_64k = wide.replace("substr(hex(zeroblob(1)), 1, 1) || ", "")
+    res = execute_sql(db, rows_of_64k)  # 200 rows x 64 kB: over MAX_RESULT_BYTES
+    assert res.error == f"query result is larger than {t2s_sql.MAX_RESULT_BYTES:,} bytes"
+    assert execute_sql(db, rows_of_64k.replace("LIMIT 200", "LIMIT 20")).ok  # 1.3 MB is fine
+
+
 def test_approval_phrase() -> None:
     assert t2s.approved("Looks good. THE QUERY IS CORRECT")
     assert t2s.approved("the query\nis correct.")
@@ -385,10 +611,32 @@ def test_train_yaml_is_a_valid_run_config() -> None:
 
 
 @pytest.mark.e2e
-def test_text_to_sql_end_to_end(agent_stack: Any, spider_root: Path) -> None:
+def test_text_to_sql_end_to_end(agent_stack: Any, text_to_sql_db_dir: Path, tmp_path: Path) -> None:
+    # The worker reads Spider databases only from the directory it was started with.
+    spider_root = make_spider(text_to_sql_db_dir / tmp_path.name)
     budget = {"max_turns": 2, "sql_max_tokens": 24, "check_max_tokens": 16}
     inputs = [{**make_dataset(1, seed=0)[0], **budget}, {**load_spider(spider_root, "dev.json")[0], **budget}]
-    trajs = run_tasks(agent_stack, t2s.NAME, inputs, group_size=2)
+    secret = sqlite_file(tmp_path / "outside.sqlite", "CREATE TABLE vault_secret_table (p TEXT)")
+    vault = sqlite_file(
+        spider_root / "database" / "vault.sqlite", "CREATE TABLE u (p TEXT)", f"INSERT INTO u VALUES ('{SECRET}')"
+    )
+    refused = [
+        {"question": "q?", "gold_sql": "SELECT 1", "db_path": str(secret)},
+        {"question": "q?", "gold_sql": "SELECT json_extract('{}', (SELECT p FROM u))", "db_path": str(vault)},
+    ]
+    everything = run_tasks(agent_stack, t2s.NAME, inputs + refused, group_size=2)
+    trajs, failed = everything[:4], everything[4:]
+    # Refused inputs: the reason is recorded, and neither the file's schema nor the gold query's
+    # error text reaches what GET /v1/rollouts returns.
+    assert [t.status for t in failed] == ["error"] * 4
+    assert all("refused: only the example's generated databases" in (t.error or "") for t in failed[:2])
+    assert all("gold query fails on vault.sqlite" in (t.error or "") for t in failed[2:])
+    client = GatewayClient(agent_stack.gateway_url)
+    try:
+        views = json.dumps([client.rollout(t.rollout_id) for t in failed])
+    finally:
+        client.close()
+    assert SECRET not in views and "vault_secret_table" not in views and all(not t.transitions for t in failed)
     assert len(trajs) == 4
     # The random model never says the approval phrase, so the checker's rejection leads to a rewrite.
     assert any(t.role == "rewrite" for traj in trajs for t in traj.transitions)
