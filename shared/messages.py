@@ -425,10 +425,15 @@ class AgentInfo(Message):
 
 class PutTasks(Message):
     tasks: list[TaskSpec]
+    # Set by the gateway for a user's request: the tasks' runs must belong to this project (or
+    # be new ad-hoc buckets, made in it). None: an internal caller (run pacing), unchecked.
+    project: str | None = None
 
 
 class GetById(Message):
     id: str
+    # Set for a user's request: an object of another project is answered as not found.
+    project: str | None = None
 
 
 class Ping(Message):
@@ -769,6 +774,7 @@ class RunView(BaseModel):
     """A run as the store knows it, plus the trainer's progress where the caller merged it in."""
 
     run_id: str
+    project: str = "default"  # shared.apikeys.DEFAULT_PROJECT: the tenant whose keys see the run
     config: RunConfig
     state: RunState
     created_at: float
@@ -836,6 +842,7 @@ class StepMetrics(Message):
 class PutRun(Message):
     config: RunConfig
     rows: int
+    project: str = "default"  # shared.apikeys.DEFAULT_PROJECT
 
 
 class SetRunState(Message):
@@ -856,6 +863,7 @@ class ListRuns(Message):
     limit: int = Field(100, ge=1, le=10000)
     # Keyset page: only runs listed after this (created_at, run_id), from the previous page's `next`.
     after: tuple[float, str] | None = None
+    project: str | None = None  # only this project's runs (None: every run, for internal callers)
 
 
 class GetMetrics(Message):
@@ -881,6 +889,7 @@ class GetEvals(Message):
 class PutDataset(Message):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
     rows: list[dict[str, Any]] = Field(min_length=1)
+    project: str = "default"  # shared.apikeys.DEFAULT_PROJECT
 
 
 # --- request/reply failures ------------------------------------------------------------

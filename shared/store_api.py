@@ -21,9 +21,10 @@ from typing import Any, Generic, Iterable, Self, Sequence, TypeVar
 
 import msgpack
 import nats.errors
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from shared import subjects
+from shared.apikeys import DEFAULT_PROJECT, KEY_ID_PATTERN, PROJECT_PATTERN, Scope
 from shared.bus import Bus
 from shared.faults import NotFound, Rejected, StoreError, StoreUnavailable
 from shared.messages import (
@@ -66,6 +67,7 @@ class GetDataset(Message):
 
     name: str
     offset: int = Field(0, ge=0)
+    project: str | None = None  # set for a user's request: another project's dataset is not found
 
 
 class GetRunTrajectories(Message):
@@ -79,6 +81,40 @@ class GetRunTrajectories(Message):
     finished_before: float | None = Field(None, description="only trajectories finished before this time")
     after: str | None = None
     limit: int = Field(1000, ge=0)
+
+
+class CreateKey(Message):
+    """Gateway -> store: keep a new API key. The gateway made the secret and sends only its
+    hash (`shared.apikeys`). The same key id with the same hash again returns the stored key
+    (how the bootstrap key is installed at every gateway start); another hash is 409."""
+
+    key_id: str = Field(pattern=KEY_ID_PATTERN)
+    secret_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    project: str = Field(pattern=PROJECT_PATTERN)
+    scope: Scope
+    name: str = Field("", max_length=128)
+
+
+class VerifyKey(Message):
+    """Gateway -> store: the key with this id and secret hash, if it exists and is not revoked
+    (else 401 with the reason)."""
+
+    key_id: str
+    secret_hash: str
+
+
+class ListKeys(Message):
+    """Gateway -> store: the keys of a project, revoked ones included, oldest first."""
+
+    project: str
+
+
+class RevokeKey(Message):
+    """Gateway -> store: revoke a key (idempotent); with `project`, only a key of that project
+    (another project's key is not found)."""
+
+    key_id: str
+    project: str | None = None
 
 
 # --- replies -----------------------------------------------------------------------------
@@ -176,6 +212,29 @@ class Evals(Message):
     evals: list[EvalSummary]
 
 
+class KeyInfo(BaseModel):
+    """An API key as the store and the gateway show it: never its secret nor its hash."""
+
+    key_id: str
+    project: str
+    scope: Scope
+    name: str
+    created_at: float
+    revoked_at: float | None = None
+
+
+class KeyFound(Message):
+    """Store -> gateway: one key."""
+
+    key: KeyInfo
+
+
+class KeyList(Message):
+    """Store -> gateway: a project's keys."""
+
+    keys: list[KeyInfo]
+
+
 # --- the registry ------------------------------------------------------------------------
 
 Req = TypeVar("Req", bound=Message)
@@ -211,12 +270,16 @@ GET_EVALS = Rpc("get_evals", GetEvals, Evals)
 REPLAY = Rpc("replay", ReplayRequest, Stored)
 GET_GROUP_MEMBERS = Rpc("get_group_members", GetGroupMembers, GroupMembers)
 GET_RUN_TRAJECTORIES = Rpc("get_run_trajectories", GetRunTrajectories, TrajectoryPage)
+CREATE_KEY = Rpc("create_key", CreateKey, KeyFound)
+VERIFY_KEY = Rpc("verify_key", VerifyKey, KeyFound)
+LIST_KEYS = Rpc("list_keys", ListKeys, KeyList)
+REVOKE_KEY = Rpc("revoke_key", RevokeKey, KeyFound)
 
 # Every store RPC; the store serves exactly these (a handler `rpc_<method>` each).
 RPCS: tuple[Rpc[Any, Any], ...] = (
     PUT_TASKS, GET_TASK, GET_ROLLOUT, PING, PUT_RUN, GET_RUN, LIST_RUNS, SET_RUN_STATE,
     SAVE_CURSOR, PUT_DATASET, GET_DATASET, GET_METRICS, GET_EVALS, REPLAY, GET_GROUP_MEMBERS,
-    GET_RUN_TRAJECTORIES,
+    GET_RUN_TRAJECTORIES, CREATE_KEY, VERIFY_KEY, LIST_KEYS, REVOKE_KEY,
 )  # fmt: skip
 
 
@@ -270,19 +333,19 @@ class StoreClient:
 
     # --- tasks and rollouts ---
 
-    async def put_tasks(self, specs: Sequence[TaskSpec]) -> int:
+    async def put_tasks(self, specs: Sequence[TaskSpec], project: str | None = None) -> int:
         """Store tasks (idempotent by task id), in as many messages as max_payload needs;
-        returns how many were new."""
+        returns how many were new. With `project`, their runs must be that project's."""
         stored = 0
         for chunk in _chunks_under(specs, self.payload_budget):
-            stored += (await self.call(PUT_TASKS, PutTasks(tasks=chunk))).stored
+            stored += (await self.call(PUT_TASKS, PutTasks(tasks=chunk, project=project))).stored
         return stored
 
-    async def get_task(self, task_id: str) -> TaskView:
-        return (await self.call(GET_TASK, GetById(id=task_id))).task
+    async def get_task(self, task_id: str, project: str | None = None) -> TaskView:
+        return (await self.call(GET_TASK, GetById(id=task_id, project=project))).task
 
-    async def get_rollout(self, rollout_id: str) -> Trajectory:
-        return (await self.call(GET_ROLLOUT, GetById(id=rollout_id))).trajectory
+    async def get_rollout(self, rollout_id: str, project: str | None = None) -> Trajectory:
+        return (await self.call(GET_ROLLOUT, GetById(id=rollout_id, project=project))).trajectory
 
     async def ping(self) -> None:
         """Returns when the store and its database answer; StoreUnavailable otherwise."""
@@ -290,20 +353,24 @@ class StoreClient:
 
     # --- runs ---
 
-    async def put_run(self, config: RunConfig, rows: int) -> RunView:
-        return (await self.call(PUT_RUN, PutRun(config=config, rows=rows))).run
+    async def put_run(self, config: RunConfig, rows: int, project: str = DEFAULT_PROJECT) -> RunView:
+        """Create the run in `project`; a run id another project holds is refused (409)."""
+        return (await self.call(PUT_RUN, PutRun(config=config, rows=rows, project=project))).run
 
-    async def get_run(self, run_id: str) -> RunView:
-        """The run with its whole config, inline rows included."""
-        return (await self.call(GET_RUN, GetById(id=run_id))).run
+    async def get_run(self, run_id: str, project: str | None = None) -> RunView:
+        """The run with its whole config, inline rows included; NotFound for another project's."""
+        return (await self.call(GET_RUN, GetById(id=run_id, project=project))).run
 
-    async def list_runs(self, states: Iterable[RunState] = (), limit: int = 100) -> list[ListedRun]:
-        """Up to `limit` runs, newest first, without inline rows, following pages."""
+    async def list_runs(
+        self, states: Iterable[RunState] = (), limit: int = 100, project: str | None = None
+    ) -> list[ListedRun]:
+        """Up to `limit` runs (of `project`, when given), newest first, without inline rows, following pages."""
         states = list(states)
         runs: list[ListedRun] = []
         after: tuple[float, str] | None = None
         while len(runs) < limit:
-            page = await self.call(LIST_RUNS, ListRuns(states=states, limit=limit - len(runs), after=after))
+            req = ListRuns(states=states, limit=limit - len(runs), after=after, project=project)
+            page = await self.call(LIST_RUNS, req)
             runs.extend(page.runs)
             if page.next is None or not page.runs:
                 break
@@ -323,15 +390,15 @@ class StoreClient:
 
     # --- datasets, metrics, evaluations, replay ---
 
-    async def put_dataset(self, name: str, rows: list[dict[str, Any]]) -> int:
-        return (await self.call(PUT_DATASET, PutDataset(name=name, rows=rows))).stored
+    async def put_dataset(self, name: str, rows: list[dict[str, Any]], project: str = DEFAULT_PROJECT) -> int:
+        return (await self.call(PUT_DATASET, PutDataset(name=name, rows=rows, project=project))).stored
 
-    async def get_dataset(self, name: str) -> list[dict[str, Any]]:
-        """Every row of a named dataset, following pages."""
+    async def get_dataset(self, name: str, project: str | None = None) -> list[dict[str, Any]]:
+        """Every row of a named dataset (NotFound for another project's), following pages."""
         rows: list[dict[str, Any]] = []
         offset: int | None = 0
         while offset is not None:
-            page = await self.call(GET_DATASET, GetDataset(name=name, offset=offset))
+            page = await self.call(GET_DATASET, GetDataset(name=name, offset=offset, project=project))
             rows.extend(page.rows)
             offset = page.next_offset if page.rows else None
         return rows
@@ -362,6 +429,22 @@ class StoreClient:
         req = ReplayRequest(run_id=run_id, into=into, versions=versions, min_reward=min_reward)
         return (await self.call(REPLAY, req, timeout_s=timeout_s)).stored
 
+
+    # --- API keys ---
+
+    async def create_key(self, key_id: str, secret_hash: str, project: str, scope: Scope, name: str = "") -> KeyInfo:
+        req = CreateKey(key_id=key_id, secret_hash=secret_hash, project=project, scope=scope, name=name)
+        return (await self.call(CREATE_KEY, req)).key
+
+    async def verify_key(self, key_id: str, secret_hash: str) -> KeyInfo:
+        """The live key; Rejected(401) with the reason when it is unknown, wrong or revoked."""
+        return (await self.call(VERIFY_KEY, VerifyKey(key_id=key_id, secret_hash=secret_hash))).key
+
+    async def list_keys(self, project: str) -> list[KeyInfo]:
+        return (await self.call(LIST_KEYS, ListKeys(project=project))).keys
+
+    async def revoke_key(self, key_id: str, project: str | None = None) -> KeyInfo:
+        return (await self.call(REVOKE_KEY, RevokeKey(key_id=key_id, project=project))).key
 
     async def count_run_trajectories(self, run_id: str, min_reward: float | None = None) -> int:
         """How many ok training trajectories of `run_id` have reward >= `min_reward`."""

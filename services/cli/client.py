@@ -1,4 +1,9 @@
-"""A small HTTP client for the gateway, used by `relayrl submit` and `relayrl demo`."""
+"""A small HTTP client for the gateway, used by `relayrl submit` and `relayrl demo`.
+
+It sends an API key: the one it is given, else `RELAYRL_API_KEY`, else the key `relayrl up`
+wrote into its state dir (`<state_dir>/api_key`, mode 0600). A 429 is waited out as its
+`Retry-After` says, a few times, before it is raised.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,14 @@ from typing import Any, Callable, Iterable
 
 import httpx
 
+from services.cli.keyfile import API_KEY_FILE
 from services.cli.stack import read_state
+
+# A 429 is retried this many times (each after the server's Retry-After) before it is raised.
+_RATE_LIMIT_RETRIES = 5
+# Rollouts the client sends in one POST /v1/tasks at most: the gateway's default
+# max_rollouts_per_request (services/gateway/settings.py).
+_ROLLOUTS_PER_REQUEST = 4096
 
 
 def gateway_url(explicit: str | None, state_dir: Path) -> str:
@@ -22,6 +34,19 @@ def gateway_url(explicit: str | None, state_dir: Path) -> str:
     if state and state.get("gateway_url"):
         return str(state["gateway_url"])
     return "http://127.0.0.1:8000"
+
+
+def find_api_key(explicit: str | None = None, state_dir: Path = Path(".relayrl")) -> str | None:
+    """The key to send: `explicit`, else `RELAYRL_API_KEY`, else `<state_dir>/api_key`."""
+    if explicit:
+        return explicit.strip()
+    if env := os.environ.get("RELAYRL_API_KEY"):
+        return env.strip()
+    path = state_dir / API_KEY_FILE
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def read_tasks_file(path: Path) -> list[dict[str, Any]]:
@@ -47,14 +72,33 @@ def _detail(r: httpx.Response) -> str:
         return r.text
 
 
+class _PatientTransport(httpx.HTTPTransport):
+    """Waits out a 429 as its Retry-After says, a few times, before handing it on."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(_RATE_LIMIT_RETRIES):
+            response = super().handle_request(request)
+            if response.status_code != 429:
+                return response
+            wait = response.headers.get("retry-after", "1")
+            response.close()
+            time.sleep(min(float(wait) if wait.isdigit() else 1.0, 30.0))
+        return super().handle_request(request)
+
+
 class GatewayClient:
-    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
-        self.http = httpx.Client(base_url=base_url, timeout=timeout_s)
+    def __init__(
+        self, base_url: str, timeout_s: float = 30.0, api_key: str | None = None, state_dir: Path = Path(".relayrl")
+    ) -> None:
+        key = find_api_key(api_key, state_dir)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers, transport=_PatientTransport())
 
     def submit(self, tasks: list[dict[str, Any]], chunk: int = 1000) -> list[dict[str, Any]]:
+        """Submit in requests of at most `chunk` tasks and the gateway's default rollout limit."""
         accepted: list[dict[str, Any]] = []
-        for i in range(0, len(tasks), chunk):
-            r = self.http.post("/v1/tasks", json={"tasks": tasks[i : i + chunk]})
+        for batch in _batches(tasks, chunk, _ROLLOUTS_PER_REQUEST):
+            r = self.http.post("/v1/tasks", json={"tasks": batch})
             if r.status_code >= 400:
                 raise RuntimeError(f"gateway refused the tasks ({r.status_code}): {r.text}")
             accepted.extend(r.json()["tasks"])
@@ -146,3 +190,18 @@ class GatewayClient:
 
     def close(self) -> None:
         self.http.close()
+
+
+def _batches(tasks: list[dict[str, Any]], max_tasks: int, max_rollouts: int) -> Iterable[list[dict[str, Any]]]:
+    """Consecutive batches of at most `max_tasks` tasks and `max_rollouts` rollouts (group sizes)."""
+    batch: list[dict[str, Any]] = []
+    rollouts = 0
+    for task in tasks:
+        size = int(task.get("group_size", 1))
+        if batch and (len(batch) >= max_tasks or rollouts + size > max_rollouts):
+            yield batch
+            batch, rollouts = [], 0
+        batch.append(task)
+        rollouts += size
+    if batch:
+        yield batch

@@ -32,6 +32,7 @@ from typing import Any, Callable, Coroutine, Protocol, TypeVar
 import httpx
 import nats
 
+from services.cli.keyfile import API_KEY_FILE, ensure_api_key
 from services.cli.nats_server import NatsServer, free_port
 from services.cli.secrets import ensure_secrets, service_env
 from shared import retention, subjects
@@ -244,6 +245,10 @@ class Stack:
         self.secrets: dict[str, str] = {}
         self.services: list[Service] = []
         self.gateway_url = ""
+        # The admin API key of `<state_dir>/api_key` (services/cli/keyfile.py), and whether this
+        # start made it (then `relayrl up` prints it, once).
+        self.api_key = ""
+        self.api_key_created = False
         self.inference_urls: list[str] = []
         self.on_event = on_event
         self.events: list[dict[str, Any]] = []  # every exit and restart the supervisor saw
@@ -258,6 +263,7 @@ class Stack:
     def start(self, timeout_s: float = 180.0) -> Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.secrets = ensure_secrets(self.state_dir)
+        self.api_key, self.api_key_created = ensure_api_key(self.state_dir)
         if not self.nats_url:
             self.nats = NatsServer(
                 store_dir=self.state_dir / "nats",
@@ -307,7 +313,9 @@ class Stack:
             self._wait_agents_registered(timeout_s)
         gw_port = c.gateway_port or free_port()
         self.gateway_url = f"http://127.0.0.1:{gw_port}"
-        self.add("gateway", "services.gateway", ["--port", str(gw_port)], ready_url=f"{self.gateway_url}/readyz")
+        # The gateway installs the stack's admin key in the store at start (hashed); /readyz waits for it.
+        gw_args = ["--port", str(gw_port), "--bootstrap-key-file", str(self.state_dir / API_KEY_FILE)]
+        self.add("gateway", "services.gateway", gw_args, ready_url=f"{self.gateway_url}/readyz")
         self._wait_ready(timeout_s)
 
     def add(self, name: str, module: str, args: list[str], ready_url: str | None = None, ready_line: str | None = None) -> Service:

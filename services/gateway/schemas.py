@@ -19,14 +19,16 @@ class TaskIn(BaseModel):
     input: dict[str, Any]
     group_size: int = Field(1, ge=1, le=1024)
     task_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_:-]+$")
-    run_id: str = Field(subjects.DEFAULT_RUN)
+    run_id: str | None = Field(
+        None, description="default: the key's project's ad-hoc bucket (`default`; `default-<project>` for another project)"
+    )
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     timeout_s: float = Field(60.0, gt=0, le=86400)
 
     @field_validator("run_id")
     @classmethod
-    def _run_token(cls, v: str) -> str:
-        return subjects.check_token(v)
+    def _run_token(cls, v: str | None) -> str | None:
+        return None if v is None else subjects.check_token(v)
 
 
 class TaskBatch(BaseModel):
@@ -107,3 +109,10 @@ class RolloutOut(BaseModel):
 
 class ErrorOut(BaseModel):
     detail: Any
+
+
+# What any /v1 route may answer before it runs: no valid key, a key without the scope, the
+# key's rate limit.
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut}, 403: {"model": ErrorOut}, 429: {"model": ErrorOut},
+}  # fmt: skip

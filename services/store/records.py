@@ -218,10 +218,11 @@ def json_safe(value: Any) -> Any:
         raise ValueError(f"not storable as JSON: {exc}") from None
 
 
-def run_row(config: RunConfig, rows: int, now: float) -> dict[str, Any]:
+def run_row(config: RunConfig, rows: int, now: float, project: str = "default") -> dict[str, Any]:
     cursor = PaceCursor()
     return {
         "run_id": config.run_id,
+        "project": project,
         "created_at": now,
         "updated_at": now,
         "config": json_safe(config.model_dump(mode="json")),
@@ -239,6 +240,7 @@ def run_view(row: RunRow, latest: MetricRow | None) -> RunView:
     reward = latest.values.get("reward_mean") if latest else None
     return RunView(
         run_id=row.run_id,
+        project=row.project or "default",
         config=config,
         state=row.state,  # type: ignore[arg-type]
         created_at=row.created_at,

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shared.messages import DeadLetter, EvalSummary, RolloutSummary, TaskSpec, TaskView, Trajectory
 from services.store import records
 from services.store.db import insert_ignore, is_row_error, sessions
+from services.store.runs import Refused
 from services.store.tables import (
     DeadLetterRow,
     EventRow,
@@ -40,14 +41,29 @@ class Repository:
 
     # --- writes ------------------------------------------------------------------------
 
-    async def put_tasks(self, tasks: Sequence[TaskSpec]) -> int:
-        """Upsert tasks (and their runs); returns how many were new."""
+    async def put_tasks(self, tasks: Sequence[TaskSpec], project: str | None = None) -> int:
+        """Upsert tasks (and ad-hoc buckets for runs not stored yet); returns how many were new.
+
+        Ids are scoped to their run: a task id stored under another run is refused (409), and
+        with `project` (a user's request) so is a run of another project (404, as if it did not
+        exist). Either refusal rolls the whole request back: nothing of it is written."""
         runs = {t.run_id for t in tasks}
         async with self.sessions.begin() as s:
             await s.execute(
                 insert_ignore(self.engine, RunRow),
-                [{"run_id": r, "created_at": time.time(), "config": {}} for r in runs],
+                [{"run_id": r, "created_at": time.time(), "config": {}, "project": project or "default"} for r in runs],
             )
+            if project is not None:
+                owners = await s.execute(select(RunRow.run_id, RunRow.project).where(RunRow.run_id.in_(sorted(runs))))
+                foreign = sorted(r for r, p in owners.all() if p != project)
+                if foreign:
+                    raise Refused(404, f"run {foreign[0]!r} not found")
+            wanted = {t.task_id: t.run_id for t in tasks}
+            for chunk in _chunks(list(wanted)):
+                taken = await s.execute(select(TaskRow.task_id, TaskRow.run_id).where(TaskRow.task_id.in_(chunk)))
+                clash = sorted(t for t, r in taken.all() if wanted[t] != r)
+                if clash:
+                    raise Refused(409, f"task id {clash[0]!r} belongs to another run: choose another task_id")
             new = 0
             for chunk in _chunks([records.task_row(t) for t in tasks]):
                 result = await s.execute(insert_ignore(self.engine, TaskRow).returning(TaskRow.task_id), chunk)
@@ -242,10 +258,11 @@ class Repository:
 
     # --- reads -------------------------------------------------------------------------
 
-    async def get_task(self, task_id: str) -> TaskView | None:
+    async def get_task(self, task_id: str, project: str | None = None) -> TaskView | None:
+        """The task; None when unknown or (with `project`) in a run of another project."""
         async with self.sessions() as s:
             task = await s.get(TaskRow, task_id)
-            if task is None:
+            if task is None or not await _in_project(s, task.run_id, project):
                 return None
             rollouts = (
                 (await s.execute(select(RolloutRow).where(RolloutRow.task_id == task_id).order_by(RolloutRow.sample_index)))
@@ -278,10 +295,11 @@ class Repository:
             ],
         )
 
-    async def get_trajectory(self, rollout_id: str) -> Trajectory | None:
+    async def get_trajectory(self, rollout_id: str, project: str | None = None) -> Trajectory | None:
+        """The trajectory; None when unknown or (with `project`) of a run of another project."""
         async with self.sessions() as s:
             row = await s.get(RolloutRow, rollout_id)
-            if row is None:
+            if row is None or not await _in_project(s, row.run_id, project):
                 return None
             return (await self._assemble(s, [row]))[0]
 
@@ -389,6 +407,16 @@ class Repository:
             records.trajectory_from_rows(r, transitions[r.rollout_id], rewards[r.rollout_id], events[r.rollout_id])
             for r in rollouts
         ]
+
+
+async def _in_project(s, run_id: str, project: str | None) -> bool:  # type: ignore[no-untyped-def]
+    """Whether run `run_id` belongs to `project` (always, when no project is asked for). A run
+    with no row at all (trajectories published straight onto the bus, never submitted as
+    tasks) is the default project's, like every row stored before tenancy."""
+    if project is None:
+        return True
+    owner = (await s.execute(select(RunRow.project).where(RunRow.run_id == run_id))).scalar_one_or_none()
+    return (owner or "default") == project
 
 
 def _db_reason(exc: BaseException) -> str:

@@ -33,48 +33,60 @@ class RunRepository:
 
     # --- runs --------------------------------------------------------------------------
 
-    async def put_run(self, config: RunConfig, rows: int) -> RunView:
-        """Create a run in state "running"; the same config again returns the stored run.
+    async def put_run(self, config: RunConfig, rows: int, project: str = "default") -> RunView:
+        """Create a run in state "running" in `project`; the same config again returns the stored run.
 
-        Raises Refused(409) when the run exists with another config, Refused(400) when the
-        config cannot be stored as JSON."""
+        Raises Refused(409) when the run exists with another config or in another project
+        (run ids are global; the reason names no project), Refused(400) when the config cannot
+        be stored as JSON."""
         try:
-            row = records.run_row(config, rows, time.time())
+            row = records.run_row(config, rows, time.time(), project)
         except ValueError as exc:
             raise Refused(400, f"run config: {exc}") from None
         async with self.sessions.begin() as s:
             created = (await s.execute(insert_ignore(self.engine, RunRow).values(row).returning(RunRow.run_id))).first()
             if created is None and not await self._adopt(s, row):
-                _check_same(await s.get(RunRow, config.run_id), row)
+                existing = await s.get(RunRow, config.run_id)
+                if existing is not None and existing.project != project:
+                    raise Refused(409, f"run id {config.run_id!r} is taken: choose another")
+                _check_same(existing, row)
         view = await self.get_run(config.run_id)
         assert view is not None
         return view
 
     async def _adopt(self, s: Any, row: dict[str, Any]) -> bool:
-        """Turn an ad-hoc task bucket of the same id into this run (tasks submitted before it)."""
+        """Turn an ad-hoc task bucket of the same id and project into this run (tasks submitted before it)."""
         result = await s.execute(
             update(RunRow)
-            .where(RunRow.run_id == row["run_id"], RunRow.state.is_(None))
+            .where(RunRow.run_id == row["run_id"], RunRow.state.is_(None), RunRow.project == row["project"])
             .values(row)
             .execution_options(synchronize_session=False)
         )
         return result.rowcount > 0
 
-    async def get_run(self, run_id: str) -> RunView | None:
-        """A configured run; None for an unknown id or an ad-hoc task bucket."""
+    async def get_run(self, run_id: str, project: str | None = None) -> RunView | None:
+        """A configured run; None for an unknown id, an ad-hoc task bucket, or (with `project`)
+        a run of another project."""
         async with self.sessions() as s:
             row = await s.get(RunRow, run_id)
-            if row is None or row.state is None:
+            if row is None or row.state is None or (project is not None and row.project != project):
                 return None
             latest = await _latest_metrics(s, [run_id])
         return records.run_view(row, latest.get(run_id))
 
     async def list_runs(
-        self, states: Sequence[RunState], limit: int, after: tuple[float, str] | None = None
+        self,
+        states: Sequence[RunState],
+        limit: int,
+        after: tuple[float, str] | None = None,
+        project: str | None = None,
     ) -> list[RunView]:
-        """Configured runs, newest first, optionally only those in `states`; with `after`
-        (created_at, run_id of the last run of a previous page), only the runs listed after it."""
+        """Configured runs (of `project`, when given), newest first, optionally only those in
+        `states`; with `after` (created_at, run_id of the last run of a previous page), only the
+        runs listed after it."""
         q = select(RunRow).where(RunRow.state.is_not(None))
+        if project is not None:
+            q = q.where(RunRow.project == project)
         if states:
             q = q.where(RunRow.state.in_(list(states)))
         if after is not None:
@@ -173,7 +185,7 @@ class RunRepository:
             raise Refused(404, f"run {source!r} has no stored config to create run {into!r} from")
         config = RunConfig.model_validate({**src.config, "run_id": into, "mode": "replay"})
         try:
-            await self.put_run(config, 0)  # its size is the replay job's group count, set with the job
+            await self.put_run(config, 0, src.project)  # its size is the replay job's group count, set with the job
         except Refused as exc:
             if exc.code != 409:  # 409: created concurrently (by the gateway or another replay); fine
                 raise
@@ -214,24 +226,28 @@ class RunRepository:
 
     # --- datasets ----------------------------------------------------------------------
 
-    async def put_dataset(self, name: str, rows: list[dict[str, Any]]) -> None:
-        """Store rows under `name` once; the same rows again is a no-op, others are refused."""
+    async def put_dataset(self, name: str, rows: list[dict[str, Any]], project: str = "default") -> None:
+        """Store rows under `name` in `project` once; the same rows again is a no-op, others are
+        refused, and so is a name another project holds (names are global)."""
         try:
             stored = records.json_safe(rows)
         except ValueError as exc:
             raise Refused(400, f"dataset {name!r}: {exc}") from None
         async with self.sessions.begin() as s:
-            new = {"name": name, "rows": stored, "created_at": time.time()}
+            new = {"name": name, "rows": stored, "created_at": time.time(), "project": project}
             if (await s.execute(insert_ignore(self.engine, DatasetRow).values(new).returning(DatasetRow.name))).first():
                 return
             existing = await s.get(DatasetRow, name)
+        if existing is not None and existing.project != project:
+            raise Refused(409, f"dataset name {name!r} is taken: choose another")
         if existing is not None and existing.rows != stored:
             raise Refused(409, f"dataset {name!r} already exists with different rows ({len(existing.rows)} rows)")
 
-    async def get_dataset(self, name: str) -> list[dict[str, Any]] | None:
+    async def get_dataset(self, name: str, project: str | None = None) -> list[dict[str, Any]] | None:
+        """The rows; None for an unknown name or (with `project`) another project's dataset."""
         async with self.sessions() as s:
             row = await s.get(DatasetRow, name)
-        return row.rows if row else None
+        return row.rows if row and (project is None or row.project == project) else None
 
     # --- metrics -----------------------------------------------------------------------
 

@@ -37,22 +37,29 @@ from shared.messages import (
 from shared.store_api import (
     PAYLOAD_HEADROOM,
     RPCS,
+    CreateKey,
     DatasetPage,
     Evals,
     GetDataset,
     GetRunTrajectories,
+    KeyFound,
+    KeyList,
     ListedRun,
+    ListKeys,
     MetricsPage,
     Pong,
+    RevokeKey,
     RolloutFound,
     RunFound,
     RunPage,
     Stored,
     TaskFound,
     TrajectoryPage,
+    VerifyKey,
     packed_size,
 )
 from services.store.cleanup import clean_up_run
+from services.store.keys import KeyRepository
 from services.store.repository import Repository
 from services.store.runs import Refused, RunRepository
 from services.store.settings import StoreSettings
@@ -88,6 +95,7 @@ class Store:
         self.bus = bus
         self.repo = Repository(engine)
         self.runs = RunRepository(engine)
+        self.keys = KeyRepository(engine)
         self.settings = settings
         self._replays: dict[str, asyncio.Task[None]] = {}  # replay jobs running here, by `into`
 
@@ -278,16 +286,16 @@ class Store:
     async def rpc_put_tasks(self, req: PutTasks) -> Stored:
         if not req.tasks:
             raise Refused(400, "no tasks")
-        return Stored(stored=await self.repo.put_tasks(req.tasks))
+        return Stored(stored=await self.repo.put_tasks(req.tasks, req.project))
 
     async def rpc_get_task(self, req: GetById) -> TaskFound:
-        task = await self.repo.get_task(req.id)
+        task = await self.repo.get_task(req.id, req.project)
         if task is None:
             raise Refused(404, f"task {req.id!r} not found")
         return TaskFound(task=task)
 
     async def rpc_get_rollout(self, req: GetById) -> RolloutFound:
-        traj = await self.repo.get_trajectory(req.id)
+        traj = await self.repo.get_trajectory(req.id, req.project)
         if traj is None:
             raise Refused(404, f"rollout {req.id!r} not found")
         return RolloutFound(trajectory=traj)
@@ -299,10 +307,10 @@ class Store:
     # --- runs, datasets, metrics ------------------------------------------------------
 
     async def rpc_put_run(self, req: PutRun) -> RunFound:
-        return RunFound(run=await self.runs.put_run(req.config, req.rows))
+        return RunFound(run=await self.runs.put_run(req.config, req.rows, req.project))
 
     async def rpc_get_run(self, req: GetById) -> RunFound:
-        run = await self.runs.get_run(req.id)
+        run = await self.runs.get_run(req.id, req.project)
         if run is None:
             raise Refused(404, f"run {req.id!r} not found")
         return RunFound(run=run)
@@ -310,7 +318,7 @@ class Store:
     async def rpc_list_runs(self, req: ListRuns) -> RunPage:
         """Runs newest first without their inline rows (a listing of many runs must not grow
         with their datasets); cut to one message, with `next` to page on from."""
-        runs = [ListedRun.of(r) for r in await self.runs.list_runs(req.states, req.limit, req.after)]
+        runs = [ListedRun.of(r) for r in await self.runs.list_runs(req.states, req.limit, req.after, req.project)]
         kept = self._fit(runs, "runs")
         last = kept[-1] if kept else None
         return RunPage(runs=kept, next=(last.created_at, last.run_id) if last and len(kept) < len(runs) else None)
@@ -323,12 +331,12 @@ class Store:
         return Stored(stored=int(await self.runs.save_cursor(req.run_id, req.cursor)))
 
     async def rpc_put_dataset(self, req: PutDataset) -> Stored:
-        await self.runs.put_dataset(req.name, req.rows)
+        await self.runs.put_dataset(req.name, req.rows, req.project)
         return Stored(stored=len(req.rows))
 
     async def rpc_get_dataset(self, req: GetDataset) -> DatasetPage:
         """Rows from `offset` on, as many as fit in one message."""
-        rows = await self.runs.get_dataset(req.name)
+        rows = await self.runs.get_dataset(req.name, req.project)
         if rows is None:
             raise Refused(404, f"dataset {req.name!r} not found")
         kept = self._fit(rows[req.offset :], "dataset rows")
@@ -341,6 +349,22 @@ class Store:
         metrics = await self.runs.get_metrics(req.run_id, req.after_step, req.limit)
         kept = self._fit(metrics, "metrics")
         return MetricsPage(metrics=kept, more=len(kept) < len(metrics))
+
+    # --- API keys ----------------------------------------------------------------------
+
+    async def rpc_create_key(self, req: CreateKey) -> KeyFound:
+        return KeyFound(key=await self.keys.create(req))
+
+    async def rpc_verify_key(self, req: VerifyKey) -> KeyFound:
+        return KeyFound(key=await self.keys.verify(req.key_id, req.secret_hash))
+
+    async def rpc_list_keys(self, req: ListKeys) -> KeyList:
+        return KeyList(keys=self._fit(await self.keys.list(req.project), "keys"))
+
+    async def rpc_revoke_key(self, req: RevokeKey) -> KeyFound:
+        key = await self.keys.revoke(req.key_id, req.project)
+        log.info("API key revoked", key_id=key.key_id, project=key.project)
+        return KeyFound(key=key)
 
     def _fit(self, items: list[T], what: str) -> list[T]:
         """The longest prefix of `items` that fits in one reply (at least one item)."""

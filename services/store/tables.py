@@ -1,5 +1,5 @@
 """The SQL schema: runs, datasets, step metrics, tasks, rollouts (trajectories), transitions,
-rewards, groups, dead letters.
+rewards, groups, dead letters, API keys.
 
 Token arrays are stored as the same packed little-endian blobs that travel on the wire.
 """
@@ -40,6 +40,11 @@ class RunRow(Base):
     # `groups_consumed` keeps what the deleted progress entry said, for the run's view.
     cleaned_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     groups_consumed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The tenant whose API keys see this run (and its tasks, rollouts, metrics, evaluations).
+    # Runs stored before tenancy existed belong to the default project.
+    project: Mapped[str] = mapped_column(String(32), default="default", server_default="default")
+
+    __table_args__ = (Index("ix_runs_project_created", "project", "created_at"),)
 
 
 class DatasetRow(Base):
@@ -49,6 +54,8 @@ class DatasetRow(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     rows: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     created_at: Mapped[float] = mapped_column(Float)
+    # Names are global (the primary key): a name another project holds is refused, never shared.
+    project: Mapped[str] = mapped_column(String(32), default="default", server_default="default")
 
 
 class MetricRow(Base):
@@ -189,3 +196,17 @@ class ReplayJobRow(Base):
     state: Mapped[str] = mapped_column(String(16), default="running")  # running | done
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiKeyRow(Base):
+    """A gateway API key (shared/apikeys.py): only the sha256 of its secret is kept. Revoked
+    keys stay (revoked_at set) so a listing shows what existed and a key id is never reused."""
+
+    __tablename__ = "api_keys"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    project: Mapped[str] = mapped_column(String(32), index=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    name: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)

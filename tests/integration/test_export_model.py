@@ -150,7 +150,7 @@ async def served_gateway(settings: ServiceSettings) -> AsyncIterator[str]:
 async def cli(client: httpx.AsyncClient, settings: ServiceSettings) -> AsyncIterator[GatewayClient]:
     """The CLI's gateway client, against a second gateway (the same NATS and store) over HTTP."""
     async with served_gateway(settings) as url:
-        c = GatewayClient(url)
+        c = GatewayClient(url, api_key=client.api_key)  # type: ignore[attr-defined]
         yield c
         c.close()
 

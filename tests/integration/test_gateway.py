@@ -4,25 +4,42 @@ from typing import AsyncIterator
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from shared import subjects
+from shared.apikeys import new_key
 from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.messages import AgentInfo
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
+from tests.support.gateway import authenticated, bearer
 from tests.support.store import RunningStore
 
 
 @pytest.fixture
-async def client(settings: ServiceSettings, bus: Bus) -> AsyncIterator[httpx.AsyncClient]:
+async def app(settings: ServiceSettings, bus: Bus) -> AsyncIterator[FastAPI]:
     kv = await bus.kv(subjects.KV_AGENTS)
     await kv.put("null", AgentInfo(name="null", worker_id="test").encode())
     app = create_app(GatewaySettings(nats_url=settings.nats_url, max_body_bytes=64 * 1024, store_timeout_s=2.0))
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as c:
-            yield c
+        yield app
+
+
+@pytest.fixture
+async def client(app: FastAPI, sqlite_store: RunningStore) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway with an admin key, the store serving."""
+    async with authenticated(app) as c:
+        yield c
+
+
+@pytest.fixture
+async def storeless(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway with no store serving, sending a well-formed key nobody can verify."""
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=bearer(new_key()[2])
+    ) as c:
+        yield c
 
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient):
@@ -84,11 +101,12 @@ async def test_oversized_body_is_413(client: httpx.AsyncClient):
     assert r.status_code == 413
 
 
-async def test_store_down_is_503_not_500(client: httpx.AsyncClient):
-    r = await client.get("/v1/tasks/abc")
-    assert r.status_code == 503 and "store" in r.json()["detail"]
-    assert (await client.get("/readyz")).status_code == 503
-    assert (await client.get("/healthz")).status_code == 200
+async def test_store_down_is_503_not_500(storeless: httpx.AsyncClient):
+    """Not 401 either: a key the store cannot check now is an outage, not the caller's fault."""
+    r = await storeless.get("/v1/tasks/abc")
+    assert r.status_code == 503 and "store" in r.json()["detail"] and r.headers.get("retry-after")
+    assert (await storeless.get("/readyz")).status_code == 503
+    assert (await storeless.get("/healthz")).status_code == 200
 
 
 async def test_submit_publishes_requests_and_reads_back(client: httpx.AsyncClient, sqlite_store: RunningStore, bus: Bus):

@@ -28,6 +28,7 @@ from services.gateway.pacing import Pacer, next_tasks
 from services.gateway.settings import GatewaySettings
 from services.store.db import create_schema
 from services.store.settings import StoreSettings
+from tests.support.gateway import authenticated
 from services.trainer.progress import runs_to_train
 from tests.support.store import RunningStore
 from tests.support.waiting import wait_until
@@ -57,12 +58,13 @@ async def store(settings: ServiceSettings, db_dir: Path) -> AsyncIterator[Runnin
 
 
 @pytest.fixture
-async def gateway(settings: ServiceSettings, bus: Bus) -> AsyncIterator[httpx.AsyncClient]:
+async def gateway(settings: ServiceSettings, bus: Bus, store: RunningStore) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway with an admin key (made through `store`, which must serve before it)."""
     kv = await bus.kv(subjects.KV_AGENTS)
     await kv.put("copy", AgentInfo(name="copy", worker_id="test").encode())
     app = create_app(GatewaySettings(nats_url=settings.nats_url, store_timeout_s=2.0, pace_interval_s=0.05))
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as c:
+        async with authenticated(app) as c:
             c.app = app  # type: ignore[attr-defined]
             yield c
 

@@ -1,22 +1,59 @@
-"""The gateway app in-process (lifespan entered, served over ASGI), and a training run's body."""
+"""The gateway app in-process (lifespan entered, served over ASGI) with an API key, API keys
+made through the store (as `POST /v1/keys` makes them), and a training run's body."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
 import httpx
+from fastapi import FastAPI
 
+from shared.apikeys import DEFAULT_PROJECT, Scope, new_key, secret_hash
 from shared.config import ServiceSettings
+from shared.faults import StoreUnavailable
+from shared.store_api import StoreClient
 from services.gateway.app import create_app
 from services.gateway.settings import GatewaySettings
 
 
+async def issue_key(store: StoreClient, project: str = DEFAULT_PROJECT, scope: Scope = "admin", name: str = "test") -> str:
+    """A new API key stored through the real store (hash only), as the gateway makes one. A
+    store started a moment ago may not serve yet: its absence is waited out (10 s at most)."""
+    key_id, secret, text = new_key()
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            await store.create_key(key_id, secret_hash(secret), project, scope, name)
+            return text
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@asynccontextmanager
+async def authenticated(app: FastAPI, project: str = DEFAULT_PROJECT, scope: Scope = "admin") -> AsyncIterator[httpx.AsyncClient]:
+    """An ASGI client of `app` (its lifespan entered by the caller) sending a new key of `scope`
+    in `project`; the key's text is `client.api_key`."""
+    key = await issue_key(app.state.store, project, scope)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=bearer(key)) as c:
+        c.api_key = key  # type: ignore[attr-defined]
+        yield c
+
+
 @asynccontextmanager
 async def gateway(settings: ServiceSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """The gateway, and a client of it with an admin key of the default project."""
     app = create_app(GatewaySettings(nats_url=settings.nats_url, store_timeout_s=5.0, pace_interval_s=0.05))
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as c:
+        async with authenticated(app) as c:
             yield c
 
 

@@ -25,11 +25,16 @@ async def readyz(
     store: StoreClient = Depends(get_store),
     settings: GatewaySettings = Depends(get_settings),
 ) -> dict[str, str]:
-    """NATS is connected, the store answers (its database included), and run pacing (where this
-    gateway paces) is alive and has not been failing for longer than `pace_unready_after_s`."""
+    """NATS is connected, the store answers (its database included), the bootstrap key (when
+    configured) is installed, and run pacing (where this gateway paces) is alive and has not been failing for longer than `pace_unready_after_s`."""
     if not bus.nc.is_connected:
         raise HTTPException(503, "not connected to NATS")
     await store.ping()  # StoreUnavailable -> 503 (app.fault_response)
+    installing = request.app.state.bootstrap
+    if installing is not None and not installing.done():
+        raise HTTPException(503, "installing the bootstrap API key (bootstrap_key_file)")
+    if installing is not None and (installing.cancelled() or installing.exception() is not None):
+        raise HTTPException(503, f"the bootstrap API key was not installed: {_ended(installing)}")
     pacing = request.app.state.pacing
     if pacing is not None:
         pacer = request.app.state.pacer

@@ -8,17 +8,17 @@ from fastapi import APIRouter, Depends
 
 from shared.faults import NotFound
 from shared.store_api import StoreClient
-from services.gateway.deps import get_store
-from services.gateway.schemas import ErrorOut, RolloutOut
+from services.gateway.deps import CurrentKey, authorize, get_store
+from services.gateway.schemas import AUTH_ERRORS, ErrorOut, RolloutOut
 
-router = APIRouter(prefix="/v1", tags=["rollouts"])
+router = APIRouter(prefix="/v1", tags=["rollouts"], dependencies=[Depends(authorize)])
 
 
-@router.get("/rollouts/{rollout_id}", responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut}})
-async def get_rollout(rollout_id: str, store: StoreClient = Depends(get_store)) -> RolloutOut:
+@router.get("/rollouts/{rollout_id}", responses={404: {"model": ErrorOut}, 503: {"model": ErrorOut}, **AUTH_ERRORS})
+async def get_rollout(rollout_id: str, key: CurrentKey, store: StoreClient = Depends(get_store)) -> RolloutOut:
     """One trajectory with its transitions; token ids, logprobs and versions as JSON lists, and
     per transition whether its run trains that role (`trained_roles`)."""
-    trajectory = await store.get_rollout(rollout_id)
+    trajectory = await store.get_rollout(rollout_id, key.project)
     return RolloutOut.from_trajectory(trajectory, await _trained_roles(store, trajectory.run_id))
 
 
