@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -486,11 +487,26 @@ class EvalSummary(BaseModel):
 
 # --- training runs ---------------------------------------------------------------------
 
-# Policy losses relayrl offers; each name is a loss registered in verl's core_algos (the
-# trainer checks this at start). Kept here so the gateway validates without importing torch.
-POLICY_LOSSES = ("vanilla", "gspo", "cispo", "gpg", "clip_cov", "kl_cov", "geo_mean", "sapo")
-LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-KlPenalty = Literal["kl", "abs", "mse", "low_var_kl", "full"]
+# Each training option's values are listed once, here, as a Literal: RunConfig validation (so
+# the gateway's 422), the trainer's checks and the tests all derive from it (typing.get_args).
+# Kept here so the gateway validates without importing torch or verl; tests/unit/test_options.py
+# runs every value through verl 0.9.1's own function, so a value verl refuses fails there.
+#
+# Policy losses: names in verl's POLICY_LOSS_REGISTRY (core_algos.get_policy_loss_fn) that the
+# trainer runs as they are. verl also registers dppo_tv, dppo_kl, bypass_mode and dro; they are
+# not offered (dro needs a policy_loss.dro_beta the config has no field for).
+PolicyLoss = Literal["vanilla", "gspo", "cispo", "gpg", "clip_cov", "kl_cov", "geo_mean", "sapo"]
+POLICY_LOSSES: tuple[PolicyLoss, ...] = get_args(PolicyLoss)
+# Every mode of verl's core_algos.agg_loss (and ActorConfig's valid_loss_agg_modes).
+LossAggMode = Literal[
+    "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+]
+# Estimators of verl's core_algos.kl_penalty; k1/k2/k3 are aliases of kl/mse/low_var_kl, and a
+# trailing "+" takes k2's gradient with the named estimator's value (straight-through). Not
+# "full": verl raises NotImplementedError for it.
+KlPenalty = Literal[
+    "kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3", "kl+", "abs+", "mse+", "low_var_kl+", "k1+", "k2+", "k3+"
+]
 # Credit assignment over a trajectory's calls; see services/trainer/credit.py.
 CreditMode = Literal["equal", "last", "discounted"]
 # What a run's trainer learns from:
@@ -517,7 +533,7 @@ class TrainingConfig(BaseModel):
     entropy_coeff: float = Field(
         0.0, ge=0, le=1, description="entropy bonus subtracted from the loss (verl's entropy_coeff): keeps a policy from collapsing onto one answer"
     )
-    policy_loss: str = "vanilla"
+    policy_loss: PolicyLoss = "vanilla"
     loss_agg_mode: LossAggMode = "token-mean"
     clip_ratio_low: float = Field(0.2, ge=0, le=1)
     clip_ratio_high: float = Field(0.28, ge=0, le=10)
@@ -542,10 +558,18 @@ class TrainingConfig(BaseModel):
     )
     discount: float = Field(1.0, gt=0, le=1, description="gamma of `credit: discounted`")
 
+    @field_validator("kl_penalty", "policy_loss", "loss_agg_mode", "credit", mode="before")
+    @classmethod
+    def _known_option(cls, value: Any, info: ValidationInfo) -> Any:
+        # One message for every option, listing the field's own Literal (pydantic's default
+        # "Input should be ..." would not name the option in the text a user sees).
+        choices = get_args(cls.model_fields[str(info.field_name)].annotation)
+        if value not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {list(choices)}")
+        return value
+
     @model_validator(mode="after")
     def _coherent(self) -> Self:
-        if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"unknown policy_loss {self.policy_loss!r}; choose one of {list(POLICY_LOSSES)}")
         if self.group_size < 2 and self.norm_adv_by_std:
             raise ValueError("group_size 1 has no group baseline: GRPO with std normalisation needs group_size >= 2")
         return self

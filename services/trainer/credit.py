@@ -40,11 +40,11 @@ credit and nothing else.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Sequence, Union, get_args
 
 from shared.messages import AirRule, CreditMode, Event, Group, Trajectory
 
-CREDIT_MODES: tuple[CreditMode, ...] = ("equal", "last", "discounted")
+CREDIT_MODES: tuple[CreditMode, ...] = get_args(CreditMode)  # the one list: shared.messages
 
 
 # The AIR rules of a run (`RuntimeConfig.air_values()`), or plain event name -> value.

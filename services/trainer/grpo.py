@@ -6,14 +6,14 @@ the tensors and the config object verl's functions expect.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, get_args
 
 import numpy as np
 import torch
 from verl.trainer.ppo import core_algos
 from verl.workers.config.actor import ActorConfig, PolicyLossConfig
 
-from shared.messages import Group, TrainingConfig
+from shared.messages import Group, KlPenalty, TrainingConfig
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
 
@@ -130,7 +130,8 @@ def compute_policy_loss(
 # --- KL against the reference ----------------------------------------------------------------
 
 
-SUPPORTED_KL_PENALTIES = ("kl", "abs", "mse", "low_var_kl", "k1", "k2", "k3")
+# The one list in shared.messages (KlPenalty): what verl's kl_penalty implements.
+SUPPORTED_KL_PENALTIES: tuple[KlPenalty, ...] = get_args(KlPenalty)
 
 
 def kl_loss(

@@ -59,6 +59,7 @@ async def consume(bus: Bus, run_id: str, groups: int) -> None:
         ({"training": {"learning_rate": -0.1}}, 422, "learning_rate"),
         ({"training": {"group_size": 1}}, 422, "group_size 1"),
         ({"training": {"policy_loss": "made_up"}}, 422, "unknown policy_loss"),
+        ({"training": {"kl_penalty": "full"}}, 422, "unknown kl_penalty"),  # verl has no "full"
         ({"agent": "nobody"}, 400, "unknown agent"),
         ({"algorithm": "ppo"}, 422, "algorithm"),
         ({"dataset": []}, 422, "dataset"),
