@@ -56,7 +56,7 @@ def run_one(eta: int, target: float, timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="relayrl-bench-") as tmp:
         stack = Stack(StackConfig(state_dir=Path(tmp), gateway_port=0, log_format="json")).start()
         try:
-            client = GatewayClient(stack.gateway_url)
+            client = GatewayClient(stack.gateway_url, api_key=stack.api_key)
             client.create_run(config)
             return time_to_target(client, config["run_id"], target, timeout_s)
         finally:

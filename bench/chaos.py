@@ -188,8 +188,8 @@ def run_config(cfg: ChaosConfig, run_id: str) -> dict[str, Any]:
 class Watch:
     """Follows the run through the gateway; a gateway or store that is down reads as None."""
 
-    def __init__(self, url: str, run_id: str) -> None:
-        self.http = httpx.Client(base_url=url, timeout=3.0)
+    def __init__(self, url: str, run_id: str, api_key: str) -> None:
+        self.http = httpx.Client(base_url=url, timeout=3.0, headers={"Authorization": f"Bearer {api_key}"})
         self.run_id = run_id
         self.last: dict[str, Any] | None = None
 
@@ -303,9 +303,9 @@ def run_chaos(
     db = stack.state_dir / "relayrl.db"
     rng = random.Random(cfg.seed + 1)
     injected: bytes | None = None
-    watch = Watch(stack.gateway_url, run_id)
+    watch = Watch(stack.gateway_url, run_id, stack.api_key)
     try:
-        client = GatewayClient(stack.gateway_url)
+        client = GatewayClient(stack.gateway_url, api_key=stack.api_key)
         client.create_run(run_config(cfg, run_id))
         started = time.time()
         deadline = time.monotonic() + cfg.timeout_s

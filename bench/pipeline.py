@@ -85,7 +85,7 @@ def pipeline(state_dir: Path, n: int, size: int, replicas: int) -> float:
                     rollout_concurrency=256)
     ).start()
     try:
-        client = GatewayClient(stack.gateway_url, timeout_s=120)
+        client = GatewayClient(stack.gateway_url, timeout_s=120, api_key=stack.api_key)
         tasks = [{"agent": "null", "input": {"size_bytes": size}, "group_size": 8} for _ in range(n // 8)]
         db = stack.state_dir / "relayrl.db"
         start = time.perf_counter()

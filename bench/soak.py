@@ -293,9 +293,9 @@ def soak(state_dir: Path, cfg: SoakConfig, log: Any = print) -> SoakResult:
                         max_staleness=cfg.max_staleness, seed=cfg.seed),
             run_id,
         )  # fmt: skip
-        GatewayClient(stack.gateway_url).create_run(config)
+        GatewayClient(stack.gateway_url, api_key=stack.api_key).create_run(config)
         t0 = time.monotonic()
-        watch = Watch(stack.gateway_url, run_id)
+        watch = Watch(stack.gateway_url, run_id, stack.api_key)
         log(f"run {run_id}: {cfg.rows} rows x {cfg.run_epochs} epochs, group size {cfg.group_size}, "
             f"{cfg.batch_size} groups per step; sampling every {cfg.sample_s:g}s for {cfg.minutes:g} min")  # fmt: skip
         total_s = cfg.minutes * 60.0

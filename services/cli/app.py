@@ -1,4 +1,4 @@
-"""`relayrl`: start the embedded stack, submit tasks, run the demo."""
+"""`relayrl`: start the embedded stack, submit tasks, run the demo, manage API keys."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from rich.table import Table
 
 from services.cli.client import GatewayClient, GatewayError, gateway_url, read_tasks_file
 from services.cli.follow import RunFollower, follow
+from services.cli.keyfile import API_KEY_FILE
 from services.cli.report import plot_rewards, write_csv
 from services.cli.stack import Stack, StackConfig, read_state
+from shared.apikeys import SCOPES
 
 app = typer.Typer(help="relayrl: train LLM agents with GRPO over NATS JetStream.", no_args_is_help=True)
 console = Console()
@@ -82,7 +84,11 @@ def _start(config: StackConfig) -> Stack:
     for svc in stack.services:
         table.add_row(f"  {svc.name}", f"pid {svc.proc.pid if svc.proc else '-'}, log {svc.log_path}")
     table.add_row("state", str(stack.state_dir / "stack.json"))
+    table.add_row("API key", f"{stack.state_dir / API_KEY_FILE} (mode 0600; the CLI reads it there)")
     console.print(table)
+    if stack.api_key_created:  # printed this once: the file is where it lives afterwards
+        console.print(f"[bold]admin API key (project default), shown once:[/bold] {stack.api_key}")
+        console.print("send it as `Authorization: Bearer <key>`; `relayrl keys create` makes narrower ones")
     return stack
 
 
@@ -92,20 +98,21 @@ def submit(
     input: list[str] = typer.Option([], "--input", help="task input as JSON (repeatable)"),
     file: Optional[Path] = typer.Option(None, "--file", help="JSONL file, one task object per line"),
     group_size: int = typer.Option(1, "--group-size", min=1),
-    run: str = typer.Option("default", "--run"),
+    run: Optional[str] = typer.Option(None, "--run", help="default: the key's project's ad-hoc bucket"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="follow progress until every task is done"),
     timeout_s: float = typer.Option(600.0, "--timeout"),
     gateway: Optional[str] = typer.Option(None, "--gateway", help="gateway URL (default: from stack.json)"),
     state_dir: Path = StateDir,
 ) -> None:
     """Send tasks to the gateway and show their progress."""
-    tasks = [{"agent": agent, "input": json.loads(i), "group_size": group_size, "run_id": run} for i in input]
+    where = {"run_id": run} if run else {}
+    tasks = [{"agent": agent, "input": json.loads(i), "group_size": group_size, **where} for i in input]
     if file:
         for t in read_tasks_file(file):
-            tasks.append({"agent": agent, "group_size": group_size, "run_id": run, **t})
+            tasks.append({"agent": agent, "group_size": group_size, **where, **t})
     if not tasks:
         raise typer.BadParameter("give --input JSON or --file tasks.jsonl")
-    client = GatewayClient(gateway_url(gateway, state_dir))
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
     accepted = client.submit(tasks)
     console.print(f"submitted {len(accepted)} task(s), {sum(t['group_size'] for t in accepted)} rollout(s)")
     if wait:
@@ -155,7 +162,7 @@ def demo(
     config["run_id"] = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     stack = _start(StackConfig(state_dir=state_dir, gateway_port=0, rollout_replicas=rollout_replicas, log_format="json"))
     try:
-        client = GatewayClient(stack.gateway_url)
+        client = GatewayClient(stack.gateway_url, api_key=stack.api_key)
         started = time.monotonic()
         run = client.create_run(config)
         console.print(f"training run [bold]{run['run_id']}[/bold]: agent {config['agent']}, model {config['model']}, "
@@ -215,7 +222,7 @@ def train(
     config = load_run_config(config_file)
     if run_id:
         config["run_id"] = run_id
-    client = GatewayClient(gateway_url(gateway, state_dir))
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
     try:
         run = client.create_run(config)
     except GatewayError as exc:
@@ -250,7 +257,7 @@ def status(
     state_dir: Path = StateDir,
 ) -> None:
     """Show a run (state, version, step, reward, last metrics), or the stack's processes and the runs."""
-    client = GatewayClient(gateway_url(gateway, state_dir))
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
     try:
         if run_id is None:
             services = read_state(state_dir)
@@ -330,7 +337,7 @@ def replay(
         except ValueError:
             raise typer.BadParameter("--versions takes A:B, e.g. 0:20") from None
         body["versions"] = [a, b]
-    client = GatewayClient(gateway_url(gateway, state_dir))
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
     try:
         result = client.replay(run_id, body)
     except GatewayError as exc:
@@ -351,7 +358,7 @@ def evaluate(
     state_dir: Path = StateDir,
 ) -> None:
     """Evaluate a run greedily at a policy version, then show its evaluations per version."""
-    client = GatewayClient(gateway_url(gateway, state_dir))
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
     try:
         if not show:
             body: dict[str, Any] = {"version": version}
@@ -387,7 +394,7 @@ def sft(
 ) -> None:
     """Rejection-sampling fine-tuning: SFT on a past run's trajectories (exact recorded tokens),
     keeping its model, agent and trained roles. Start an RL run from it with `init_from`."""
-    client = GatewayClient(gateway_url(gateway, state_dir))
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
     try:
         source = client.run(from_run)["config"]
         run = client.create_run({
@@ -417,7 +424,7 @@ def export_model_command(
     checkpoint directory, usable as any run's (or inference's) `model:`."""
     from services.cli.export_model import ExportError, export_model
 
-    client = GatewayClient(gateway_url(gateway, state_dir))
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
     try:
         saved = export_model(client, run_id, out, version=version, force=force)
     except (ExportError, GatewayError) as exc:
@@ -453,6 +460,71 @@ def reproduce(
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+keys = typer.Typer(help="API keys of the gateway (needs an admin key).", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+Gateway = typer.Option(None, "--gateway", help="gateway URL (default: from stack.json)")
+
+
+@keys.command("create")
+def keys_create(
+    name: str = typer.Option("", "--name", help="what the key is for"),
+    scope: str = typer.Option("write", "--scope", help=f"one of {', '.join(SCOPES)}"),
+    project: Optional[str] = typer.Option(None, "--project", help="default: the admin key's own project"),
+    gateway: Optional[str] = Gateway,
+    state_dir: Path = StateDir,
+) -> None:
+    """Make a key; its text is printed this once (only its hash is stored)."""
+    if scope not in SCOPES:
+        raise typer.BadParameter(f"scope must be one of {', '.join(SCOPES)}")
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
+    try:
+        made = client.create_key(name=name, scope=scope, project=project)
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    console.print(f"key {made['key_id']} (project {made['project']}, scope {made['scope']}), shown once:")
+    typer.echo(made["key"])
+
+
+@keys.command("list")
+def keys_list(
+    project: Optional[str] = typer.Option(None, "--project", help="default: the admin key's own project"),
+    gateway: Optional[str] = Gateway,
+    state_dir: Path = StateDir,
+) -> None:
+    """The project's keys (never their secrets)."""
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
+    try:
+        found = client.list_keys(project)
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    table = Table(title="API keys")
+    for col in ("key id", "project", "scope", "name", "created", "revoked"):
+        table.add_column(col)
+    for k in found:
+        revoked = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["revoked_at"])) if k["revoked_at"] else ""
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))
+        table.add_row(k["key_id"], k["project"], k["scope"], k["name"], created, revoked)
+    console.print(table)
+
+
+@keys.command("revoke")
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="the key's id (`relayrl keys list`)"),
+    gateway: Optional[str] = Gateway,
+    state_dir: Path = StateDir,
+) -> None:
+    """Revoke a key: refused at once by the gateway that revoked it, within its key cache time by others."""
+    client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
+    try:
+        revoked = client.revoke_key(key_id)
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(1) from None
+    console.print(f"revoked {revoked['key_id']} (project {revoked['project']}, scope {revoked['scope']})")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,22 @@ class GatewayClient:
             raise GatewayError(f"weights of {run_id}: {r.status_code} {_detail(r)}")
         return r.content, r.headers
 
+    # --- API keys (admin) ---------------------------------------------------------------
+
+    def create_key(self, name: str = "", scope: str = "write", project: str | None = None) -> dict[str, Any]:
+        """A new key; its text (`key`) is in this answer only."""
+        body: dict[str, Any] = {"name": name, "scope": scope}
+        if project:
+            body["project"] = project
+        return self._json(self.http.post("/v1/keys", json=body), "create key")
+
+    def list_keys(self, project: str | None = None) -> list[dict[str, Any]]:
+        params = {"project": project} if project else {}
+        return self._json(self.http.get("/v1/keys", params=params), "keys")
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return self._json(self.http.delete(f"/v1/keys/{key_id}"), f"revoke {key_id}")
+
     def close(self) -> None:
         self.http.close()
 

@@ -152,7 +152,7 @@ def study_stack(study: Study, out: Path, console: Console) -> Iterator[tuple[Gat
     with console.status(f"starting the stack ({study.model})…"):
         stack = Stack(config).start()
     try:
-        yield GatewayClient(stack.gateway_url, timeout_s=60.0), config
+        yield GatewayClient(stack.gateway_url, timeout_s=60.0, api_key=stack.api_key), config
     finally:
         stack.stop()
 

@@ -48,6 +48,24 @@ def test_up_writes_stack_json_serves_and_stops_cleanly_on_sigterm(tmp_path: Path
     assert submit.returncode == 0, submit.stdout + submit.stderr
     assert "submitted 2 task(s), 3 rollout(s)" in submit.stdout and "3 rollouts" in submit.stdout
 
+    # The first start made an admin key only its owner can read; the CLI used it from there.
+    key_file = state / "api_key"
+    admin = key_file.read_text().strip()
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert httpx.get(info["gateway_url"] + "/v1/runs", timeout=5).status_code == 401
+    reader = _cli("keys", "create", "--name", "ci", "--scope", "read", "--state-dir", str(state))
+    key = reader.strip().splitlines()[-1]
+    assert key.startswith("rrl_") and key != admin
+    as_reader = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(info["gateway_url"] + "/v1/runs", headers=as_reader, timeout=5).status_code == 200
+    assert httpx.post(info["gateway_url"] + "/v1/tasks", json={"agent": "null", "input": {}},
+                      headers=as_reader, timeout=5).status_code == 403
+    key_id = key.split("_")[1]
+    listed = _cli("keys", "list", "--state-dir", str(state), env={**os.environ, "COLUMNS": "200"})
+    assert key_id in listed and "bootstrap" in listed and key not in listed and admin not in listed
+    assert "revoked" in _cli("keys", "revoke", key_id, "--state-dir", str(state))
+    assert httpx.get(info["gateway_url"] + "/v1/runs", headers=as_reader, timeout=5).status_code == 401
+
     # A worker killed from outside comes back: stack.json counts it and `relayrl status` shows it.
     os.kill(info["pids"]["rollout-1"], signal.SIGKILL)
     while (now := json.loads(stack_json.read_text()))["services"]["rollout-1"]["restarts"] < 1:
@@ -66,9 +84,18 @@ def test_up_writes_stack_json_serves_and_stops_cleanly_on_sigterm(tmp_path: Path
     assert proc.wait(timeout=90) == 0
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert "rollout-1 exited (signal SIGKILL)" in out and "restart #1" in out, out
+    assert out.count(admin) == 1, "the admin key is printed once, on the start that made it"
     for name, pid in {**info["pids"], **now["pids"]}.items():
         assert not _alive(pid), f"{name} (pid {pid}) still running after relayrl up stopped"
     assert not stack_json.exists()
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> str:
+    """`relayrl <args>`'s output; fails the test with it when the command fails."""
+    done = subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=60,
+                          env=env)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def _alive(pid: int) -> bool:

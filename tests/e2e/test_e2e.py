@@ -46,7 +46,7 @@ def null_stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 def test_three_replicas_share_300_requests_exactly_once(null_stack: Stack):
-    client = GatewayClient(null_stack.gateway_url)
+    client = GatewayClient(null_stack.gateway_url, api_key=null_stack.api_key)
     accepted = client.submit([{"agent": "null", "input": {"size_bytes": 512}, "group_size": 3} for _ in range(100)])
     views = client.wait([t["task_id"] for t in accepted], timeout_s=120)
     assert all(v["status"] == "done" and len(v["rollouts"]) == 3 for v in views.values())
@@ -61,7 +61,7 @@ def test_three_replicas_share_300_requests_exactly_once(null_stack: Stack):
 
 
 def test_worker_killed_mid_task_is_redelivered_and_completes_once(null_stack: Stack):
-    client = GatewayClient(null_stack.gateway_url)
+    client = GatewayClient(null_stack.gateway_url, api_key=null_stack.api_key)
     # Stop two replicas so the long task surely lands on the one we kill.
     for name in ("rollout-2", "rollout-3"):
         null_stack.service(name).signal(signal.SIGTERM)
@@ -90,7 +90,7 @@ def test_malformed_rollout_request_is_dead_lettered_and_workers_keep_serving(nul
         await nc.close()
 
     asyncio.run(publish_garbage())
-    client = GatewayClient(null_stack.gateway_url)
+    client = GatewayClient(null_stack.gateway_url, api_key=null_stack.api_key)
     (task,) = client.submit([{"agent": "null", "input": {}, "task_id": "after-garbage"}])
     assert client.wait(["after-garbage"], timeout_s=60)["after-garbage"]["status"] == "done"
     deadline = time.monotonic() + 20
@@ -112,7 +112,7 @@ def model_stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 def test_twenty_tasks_over_http_come_back_with_tokens_logprobs_versions_rewards(model_stack: Stack):
-    client = GatewayClient(model_stack.gateway_url)
+    client = GatewayClient(model_stack.gateway_url, api_key=model_stack.api_key)
     words = ["apple", "river", "stone", "cloud", "maple", "ember", "frost", "grain", "heron", "ivory",
              "jewel", "koala", "lemon", "mango", "noble", "ocean", "pearl", "quilt", "raven", "solar"]
     accepted = client.submit(

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_eval_runs_greedy_at_version_zero_and_is_reported_per_version(agent_stack: Stack):
-    client = GatewayClient(agent_stack.gateway_url)
+    client = GatewayClient(agent_stack.gateway_url, api_key=agent_stack.api_key)
     digits = ["3", "7", "3", "7"]  # repeated rows: greedy decoding must answer them identically
     config = {
         "run_id": "eval-e2e", "agent": "echo-digit", "dataset": [{"digit": "1"}, {"digit": "2"}],
@@ -39,7 +39,9 @@ def test_eval_runs_greedy_at_version_zero_and_is_reported_per_version(agent_stac
     assert summary["accuracy"] == pytest.approx(sum(t.reward >= 1.0 for t in trajs) / 4)
     assert summary["reward_mean"] == pytest.approx(sum(t.reward for t in trajs) / 4)
 
-    shown = CliRunner().invoke(app, ["eval", "eval-e2e", "--show", "--gateway", agent_stack.gateway_url])
+    shown = CliRunner().invoke(
+        app, ["eval", "eval-e2e", "--show", "--gateway", agent_stack.gateway_url], env={"RELAYRL_API_KEY": agent_stack.api_key}
+    )
     assert shown.exit_code == 0, shown.output
     assert "evaluations of eval-e2e" in shown.output
     client.run_action("eval-e2e", "cancel")

@@ -64,7 +64,7 @@ def test_a_killed_worker_and_nats_server_come_back_and_serve(null_stack: Stack):
     os.kill(before["pids"]["rollout-1"], signal.SIGKILL)
     info = wait_for(lambda: restarted(stack, "rollout-1", 1), what="rollout-1 restarted")
     assert info["pid"] != before["pids"]["rollout-1"] and info["last_exit"] == -signal.SIGKILL
-    client = GatewayClient(stack.gateway_url)
+    client = GatewayClient(stack.gateway_url, api_key=stack.api_key)
     client.submit([{"agent": "null", "input": {}, "task_id": "after-worker-restart"}])
     assert client.wait(["after-worker-restart"], timeout_s=90)["after-worker-restart"]["status"] == "done"
 

@@ -54,7 +54,7 @@ def _train_until_improved(client: GatewayClient, run_id: str, gain: float, timeo
 def test_tiny_model_learns_echo_digit_through_the_pipeline_within_the_staleness_bound(stack: Stack) -> None:
     config = load_run_config(ROOT / "examples" / "echo_digit" / "train.yaml")
     config.update(run_id="learn", max_staleness=1)
-    client = GatewayClient(stack.gateway_url)
+    client = GatewayClient(stack.gateway_url, api_key=stack.api_key)
     client.create_run(config)
 
     steps = _train_until_improved(client, "learn", gain=0.3, timeout_s=600)

@@ -631,7 +631,7 @@ def test_text_to_sql_end_to_end(agent_stack: Any, text_to_sql_db_dir: Path, tmp_
     assert [t.status for t in failed] == ["error"] * 4
     assert all("refused: only the example's generated databases" in (t.error or "") for t in failed[:2])
     assert all("gold query fails on vault.sqlite" in (t.error or "") for t in failed[2:])
-    client = GatewayClient(agent_stack.gateway_url)
+    client = GatewayClient(agent_stack.gateway_url, api_key=agent_stack.api_key)
     try:
         views = json.dumps([client.rollout(t.rollout_id) for t in failed])
     finally:

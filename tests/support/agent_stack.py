@@ -46,7 +46,7 @@ def run_tasks(
     wait_s: float = 240.0,
 ) -> list[Trajectory]:
     """Submit one task per input (each `group_size` rollouts), wait, return every trajectory."""
-    client = GatewayClient(stack.gateway_url)
+    client = GatewayClient(stack.gateway_url, api_key=stack.api_key)
     try:
         tasks = [
             {"agent": agent, "input": row, "group_size": group_size, "timeout_s": timeout_s,
