@@ -54,10 +54,14 @@ from services.rollout.capture import CHAT, MODEL, CaptureClient, force_capture  
 from services.rollout.context import AgentContext  # noqa: E402
 from services.rollout.proxy import CaptureProxy  # noqa: E402
 from services.rollout.settings import RolloutSettings  # noqa: E402
+from shared.config import new_secret  # noqa: E402
 from shared.messages import RolloutRequest, SamplingParams  # noqa: E402
 from shared.models import ensure_tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The inference this bench starts and its worker share a token, as deployed ones do.
+os.environ.setdefault("RELAYRL_INFERENCE_TOKEN", new_secret())
+AUTH = {"Authorization": f"Bearer {os.environ['RELAYRL_INFERENCE_TOKEN']}"}
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
 
 
@@ -182,10 +186,12 @@ async def measure(args: argparse.Namespace, inference: str, pid: int) -> tuple[l
     # The worker's connection pool toward inference (the proxy's CaptureClient), and the agents' client.
     async with (
         httpx.AsyncClient(timeout=settings.inference_timeout_s, limits=worker_limits) as worker_http,
-        httpx.AsyncClient(timeout=settings.inference_timeout_s, limits=agent_limits) as agents,
+        # The direct arm calls inference itself, so it sends the token as the worker does.
+        httpx.AsyncClient(timeout=settings.inference_timeout_s, limits=agent_limits, headers=AUTH) as agents,
     ):
         client = CaptureClient(worker_http, settings.inference_url_list(), settings.inference_retries,
-                               settings.inference_backoff_s, settings.inference_backoff_max_s)  # fmt: skip
+                               settings.inference_backoff_s, settings.inference_backoff_max_s,
+                               token=os.environ["RELAYRL_INFERENCE_TOKEN"])  # fmt: skip
         proxy = CaptureProxy(client)
         async with capture_proxy.serve(proxy, settings.proxy_host, 0):
 

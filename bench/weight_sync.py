@@ -46,13 +46,17 @@ from services.inference.policy import PolicyWatcher  # noqa: E402
 from services.inference.sampling import SamplingConfig  # noqa: E402
 from shared import subjects  # noqa: E402
 from shared.bus import Bus  # noqa: E402
-from shared.config import ServiceSettings  # noqa: E402
+from shared.config import ServiceSettings, new_secret  # noqa: E402
 from shared.messages import PolicyVersion  # noqa: E402
 from shared.models import ensure_tiny_model, load_causal_lm  # noqa: E402
-from shared.weights import publish_weights, put_weight_bytes, read_weights, serialize_state_dict  # noqa: E402
+from shared.weights import publish_weights, put_weight_bytes, read_weights, serialize_state_dict, sign_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "bench"
+# The replicas this bench starts share the key its "trainer" signs with, and a token, as deployed ones do.
+os.environ.setdefault("RELAYRL_WEIGHTS_KEY", new_secret())
+os.environ.setdefault("RELAYRL_INFERENCE_TOKEN", new_secret())
+AUTH = {"Authorization": f"Bearer {os.environ['RELAYRL_INFERENCE_TOKEN']}"}
 
 
 # --- raw object store vs relayrl transport -------------------------------------------------
@@ -190,13 +194,14 @@ async def end_to_end(settings: ServiceSettings, model: Path, urls: list[str], pu
     policy = load_causal_lm(model)
     out: dict[str, list[float]] = {"publish": [], "all_serving": [], "first_serving": []}
     try:
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with httpx.AsyncClient(timeout=10, headers=AUTH) as http:
             for version in range(1, publishes + 1):
                 with torch.no_grad():
                     for p in policy.parameters():
                         p.add_(torch.randn_like(p) * 1e-3)  # a trainer step's worth of change
                 start = time.perf_counter()
-                await publish_weights(bus, RUN, version, version, policy.state_dict(), keep=2)
+                await publish_weights(bus, RUN, version, version, policy.state_dict(), keep=2,
+                                      signing_key=os.environ["RELAYRL_WEIGHTS_KEY"])
                 out["publish"].append(time.perf_counter() - start)
                 seen = await asyncio.gather(*(serving_at(http, url, version, start) for url in urls))
                 out["all_serving"].append(max(seen))
@@ -315,7 +320,9 @@ async def store_versions(bus: Bus, model: Path, n: int) -> list[PolicyVersion]:
                 p.add_(torch.randn_like(p) * 1e-3)
         stored = await put_weight_bytes(bus, RUN + "-pause", version, serialize_state_dict(policy.state_dict()))
         out.append(PolicyVersion(run_id=RUN + "-pause", version=version, object=stored.name, sha256=stored.sha256,
-                                 size=stored.size, step=version))  # fmt: skip
+                                 size=stored.size, step=version,
+                                 signature=sign_weights(os.environ["RELAYRL_WEIGHTS_KEY"], RUN + "-pause", version,
+                                                        stored.sha256)))  # fmt: skip
     return out
 
 

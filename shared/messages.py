@@ -824,6 +824,10 @@ class PolicyVersion(Message):
     format: Literal["safetensors"] = "safetensors"
     step: int = Field(ge=0)
     created_at: float = Field(default_factory=time.time)
+    # shared.weights.sign_weights: HMAC over (run_id, version, sha256) with the trainers' and
+    # replicas' key. Optional so entries written before signing still decode; replicas refuse
+    # them as unsigned. Rolling upgrade: inference replicas before trainers.
+    signature: str | None = Field(None, max_length=128)
 
 
 class TrainerProgress(Message):

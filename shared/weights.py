@@ -5,6 +5,13 @@ The trainer serializes a state dict with safetensors, streams it into the object
 KV `relayrl-policy` under `<run>`; replicas watch that key, stream the object back and check
 size and sha256 before loading it.
 
+The sha256 alone proves nothing: whoever can write the object and the KV entry writes both.
+So the PolicyVersion also carries `signature`, an HMAC-SHA256 over (run, version, sha256) with
+the key only trainers and inference replicas hold (`RELAYRL_WEIGHTS_KEY`): `sign_weights` makes
+it, `verify_weights` refuses an unsigned or mis-signed version (`WeightsSignatureError`).
+Binding the run and the version means a signed object cannot be passed off as another run's
+weights or another version; binding the digest means its bytes cannot be changed.
+
 Both directions bypass nats-py's `ObjectStore` data paths (bench/weight_sync.py, 1 GiB:
 its put 1.9x and its streamed read 2.7x slower than these): its `put` waits for one ack per
 128 KiB chunk before sending the next, and its `get()` grows an immutable `bytes` per chunk
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import json
 import time
 import weakref
@@ -70,6 +78,52 @@ class WeightsError(RuntimeError):
 
 class WeightsNotFound(WeightsError):
     """The weights asked for are not in the object store: never published, or pruned since."""
+
+
+class WeightsSignatureError(WeightsError):
+    """Permanent: a PolicyVersion that is unsigned or not signed with this key. Never loaded;
+    reading it again cannot help (a new, correctly signed version replaces it)."""
+
+
+# --- signing -----------------------------------------------------------------------------
+
+SIGNATURE_SCHEME = "hmac-sha256-v1"
+
+
+def _signed_text(run_id: str, version: int, sha256: str) -> bytes:
+    # Newline-separated: a run id is one subject token (no whitespace), so fields cannot run together.
+    return f"relayrl-weights\n{SIGNATURE_SCHEME}\n{run_id}\n{version}\n{sha256.lower()}".encode()
+
+
+def _key_bytes(key: str | bytes) -> bytes:
+    raw = key.encode() if isinstance(key, str) else key
+    if not raw:
+        raise ValueError("the weights signing key is empty")
+    return raw
+
+
+def sign_weights(key: str | bytes, run_id: str, version: int, sha256: str) -> str:
+    """The signature of version `version` of `run_id` whose bytes hash to `sha256` (hex)."""
+    mac = hmac.new(_key_bytes(key), _signed_text(run_id, version, sha256), hashlib.sha256).hexdigest()
+    return f"{SIGNATURE_SCHEME}:{mac}"
+
+
+def verify_weights(key: str | bytes, pv: PolicyVersion) -> None:
+    """Raise `WeightsSignatureError` unless `pv` is signed with `key` (constant-time compare).
+
+    A reader that then checks the bytes against `pv.sha256` (`read_weights` does) has bytes
+    the key holder published, for this run and version."""
+    if not pv.signature:
+        raise WeightsSignatureError(
+            f"weights {pv.object!r} (run {pv.run_id!r}, version {pv.version}) are unsigned: not published by a "
+            "trainer holding RELAYRL_WEIGHTS_KEY"
+        )
+    expected = sign_weights(key, pv.run_id, pv.version, pv.sha256)
+    if not hmac.compare_digest(pv.signature.encode(), expected.encode()):
+        raise WeightsSignatureError(
+            f"weights {pv.object!r} (run {pv.run_id!r}, version {pv.version}) have a signature that does not "
+            "match: signed with another RELAYRL_WEIGHTS_KEY, or run, version or sha256 changed after signing"
+        )
 
 
 @dataclass(frozen=True)
@@ -162,8 +216,11 @@ async def publish_weights(
     state_dict: Mapping[str, torch.Tensor],
     keep: int = 2,
     fence: PolicyFence | None = None,
+    *,
+    signing_key: str | bytes,
 ) -> PolicyVersion:
-    """Store `state_dict` as version `version` of `run_id` and make it the run's latest.
+    """Store `state_dict` as version `version` of `run_id`, signed with `signing_key` (the
+    weights key, `RELAYRL_WEIGHTS_KEY`), and make it the run's latest.
 
     Order matters for readers: the object is complete (all chunks acked, meta written)
     before the KV entry that points at it, so a replica never sees a version it cannot read.
@@ -184,7 +241,8 @@ async def publish_weights(
     data = await asyncio.to_thread(serialize_state_dict, state_dict, meta)
     stored = await put_weight_bytes(bus, run_id, version, data)
     pv = PolicyVersion(
-        run_id=run_id, version=version, object=stored.name, sha256=stored.sha256, size=stored.size, step=step
+        run_id=run_id, version=version, object=stored.name, sha256=stored.sha256, size=stored.size, step=step,
+        signature=sign_weights(signing_key, run_id, version, stored.sha256),
     )
     if fence is None:
         await kv.put(key, pv.encode())

@@ -16,6 +16,13 @@ Two ways to run a replica (run isolation, issue 9):
   published no weights yet is served with the checkpoint's own weights: they are its version 0.
   Up to `max_runs` runs are held; memory: one more copy of the weights per held run.
 
+Weights must be signed (`shared.weights.verify_weights`, key `RELAYRL_WEIGHTS_KEY`): a version
+that is unsigned or whose signature does not match is refused before a byte of it is read,
+with the reason logged (`policy version refused`) and kept in `/readyz`'s `policy_last_error`.
+The replica keeps serving what it holds for that run (the previous version, or the
+checkpoint's weights when it holds none) and does not try that version again: only a new,
+correctly signed version of the run replaces it.
+
 Failures never stick. A version that cannot be read or swapped in (missing object, bad
 digest, NATS down mid-read) is retried with bounded exponential backoff for as long as it is
 still the run's latest; the replica keeps serving what it has for that run meanwhile. The KV
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -47,10 +55,10 @@ import torch
 from services.inference.engine import Key, TorchEngine
 from shared import subjects
 from shared.bus import Bus
-from shared.config import ServiceSettings
+from shared.config import ServiceSettings, require_secret
 from shared.faults import is_transient
 from shared.messages import DecodeError, PolicyVersion
-from shared.weights import load_state_dict, read_weights
+from shared.weights import WeightsSignatureError, load_state_dict, read_weights, verify_weights
 
 log = structlog.get_logger("inference")
 
@@ -90,7 +98,7 @@ class Applied:
 
 @dataclass
 class _Failure:
-    ident: tuple[int, str, str]  # (version, object, sha256): the failed PolicyVersion
+    ident: tuple[int, str, str, str | None]  # (version, object, sha256, signature): the failed PolicyVersion
     attempts: int
     next_at: float
 
@@ -102,6 +110,7 @@ class PolicyWatcher:
         self.settings = settings
         self.run_id = subjects.check_token(run_id) if run_id else None
         self.initial_version = initial_version
+        self.weights_key = require_secret(settings.weights_key, "weights_key", "the trainer's weights signing key")
         self.replica_id = f"{uuid.uuid4().hex[:16]}"
         self.bus: Bus | None = None
         self.engine: TorchEngine | None = None
@@ -110,6 +119,7 @@ class PolicyWatcher:
         self.applied: dict[str, Applied] = {}  # what the engine holds, per run
         self.swaps = 0
         self.rejected = 0  # versions that failed at least once
+        self.refused = 0  # versions refused for a missing or wrong signature (never retried)
         self.retries = 0  # further attempts at failed versions
         self.watches = 0  # KV watches created (more than one: re-created after a failure/reconnect)
         self.last_error: str | None = None
@@ -222,6 +232,7 @@ class PolicyWatcher:
             "policy_nats_connected": bool(self.bus and self.bus.nc.is_connected),
             "policy_swaps": self.swaps,
             "policy_rejected": self.rejected,
+            "policy_refused_signature": self.refused,
             "policy_retries": self.retries,
             "policy_watches": self.watches,
             "policy_last_error": self.last_error,
@@ -437,6 +448,7 @@ class PolicyWatcher:
             f.next_at for run, f in self._failures.items()
             if (pv := self.latest.get(run)) is not None and f.ident == _ident(pv)
         ]  # fmt: skip
+        pending = [at for at in pending if at != math.inf]  # refused for good: nothing to wake for
         return max(0.0, min(pending) - time.monotonic()) if pending else None
 
     async def _apply(self, engine: TorchEngine, pv: PolicyVersion) -> bool:
@@ -444,6 +456,8 @@ class PolicyWatcher:
         started = time.monotonic()
         fields = {"run_id": pv.run_id, "version": pv.version, "step": pv.step, "size": pv.size}
         try:
+            # First: forged weights are refused before they cost a read, and never reach the engine.
+            verify_weights(self.weights_key, pv)
             data = await read_weights(self.bus, pv)
             # Parsing and dtype/device conversion are CPU work: off the event loop.
             swapped = await asyncio.to_thread(_prepare_and_swap, engine, data, pv.version, self.key(pv.run_id))
@@ -461,6 +475,9 @@ class PolicyWatcher:
         return True
 
     def _failed(self, pv: PolicyVersion, exc: Exception) -> None:
+        if isinstance(exc, WeightsSignatureError):
+            self._refused(pv, exc)
+            return
         previous = self._failures.get(pv.run_id)
         attempts = previous.attempts + 1 if previous is not None and previous.ident == _ident(pv) else 1
         delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (attempts - 1))
@@ -478,8 +495,19 @@ class PolicyWatcher:
                         run_id=pv.run_id, version=pv.version)  # fmt: skip
 
 
-def _ident(pv: PolicyVersion) -> tuple[int, str, str]:
-    return (pv.version, pv.object, pv.sha256)
+    def _refused(self, pv: PolicyVersion, exc: WeightsSignatureError) -> None:
+        """A version whose signature fails is refused for good: the same entry can never pass."""
+        self._failures[pv.run_id] = _Failure(ident=_ident(pv), attempts=1, next_at=math.inf)
+        self.last_error = f"{pv.run_id}/{pv.version}: refused: {exc}"
+        self.refused += 1
+        held = self.applied.get(pv.run_id)
+        log.error("policy version refused: bad signature; still serving the previous weights", reason=str(exc),
+                  serving=held.version if held is not None else None, run_id=pv.run_id, version=pv.version)  # fmt: skip
+
+
+def _ident(pv: PolicyVersion) -> tuple[int, str, str, str | None]:
+    # The signature too: a forged entry refused for good must not block the genuine one it copies.
+    return (pv.version, pv.object, pv.sha256, pv.signature)
 
 
 def _prepare_and_swap(engine: TorchEngine, data: bytes, version: int, run: Key) -> Any:

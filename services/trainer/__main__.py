@@ -7,7 +7,7 @@ import sys
 
 from shared import telemetry
 from shared.bus import Bus, install_signal_handlers, wait_for_stop
-from shared.config import load, run_service
+from shared.config import ConfigError, load, require_secret, run_service
 from shared.health import heartbeat
 from services.trainer.service import Trainer
 from services.trainer.settings import TrainerSettings
@@ -15,6 +15,12 @@ from services.trainer.settings import TrainerSettings
 
 async def main(settings: TrainerSettings) -> None:
     log = telemetry.setup("trainer", settings)
+    try:  # at start, not at the first publish: a trainer that cannot sign must not take a run
+        require_secret(settings.weights_key, "weights_key", "the key that signs published weights")
+    except ConfigError as exc:
+        log.error("cannot start", error=str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     if settings.threads:
         import torch
 

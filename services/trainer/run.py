@@ -29,11 +29,21 @@ from typing import Any
 import structlog
 
 from shared.bus import Bus
+from shared.config import require_secret
 from shared.faults import PermanentRunError, Rejected, is_transient
 from shared.lease import Lease
 from shared.messages import RUN_ENDED, Group, RunView, StepMetrics, TrainerProgress
 from shared.models import resolve_model
-from shared.weights import PolicyFence, WeightsError, latest_policy, load_state_dict, publish_weights, read_weights
+from shared.weights import (
+    PolicyFence,
+    WeightsError,
+    WeightsSignatureError,
+    latest_policy,
+    load_state_dict,
+    publish_weights,
+    read_weights,
+    verify_weights,
+)
 from services.trainer import checkpoint
 from services.trainer.feed import GroupFeed, Unusable
 from services.trainer.credit import has_signal
@@ -98,6 +108,8 @@ class RunTrainer:
         self.lease = lease  # checked before every write only the run's trainer may make
         self.fence = fence  # compare-and-set of the run's PolicyVersion
         self.settings = settings
+        # Signs every version this trainer publishes; verifies the weights an init_from run left.
+        self.weights_key = require_secret(settings.weights_key, "weights_key", "the weights signing key")
         self.run = run
         self.cfg = run.config
         self.train_cfg = run.config.training
@@ -180,6 +192,10 @@ class RunTrainer:
         pv = await latest_policy(self.bus, source)
         if pv is None:
             raise PermanentRunError(f"init_from: run {source!r} has no published weights")
+        try:
+            verify_weights(self.weights_key, pv)  # only weights a trainer with this key published
+        except WeightsSignatureError as exc:
+            raise PermanentRunError(f"init_from: {exc}") from exc
         data = await read_weights(self.bus, pv)
         try:
             state = load_state_dict(data)
@@ -442,7 +458,8 @@ class RunTrainer:
         weights = await asyncio.to_thread(self.learner.policy_state)
         self.lease.check()
         pv = await publish_weights(
-            self.bus, self.run.run_id, step, step, weights, keep=self.train_cfg.keep_versions, fence=self.fence
+            self.bus, self.run.run_id, step, step, weights, keep=self.train_cfg.keep_versions, fence=self.fence,
+            signing_key=self.weights_key,
         )
         log.info("weights published", run_id=self.run.run_id, version=pv.version, size=pv.size)
 

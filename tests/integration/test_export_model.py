@@ -34,6 +34,7 @@ from shared.weights import load_state_dict, publish_weights, read_weights
 from tests.support.gateway import gateway, run_body
 from tests.support.store import RunningStore
 from tests.support.waiting import wait_until
+from tests.support.secrets import WEIGHTS_KEY
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,8 @@ def trained(models: Path, seed: int) -> dict[str, torch.Tensor]:
 async def test_the_latest_and_a_named_version_come_back_byte_for_byte_with_their_headers(
     client: httpx.AsyncClient, bus: Bus, models: Path
 ) -> None:
-    v1 = await publish_weights(bus, "r1", 1, 3, trained(models, 1))
-    v2 = await publish_weights(bus, "r1", 2, 7, trained(models, 2))
+    v1 = await publish_weights(bus, "r1", 1, 3, trained(models, 1), signing_key=WEIGHTS_KEY)
+    v2 = await publish_weights(bus, "r1", 2, 7, trained(models, 2), signing_key=WEIGHTS_KEY)
 
     for query, pv, step in (({}, v2, 7), ({"version": 2}, v2, 7), ({"version": 1}, v1, 3)):
         r = await client.get("/v1/runs/r1/weights", params=query)
@@ -92,7 +93,7 @@ async def test_an_unknown_run_or_a_version_not_stored_is_404_with_the_reason(
 
     state = trained(models, 1)
     for version in (1, 2, 3):  # keep=2: version 1 is pruned once 3 is out
-        await publish_weights(bus, "r1", version, version, state, keep=2)
+        await publish_weights(bus, "r1", version, version, state, keep=2, signing_key=WEIGHTS_KEY)
     for version in (1, 9):
         r = await client.get("/v1/runs/r1/weights", params={"version": version})
         assert r.status_code == 404, r.text
@@ -158,9 +159,9 @@ async def cli(client: httpx.AsyncClient, settings: ServiceSettings) -> AsyncIter
 async def test_an_exported_run_is_a_checkpoint_with_its_weights_and_the_base_tokenizer(
     cli: GatewayClient, bus: Bus, models: Path, tmp_path: Path
 ) -> None:
-    await publish_weights(bus, "r1", 1, 3, trained(models, 1))
+    await publish_weights(bus, "r1", 1, 3, trained(models, 1), signing_key=WEIGHTS_KEY)
     published = trained(models, 2)
-    pv = await publish_weights(bus, "r1", 2, 7, published)
+    pv = await publish_weights(bus, "r1", 2, 7, published, signing_key=WEIGHTS_KEY)
     out = tmp_path / "exports" / "latest"
 
     result = await asyncio.to_thread(export_model, cli, "r1", out, None, models)
@@ -196,7 +197,7 @@ async def test_an_exported_run_is_a_checkpoint_with_its_weights_and_the_base_tok
 async def test_an_export_over_a_non_empty_directory_is_refused_unless_forced(
     cli: GatewayClient, bus: Bus, models: Path, tmp_path: Path
 ) -> None:
-    await publish_weights(bus, "r1", 1, 1, trained(models, 1))
+    await publish_weights(bus, "r1", 1, 1, trained(models, 1), signing_key=WEIGHTS_KEY)
     out = tmp_path / "exports" / "taken"
     out.mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
@@ -215,7 +216,7 @@ async def test_weights_that_do_not_fit_the_base_model_are_refused_naming_the_key
 ) -> None:
     state = trained(models, 1)
     state["model.norm.scale"] = state.pop("model.norm.weight")
-    await publish_weights(bus, "r1", 1, 1, state)
+    await publish_weights(bus, "r1", 1, 1, state, signing_key=WEIGHTS_KEY)
     with pytest.raises(ExportError, match=r"missing model\.norm\.weight; unexpected model\.norm\.scale"):
         await asyncio.to_thread(export_model, cli, "r1", tmp_path / "bad", None, models)
     assert not (tmp_path / "bad").exists()

@@ -29,6 +29,7 @@ from tests.support.factories import trajectory
 from tests.support.store import RunningStore
 from tests.support.streams import reader, stream_messages
 from tests.support.waiting import wait_until
+from tests.support.secrets import WEIGHTS_KEY
 
 BOUND_S = 60.0
 
@@ -134,7 +135,7 @@ async def _leave_run_objects(bus: Bus, run_id: str) -> None:
     leases = await bus.kv(subjects.KV_LEASES)
     await leases.put(subjects.lease_key("train", run_id), b"trainer-1")
     for version in (1, 2, 3):
-        await publish_weights(bus, run_id, version, version, {"w": torch.full((4,), float(version))}, keep=4)
+        await publish_weights(bus, run_id, version, version, {"w": torch.full((4,), float(version))}, keep=4, signing_key=WEIGHTS_KEY)
 
 
 async def _keys(bus: Bus, bucket: str) -> set[str]:

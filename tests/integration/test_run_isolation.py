@@ -27,10 +27,11 @@ from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.messages import AgentInfo, PolicyVersion
 from shared.models import load_causal_lm
-from shared.weights import publish_weights, put_weight_bytes, serialize_state_dict
+from shared.weights import publish_weights, put_weight_bytes, serialize_state_dict, sign_weights
 from tests.support.gateway import gateway, run_body
 from tests.support.replica import PROMPT, greedy, replica, replica_settings, stats, trained
 from tests.support.waiting import wait_until
+from tests.support.secrets import WEIGHTS_KEY
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -60,7 +61,7 @@ async def publish_when_up(bus: Bus, run: str, version: int, state_dict: Any) -> 
     """Publish, waiting out the JetStream 503s / timeouts right after a server restart."""
     for _ in range(60):
         try:
-            return await publish_weights(bus, run, version, version, state_dict, keep=2)
+            return await publish_weights(bus, run, version, version, state_dict, keep=2, signing_key=WEIGHTS_KEY)
         except (nats.errors.Error, asyncio.TimeoutError, OSError):
             await asyncio.sleep(0.5)
     raise AssertionError("could not publish after the restart")
@@ -73,7 +74,8 @@ async def test_a_missing_object_is_retried_until_it_is_there(bus: Bus, nats_url:
     new = trained(model_path, seed=31)
     data = serialize_state_dict(new.state_dict())
     pv = PolicyVersion(run_id="miss", version=1, object=subjects.weights_object("miss", 1),
-                       sha256=hashlib.sha256(data).hexdigest(), size=len(data), step=1)  # fmt: skip
+                       sha256=hashlib.sha256(data).hexdigest(), size=len(data), step=1,
+                       signature=sign_weights(WEIGHTS_KEY, "miss", 1, hashlib.sha256(data).hexdigest()))  # fmt: skip
     async with replica(replica_settings(model_path, nats_url, run_id="miss")) as (client, engine, _):
         kv = await bus.kv(subjects.KV_POLICY)
         await kv.put(subjects.policy_key("miss"), pv.encode())  # the KV names an object not written yet
@@ -95,7 +97,8 @@ async def test_a_corrupt_object_is_retried_once_fixed(bus: Bus, nats_url: str, m
     corrupt[-1] ^= 0xFF
     stored = await put_weight_bytes(bus, "fix", 1, bytes(corrupt))
     pv = PolicyVersion(run_id="fix", version=1, object=stored.name, sha256=hashlib.sha256(data).hexdigest(),
-                       size=len(data), step=1)  # fmt: skip
+                       size=len(data), step=1,
+                       signature=sign_weights(WEIGHTS_KEY, "fix", 1, hashlib.sha256(data).hexdigest()))  # fmt: skip
     async with replica(replica_settings(model_path, nats_url, run_id=None)) as (client, _, _):
         kv = await bus.kv(subjects.KV_POLICY)
         await kv.put(subjects.policy_key("fix"), pv.encode())
@@ -113,7 +116,7 @@ async def test_the_watch_survives_a_nats_restart(nats_server: NatsServer, settin
     try:
         await bus.ensure_topology()
         async with replica(replica_settings(model_path, nats_server.url, run_id=None)) as (client, _, _):
-            await publish_weights(bus, "rs", 1, 1, v1.state_dict(), keep=2)
+            await publish_weights(bus, "rs", 1, 1, v1.state_dict(), keep=2, signing_key=WEIGHTS_KEY)
             await wait_until(lambda: _serving(client, "rs", 1), timeout_s=15)
             nats_server.stop()
             await asyncio.sleep(1.0)
@@ -137,8 +140,8 @@ async def test_two_runs_on_one_replica_each_get_their_own_weights(bus: Bus, nats
     expected = {"ra": greedy(a, PROMPT, 8), "rb": greedy(b, PROMPT, 8)}
     assert expected["ra"] != expected["rb"]
     async with replica(replica_settings(model_path, nats_url, run_id=None, max_runs=2)) as (client, engine, _):
-        pa = await publish_weights(bus, "ra", 1, 1, a.state_dict(), keep=2)
-        pb = await publish_weights(bus, "rb", 3, 3, b.state_dict(), keep=2)
+        pa = await publish_weights(bus, "ra", 1, 1, a.state_dict(), keep=2, signing_key=WEIGHTS_KEY)
+        pb = await publish_weights(bus, "rb", 3, 3, b.state_dict(), keep=2, signing_key=WEIGHTS_KEY)
         await wait_until(lambda: _serving(client, "rb", 3), timeout_s=15)  # the default: published last
         runs = ["ra", "rb"] * 6
         outs = await asyncio.gather(*(complete(client, r, header=i % 4 == 0) for i, r in enumerate(runs)))
@@ -170,7 +173,7 @@ async def test_a_run_loads_on_first_request_and_sets_beyond_max_runs_are_dropped
 ) -> None:
     models = {f"m{i}": trained(model_path, seed=50 + i) for i in range(3)}
     for run, model in models.items():
-        await publish_weights(bus, run, 1, 1, model.state_dict(), keep=1)
+        await publish_weights(bus, run, 1, 1, model.state_dict(), keep=1, signing_key=WEIGHTS_KEY)
     async with replica(replica_settings(model_path, nats_url, run_id=None, max_runs=1)) as (client, engine, _):
         for run in ("m0", "m1", "m0"):  # m2 (published last) is the default and is never dropped
             out = await complete(client, run)

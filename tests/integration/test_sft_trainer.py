@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from shared.bus import Bus
-from shared.messages import RunConfig, StepMetrics, Trajectory, Transition, pack_f32, pack_i32
+from shared.messages import PolicyVersion, RunConfig, StepMetrics, Trajectory, Transition, pack_f32, pack_i32
 from shared.store_api import StoreClient
-from shared.weights import latest_policy, load_state_dict, read_weights
+from shared.weights import latest_policy, load_state_dict, put_weight_bytes, read_weights, serialize_state_dict
 from shared import subjects
 from tests.support.store import RunningStore
 from tests.support.trainer import TrainerProcess
@@ -106,6 +106,25 @@ async def test_an_sft_run_resumed_after_sigkill_ends_with_the_weights_of_an_unin
     v0, w0 = await weights(bus, "rl")
     assert v0 == 0 and all(torch.equal(w0[k], wa[k]) for k in wa)
     assert "starting from another run's weights" in (tmp_path / "trainer-rl.log").read_text()
+
+
+async def test_init_from_weights_not_signed_with_the_key_fails_the_run_with_the_reason(
+    sqlite_store: RunningStore, bus: Bus, nats_url: str, tmp_path: Path
+) -> None:
+    """Weights someone wrote into NATS without the key are never trained from."""
+    client = StoreClient(bus, 10)
+    data = serialize_state_dict({"w": torch.ones(4)})
+    stored_obj = await put_weight_bytes(bus, "planted", 1, data)
+    forged = PolicyVersion(run_id="planted", version=1, object=stored_obj.name, sha256=stored_obj.sha256,
+                           size=stored_obj.size, step=1)  # fmt: skip
+    await (await bus.kv(subjects.KV_POLICY)).put(subjects.policy_key("planted"), forged.encode())
+    grpo = RunConfig(run_id="from-planted", agent="calculator", dataset=[{"q": 1}], init_from="planted",
+                     training={"group_size": 2})  # fmt: skip
+    await client.put_run(grpo, 1)
+    await TrainerProcess(nats_url, tmp_path, "from-planted").wait(120)
+    run = await client.get_run("from-planted")
+    assert run.state == "failed" and run.error is not None and "unsigned" in run.error, (run.state, run.error)
+    assert await latest_policy(bus, "from-planted") is None  # nothing was published from them
 
 
 def stored(run_id: str, index: int, reward: float) -> Trajectory:

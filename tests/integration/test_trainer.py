@@ -8,6 +8,9 @@ the trainer (`python -m services.trainer`) trains them. Covered: drops, SIGKILL 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -295,3 +298,14 @@ async def test_a_reference_the_store_cannot_resolve_is_dropped_and_the_run_finis
     dropped = {g: r for m in steps for g, r in m.dropped.items()}
     assert list(dropped) == [ghost.group_id] and dropped[ghost.group_id].startswith("bad data:")
     assert (await run_view(bus, run_id)).state == "finished"
+
+
+def test_a_trainer_without_the_weights_key_refuses_to_start(tmp_path: Path) -> None:
+    """It could not sign what it publishes, and replicas would refuse it all: it never takes a run."""
+    env = {k: v for k, v in os.environ.items() if k != "RELAYRL_WEIGHTS_KEY"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.trainer", "--checkpoint-dir", str(tmp_path), "--log-format", "console"],
+        env={**env, "NATS_URL": "nats://127.0.0.1:1"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "weights_key is not set" in proc.stderr and "RELAYRL_WEIGHTS_KEY" in proc.stderr
