@@ -186,6 +186,25 @@ def test_compose_python_service_gets_shared_env(compose: dict[str, Any], name: s
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" in env
 
 
+# Which service gets which shared secret (services/cli/secrets.py says the same for `relayrl up`).
+SERVICE_SECRETS = {
+    "inference": {"RELAYRL_INFERENCE_TOKEN", "RELAYRL_WEIGHTS_KEY"},
+    "rollout": {"RELAYRL_INFERENCE_TOKEN"},
+    "trainer": {"RELAYRL_WEIGHTS_KEY"},
+    "gateway": set(),
+    "store": set(),
+}
+
+
+def test_compose_secrets_are_required_and_only_where_used(compose: dict[str, Any]) -> None:
+    for name, wanted in SERVICE_SECRETS.items():
+        env = _env_map(compose["services"][name].get("environment"))
+        assert {k for k in env if k in {"RELAYRL_INFERENCE_TOKEN", "RELAYRL_WEIGHTS_KEY"}} == wanted, name
+        for key in wanted:
+            # `${VAR:?reason}`: compose refuses to start without it; never a default value.
+            assert re.fullmatch(rf"\$\{{{key}:\?[^}}]+\}}", str(env[key])), (name, env[key])
+
+
 def test_compose_rollout_scales(compose: dict[str, Any]) -> None:
     rollout = compose["services"]["rollout"]
     assert "container_name" not in rollout
@@ -877,6 +896,23 @@ def test_k8s_every_container_has_probes(k8s: list[tuple[str, dict[str, Any]]]) -
         # Liveness is the heartbeat, with minutes of slack: a restart is for a stuck process only.
         live = c["livenessProbe"]
         assert live["periodSeconds"] * live["failureThreshold"] >= 120, name
+
+
+def test_k8s_secrets_come_from_the_secret_and_only_where_used(k8s: list[tuple[str, dict[str, Any]]]) -> None:
+    secret = _by_kind(k8s, "Secret")["relayrl-service-secrets"]
+    # No secret value is committed: services refuse to start until an operator sets them.
+    assert all(v == "" for v in secret["stringData"].values()) and not secret.get("data")
+    workloads = {d["metadata"]["name"]: d for _, d in k8s if d["kind"] in ("Deployment", "StatefulSet")}
+    for name, wanted in SERVICE_SECRETS.items():
+        got = set()
+        for c in _containers(workloads[name]):
+            assert not any("secretRef" in src for src in c.get("envFrom", [])), f"{name}: a whole Secret mounted"
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] == "relayrl-service-secrets":
+                    assert e["name"] == ref["key"]
+                    got.add(e["name"])
+        assert got == wanted, name
 
 
 def test_k8s_kustomization_lists_every_manifest() -> None:
