@@ -19,6 +19,7 @@ from services.cli.client import GatewayClient, GatewayError, gateway_url, read_t
 from services.cli.follow import RunFollower, follow
 from services.cli.keyfile import API_KEY_FILE
 from services.cli.report import plot_rewards, write_csv
+from services.cli.secrets import FILE_NAME as SECRETS_FILE
 from services.cli.stack import Stack, StackConfig, read_state
 from shared.apikeys import SCOPES
 
@@ -85,6 +86,7 @@ def _start(config: StackConfig) -> Stack:
         table.add_row(f"  {svc.name}", f"pid {svc.proc.pid if svc.proc else '-'}, log {svc.log_path}")
     table.add_row("state", str(stack.state_dir / "stack.json"))
     table.add_row("API key", f"{stack.state_dir / API_KEY_FILE} (mode 0600; the CLI reads it there)")
+    table.add_row("service secrets", f"{stack.state_dir / SECRETS_FILE} (mode 0600: inference token, weights key)")
     console.print(table)
     if stack.api_key_created:  # printed this once: the file is where it lives afterwards
         console.print(f"[bold]admin API key (project default), shown once:[/bold] {stack.api_key}")
