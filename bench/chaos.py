@@ -310,7 +310,7 @@ def run_chaos(
         started = time.time()
         deadline = time.monotonic() + cfg.timeout_s
         if cfg.inject_garbage:
-            injected, seq = asyncio.run(_publish_garbage(stack.nats_url, run_id))
+            injected, seq = asyncio.run(_publish_garbage(stack.admin_url, run_id))
             log(f"[{name}] injected one garbage trajectory (TRAJECTORIES seq {seq})")
         for fault in sorted(faults, key=lambda f: f.at):
             rec = FaultRecord(fault)
@@ -349,7 +349,7 @@ def run_chaos(
             time.sleep(0.2)
         result.restarts = {p.name: p.sup.restarts for p in stack.processes()}
         try:
-            result.progress = asyncio.run(asyncio.wait_for(_read_progress(stack.nats_url, run_id), 15))
+            result.progress = asyncio.run(asyncio.wait_for(_read_progress(stack.admin_url, run_id), 15))
         except Exception as exc:  # noqa: BLE001 - only for the report
             result.progress = {"error": repr(exc)}
     finally:

@@ -153,7 +153,7 @@ async def _jetstream_state(url: str) -> tuple[dict[str, dict[str, int]], dict[st
 
 def sample_streams(stack: Stack, s: Sample) -> None:
     try:
-        s.streams, s.consumers = asyncio.run(asyncio.wait_for(_jetstream_state(stack.nats_url), 20))
+        s.streams, s.consumers = asyncio.run(asyncio.wait_for(_jetstream_state(stack.admin_url), 20))
     except Exception as exc:  # noqa: BLE001 - a busy or restarting server: recorded, not fatal
         s.errors.append(f"jetstream: {exc!r}")
 

@@ -27,7 +27,7 @@ from nats.js import api as js_api
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from shared import retention, subjects, telemetry
+from shared import nats_auth, retention, subjects, telemetry
 from shared.config import ServiceSettings
 from shared.faults import is_transient
 from shared.messages import DeadLetter, DecodeError, Failure, Message
@@ -50,6 +50,10 @@ class Bus:
 
     def __init__(self, nc: NATS, settings: ServiceSettings) -> None:
         self.nc = nc
+        # Logged in as a service user: topology is the admin's (`relayrl init`), this connection
+        # may only bind to it. Without credentials (an open server: development, test fixtures)
+        # or as the admin, missing streams and buckets are created as before.
+        self.creates_topology = settings.nats_user in (None, nats_auth.ADMIN)
         self.js: JetStreamContext = nc.jetstream(timeout=settings.request_timeout_s)
         self.timeout = settings.request_timeout_s
         self.replicas = settings.js_replicas
@@ -64,18 +68,10 @@ class Bus:
             try:
                 # Bounded per attempt: with unlimited reconnects nats-py keeps retrying the first
                 # connect forever inside one call, which would make the attempt count meaningless.
-                nc = await asyncio.wait_for(
-                    nats.connect(
-                        servers,
-                        name=name,
-                        connect_timeout=settings.nats_connect_timeout_s,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,
-                        allow_reconnect=True,
-                    ),
-                    timeout=settings.nats_connect_timeout_s + 1.0,
-                )
+                nc = await _connect_once(servers, name, settings)
                 return cls(nc, settings)
+            except CredentialsRefused:
+                raise  # retrying the same credentials cannot help
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
                 last = exc
                 log.warning("nats connect failed", attempt=attempt, url=settings.nats_url, error=str(exc))
@@ -83,6 +79,41 @@ class Bus:
         raise ConnectionError(f"could not connect to NATS at {settings.nats_url}: {last}")
 
     # --- topology --------------------------------------------------------------------
+
+    async def bind_topology(self, timeout_s: float = 120.0) -> None:
+        """At a service's start: create the topology where this connection may (see
+        `creates_topology`), else wait until `relayrl init` made it, up to `timeout_s`."""
+        if self.creates_topology:
+            await self.ensure_topology()
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        delay = 0.2
+        while True:
+            missing = await self.missing_topology()
+            if not missing:
+                return
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TopologyMissing(
+                    f"NATS has no {', '.join(missing)} after {timeout_s:.0f}s; streams and buckets are made by "
+                    "the admin step: run `relayrl init` (admin credentials) against this server"
+                )
+            log.warning("waiting for the NATS topology; run `relayrl init`", missing=missing)
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 5.0)
+
+    async def missing_topology(self) -> list[str]:
+        """Names of relayrl's streams and buckets the server does not have (info requests only)."""
+        names = [spec.name for spec in retention.STREAMS]
+        names += [KV_STREAM_TEMPLATE.format(bucket=b) for b in (subjects.KV_POLICY, subjects.KV_AGENTS, subjects.KV_LEASES)]
+        names.append(f"OBJ_{subjects.OBJ_WEIGHTS}")
+        missing = []
+        for name in names:
+            try:
+                await self.js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                missing.append(name)
+        return missing
 
     async def ensure_topology(self) -> None:
         """Create every stream and bucket relayrl uses; safe to call from every service.
@@ -112,8 +143,15 @@ class Bus:
         """Create (or bring to our config) relayrl's stream `name`: a server restarted without
         its store has none. Streams that are not relayrl's are left alone."""
         spec = retention.spec(name)
-        if spec is not None:
-            await self.ensure_stream(spec)
+        if spec is None:
+            return
+        if not self.creates_topology:
+            try:
+                await self.js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                raise TopologyMissing(f"stream {name} does not exist (NATS lost its store?): run `relayrl init`") from None
+            return
+        await self.ensure_stream(spec)
 
     async def ensure_stream(self, spec: StreamSpec) -> None:
         config = retention.stream_config(spec, self.replicas, self.stream_max_bytes)
@@ -174,6 +212,8 @@ class Bus:
         try:
             return await self.js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
+            if not self.creates_topology:
+                raise TopologyMissing(f"KV bucket {bucket} does not exist: run `relayrl init`") from None
             try:
                 return await self.js.create_key_value(
                     js_api.KeyValueConfig(
@@ -203,6 +243,8 @@ class Bus:
         try:
             return await self.js.object_store(bucket)
         except nats.js.errors.BucketNotFoundError:
+            if not self.creates_topology:
+                raise TopologyMissing(f"object store {bucket} does not exist: run `relayrl init`") from None
             try:
                 return await self.js.create_object_store(
                     bucket, js_api.ObjectStoreConfig(bucket=bucket, storage=js_api.StorageType.FILE, replicas=self.replicas)
@@ -364,6 +406,61 @@ class Delivery(Generic[M]):
 
 
 Handler = Callable[[list[Delivery[M]]], Awaitable[None]]
+
+
+class TopologyMissing(ConnectionError):
+    """A stream or bucket this service binds to does not exist and it may not create it:
+    transient (a ConnectionError) until the admin step (`relayrl init`) makes it."""
+
+
+class CredentialsRefused(RuntimeError):
+    """Permanent: the server refused this user and password (`Authorization Violation`)."""
+
+
+async def _connect_once(servers: list[str], name: str, settings: ServiceSettings) -> NATS:
+    """One connect attempt, bounded by the connect timeout. nats-py retries a refused login
+    inside `nats.connect` until the timeout; the server's `Authorization Violation` is final
+    (wrong or missing credentials), so it ends the attempt at once with `CredentialsRefused`."""
+    refused = asyncio.Event()
+
+    async def on_error(exc: Exception) -> None:
+        # A permissions violation names the subject this user may not use: worth a log line.
+        log.warning("nats error", error=str(exc))
+        if "authorization violation" in str(exc).lower():
+            refused.set()
+
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            servers,
+            name=name,
+            user=settings.nats_user,
+            password=settings.nats_password.get_secret_value() if settings.nats_password else None,
+            error_cb=on_error,
+            connect_timeout=settings.nats_connect_timeout_s,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+        )
+    )
+    refusal = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait({connecting, refusal}, timeout=settings.nats_connect_timeout_s + 1.0,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refusal.cancel()
+    if connecting.done() and not refused.is_set():
+        return connecting.result()
+    connecting.cancel()
+    result = (await asyncio.gather(connecting, return_exceptions=True))[0]
+    if isinstance(result, NATS):  # connected just as it was refused on another server: not ours to keep
+        await result.close()
+    if refused.is_set():
+        who = f"user {settings.nats_user!r}" if settings.nats_user else "a connection without credentials"
+        raise CredentialsRefused(
+            f"NATS refused {who} (Authorization Violation): set RELAYRL_NATS_USER and RELAYRL_NATS_PASSWORD "
+            "to this service's credentials"
+        )
+    raise asyncio.TimeoutError()
 
 
 class TransientError(Exception):

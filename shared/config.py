@@ -64,6 +64,14 @@ class ServiceSettings(BaseSettings):
         validation_alias=AliasChoices("NATS_URL", "nats_url"),
         description="NATS server URL(s), comma separated",
     )
+    nats_user: str | None = Field(
+        None,
+        description="NATS user this service logs in as (RELAYRL_NATS_USER); one per service, see "
+        "shared/nats_auth.py. Unset: connect without credentials (an open server: development, tests)",
+    )
+    nats_password: SecretStr | None = Field(
+        None, description="that user's password (RELAYRL_NATS_PASSWORD); kept out of URLs so logs never carry it"
+    )
     nats_connect_timeout_s: float = 5.0
     nats_connect_attempts: int = Field(30, ge=1)
     log_format: Literal["json", "console"] = "json"

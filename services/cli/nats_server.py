@@ -79,6 +79,9 @@ class NatsServer:
     cluster_port: int = 0
     routes: list[str] = field(default_factory=list)
     log_file: Path | None = None
+    # An `authorization { users = [...] }` block (shared.nats_auth.authorization_block): with
+    # one, a connection without valid credentials is refused. None: an open server (tests).
+    authorization: str | None = None
 
     @property
     def url(self) -> str:
@@ -103,6 +106,8 @@ class NatsServer:
                 f"cluster {{\n  name: {self.cluster_name}\n  listen: {self.host}:{self.cluster_port}\n"
                 f"  routes: [{routes}]\n}}"
             )
+        if self.authorization:
+            lines.append(self.authorization.rstrip("\n"))
         return "\n".join(lines) + "\n"
 
     def start(self, log_file: Path | None = None, timeout_s: float = 20.0) -> NatsServer:
@@ -112,7 +117,11 @@ class NatsServer:
         self.log_file = log_file or self.log_file
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats.conf"
-        conf.write_text(self.config_text())
+        # 0600 from the first byte: the config holds every user's password.
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.config_text())
+        os.chmod(conf, 0o600)  # an older file keeps its mode through O_CREAT
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         try:
             env = dict(os.environ)

@@ -33,9 +33,11 @@ import httpx
 import nats
 
 from services.cli.keyfile import API_KEY_FILE, ensure_api_key
+from services.cli.nats_admin import init_topology, load_or_create_credentials
 from services.cli.nats_server import NatsServer, free_port
 from services.cli.secrets import ensure_secrets, service_env
-from shared import retention, subjects
+from shared import nats_auth, retention, subjects
+from shared.config import ServiceSettings
 
 T = TypeVar("T")
 NATS = "nats"  # the name the supervisor, stack.json and `Stack.kill` use for nats-server
@@ -241,6 +243,9 @@ class Stack:
         self.nats: NatsServer | None = None
         self.nats_proc: NatsProcess | None = None
         self.nats_url = config.nats_url or ""
+        # user -> password of the embedded nats-server's users (shared/nats_auth.py); None with an
+        # external server (NATS_URL), whose credentials come from the environment.
+        self.nats_credentials: dict[str, str] | None = None
         # The inference token and weights key (services/cli/secrets.py): loaded or generated at start.
         self.secrets: dict[str, str] = {}
         self.services: list[Service] = []
@@ -265,15 +270,18 @@ class Stack:
         self.secrets = ensure_secrets(self.state_dir)
         self.api_key, self.api_key_created = ensure_api_key(self.state_dir)
         if not self.nats_url:
+            self.nats_credentials = load_or_create_credentials(self.state_dir)
             self.nats = NatsServer(
                 store_dir=self.state_dir / "nats",
                 prof_port=self.config.nats_prof_port,
                 memory_limit_mb=self.config.nats_memory_limit_mb,
+                authorization=nats_auth.authorization_block(self.nats_credentials),
             )
             self.nats_proc = NatsProcess(self.nats, self.logs / "nats.log")
             self.nats_proc.start()
             self.nats_url = self.nats.url
         try:
+            self.init_topology()
             self._start_services(timeout_s)
         except BaseException:
             self.stop()
@@ -318,6 +326,27 @@ class Stack:
         self.add("gateway", "services.gateway", gw_args, ready_url=f"{self.gateway_url}/readyz")
         self._wait_ready(timeout_s)
 
+    def admin_settings(self) -> ServiceSettings:
+        """Settings that log in as the NATS admin (the environment's credentials with an external server)."""
+        if self.nats_credentials is None:
+            return ServiceSettings(nats_url=self.nats_url)
+        return ServiceSettings(
+            nats_url=self.nats_url, nats_user=nats_auth.ADMIN, nats_password=self.nats_credentials[nats_auth.ADMIN]
+        )
+
+    @property
+    def admin_url(self) -> str:
+        """The NATS URL(s) with the admin's credentials in them, for operator tools, benches and
+        tests that talk to NATS directly (never passed to a service, never logged)."""
+        if self.nats_credentials is None:
+            return self.nats_url
+        auth = f"{nats_auth.ADMIN}:{self.nats_credentials[nats_auth.ADMIN]}@"
+        return ",".join(u.replace("nats://", f"nats://{auth}", 1) for u in self.nats_url.split(","))
+
+    def init_topology(self, timeout_s: float = 60.0) -> list[str]:
+        """`relayrl init` against this stack's server: the one step that creates streams and buckets."""
+        return _run_sync(init_topology(self.admin_settings(), timeout_s))
+
     def add(self, name: str, module: str, args: list[str], ready_url: str | None = None, ready_line: str | None = None) -> Service:
         env = {
             "NATS_URL": self.nats_url,
@@ -326,6 +355,10 @@ class Stack:
             **service_env(module, self.secrets),  # only the secrets this service's role uses
             **self.config.extra_env,
         }
+        if self.nats_credentials is not None:
+            # Each service logs in as its own NATS user and gets no other user's password.
+            user = module.split(".")[1]
+            env.update(nats_auth.user_env(user, self.nats_credentials[user]))
         svc = Service(name, module, args, env, self.logs / f"{name}.log", ready_url, ready_line)
         with self._lock:
             svc.start()
@@ -356,7 +389,7 @@ class Stack:
 
     def _wait_agents_registered(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while not _run_sync(_agents_registered(self.nats_url)):
+        while not _run_sync(_agents_registered(self.admin_settings())):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no rollout worker registered its agents within {timeout_s}s")
             time.sleep(0.1)
@@ -508,6 +541,15 @@ class Stack:
             pass
         proc.start()
         self._event("restarted", proc, f"{proc.name} restarted ({reason}), restart #{sup.restarts}, pid {proc.pid}")
+        if proc is self.nats_proc:
+            # A server that lost its store dir has no streams; services wait for the admin step.
+            try:
+                missing = self.init_topology(timeout_s=30.0)
+            except Exception as exc:  # noqa: BLE001 - the services keep waiting; reported, retried on the next restart
+                self._event("init_failed", proc, f"relayrl init after the nats restart failed: {exc!r}")
+            else:
+                if missing:
+                    self._event("initialized", proc, f"relayrl init re-created {', '.join(missing)}")
         self.write_state()
 
     def _event(self, kind: str, proc: Supervised, text: str) -> None:
@@ -590,10 +632,14 @@ def rotate_log(path: Path, max_bytes: int, keep: int) -> bool:
     return True
 
 
-async def _agents_registered(nats_url: str) -> bool:
+async def _agents_registered(settings: ServiceSettings) -> bool:
     """Whether any rollout worker has put its agents into the agents KV yet."""
+    password = settings.nats_password.get_secret_value() if settings.nats_password else None
     try:
-        nc = await nats.connect(nats_url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
+        nc = await nats.connect(
+            settings.nats_url, user=settings.nats_user, password=password, connect_timeout=2,
+            allow_reconnect=False, max_reconnect_attempts=0,
+        )
     except Exception:  # noqa: BLE001 - not reachable yet: not registered
         return False
     try:

@@ -33,7 +33,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bus = await Bus.connect(settings, "gateway")
-        await bus.ensure_topology()
+        await bus.bind_topology()
         app.state.bus = bus
         app.state.store = StoreClient(bus, settings.store_timeout_s)
         app.state.agents = AgentCatalog(bus, settings.agents_cache_s)

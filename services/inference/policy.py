@@ -145,7 +145,7 @@ class PolicyWatcher:
         budget_s = s.nats_connect_attempts * (s.nats_connect_timeout_s + 1.0)
         try:
             self.bus = await asyncio.wait_for(Bus.connect(s, "inference-policy"), budget_s)
-            await self.bus.ensure_topology()
+            await self.bus.bind_topology()
         except (ConnectionError, OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
             if self.bus is not None:
                 await self.bus.close()

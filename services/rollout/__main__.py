@@ -28,7 +28,7 @@ async def main(settings: RolloutSettings) -> None:
     install_signal_handlers(stop)
     agents = registry.load_builtin_and(settings.agent_modules)
     bus = await Bus.connect(settings, f"rollout-{settings.worker_id}")
-    await bus.ensure_topology()
+    await bus.bind_topology()
     # Fewer connections than agents: httpcore scans its whole pool on every request (measured:
     # a third of the worker's CPU at 64 connections), and a few keep-alive connections carry the load.
     conns = min(settings.concurrency, settings.http_connections)

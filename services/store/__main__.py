@@ -21,7 +21,7 @@ async def main(settings: StoreSettings) -> None:
     engine = create_engine(settings.database_url)
     await create_schema(engine)
     bus = await Bus.connect(settings, "store")
-    await bus.ensure_topology()
+    await bus.bind_topology()
     log.info("store ready", database=engine.url.render_as_string(hide_password=True))
     try:
         beats = [heartbeat(settings.heartbeat_file, stop)] if settings.heartbeat_file else []

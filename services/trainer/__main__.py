@@ -28,7 +28,7 @@ async def main(settings: TrainerSettings) -> None:
     stop = asyncio.Event()
     install_signal_handlers(stop)
     bus = await Bus.connect(settings, "trainer")
-    await bus.ensure_topology()
+    await bus.bind_topology()
     log.info("trainer ready", trainer_id=settings.trainer_id, run_id=settings.run_id, device=settings.device)
     try:
         beats = [heartbeat(settings.heartbeat_file, stop)] if settings.heartbeat_file else []

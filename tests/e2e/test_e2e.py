@@ -29,7 +29,7 @@ def stored_rollouts(stack: Stack) -> list[tuple[str, int, str]]:
 
 
 async def rollout_acks_pending(stack: Stack) -> int:
-    nc = await nats.connect(stack.nats_url)
+    nc = await nats.connect(stack.admin_url)
     try:
         info = await nc.jetstream().consumer_info("TASKS", "rollout")
         return info.num_ack_pending
@@ -84,7 +84,7 @@ def test_worker_killed_mid_task_is_redelivered_and_completes_once(null_stack: St
 
 def test_malformed_rollout_request_is_dead_lettered_and_workers_keep_serving(null_stack: Stack):
     async def publish_garbage() -> None:
-        nc = await nats.connect(null_stack.nats_url)
+        nc = await nats.connect(null_stack.admin_url)
         js = nc.jetstream()
         await js.publish("relayrl.tasks.default", msgpack.packb({"rollout_id": 1}))
         await nc.close()

@@ -75,7 +75,7 @@ def test_a_killed_worker_and_nats_server_come_back_and_serve(null_stack: Stack):
     assert info["pid"] != before["pids"]["nats"] and stack.nats_url == url == stack_json(stack)["nats_url"]
 
     async def streams() -> set[str]:
-        nc = await nats.connect(url, connect_timeout=5)
+        nc = await nats.connect(stack.admin_url, connect_timeout=5)
         try:
             return {s.config.name for s in await nc.jetstream().streams_info()}
         finally:

@@ -78,11 +78,11 @@ def test_tiny_model_learns_echo_digit_through_the_pipeline_within_the_staleness_
 
     # The cancelled run leaves nothing on the bus but its kept weights, and a restarted
     # trainer and gateway bring nothing back.
-    assert asyncio.run(_wait_bus_clean(stack.nats_url, "learn", 60)) is None
+    assert asyncio.run(_wait_bus_clean(stack.admin_url, "learn", 60)) is None
     for name in ("trainer", "gateway"):
         stack.kill(name, restart_after_s=0.0)
     time.sleep(15)
-    assert asyncio.run(_wait_bus_clean(stack.nats_url, "learn", 0)) is None
+    assert asyncio.run(_wait_bus_clean(stack.admin_url, "learn", 0)) is None
     assert client.run("learn")["groups_consumed"] > 0  # kept in SQL when the progress entry went
 
 

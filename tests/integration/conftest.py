@@ -18,6 +18,7 @@ from shared.models import ensure_tiny_model
 from tests.support.inference_app import running, settings as inference_settings
 from tests.support.proxy import INFERENCE, FailingStub
 from tests.support.store import RunningStore
+from tests.support.nats_users import AuthNats
 from tests.support.secrets import AUTH
 
 
@@ -60,3 +61,11 @@ async def direct(stub: FailingStub) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stub.app), base_url=INFERENCE, timeout=60,
                                  headers=AUTH) as c:
         yield c
+
+
+@pytest.fixture
+async def auth_nats(tmp_path: Path) -> AsyncIterator[AuthNats]:
+    """A nats-server with relayrl's users and permissions, topology made by the admin step."""
+    server = await AuthNats(store_dir=tmp_path / "nats-auth").start()
+    yield server
+    await server.stop()

@@ -1,0 +1,264 @@
+"""NATS least privilege against a real nats-server configured from shared/nats_auth.py.
+
+Each service's user can do what its code does (publish its streams, consume its durables,
+read and write its buckets) and nothing the table does not give it: a rollout worker cannot
+publish groups or write the policy KV, inference cannot write weights, no service but the
+admin creates topology, only the store serves store RPCs, and a connection without valid
+credentials is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import nats.errors
+import pytest
+from nats.js import api as js_api
+
+from shared import nats_auth, subjects
+from shared.bus import Bus, ConsumerSpec, CredentialsRefused, Delivery, PullConsumer
+from shared.config import ServiceSettings
+from shared.lease import Lease
+from shared.messages import (
+    AgentInfo, Group, Ping, PolicyVersion, RolloutRequest, StepMetrics, TaskSpec, TrainerProgress, Trajectory,
+)  # fmt: skip
+from shared.store_api import Pong, StoreClient
+from shared.weights import WeightsError, put_weight_bytes, read_weights
+from tests.support.factories import make_trajectory
+from tests.support.nats_users import AuthNats
+from tests.support.waiting import wait_until
+
+# Failures a denied operation surfaces as: the server drops a denied request (JetStream API or
+# publish-with-ack), so the caller times out; nats-py may also raise its own error, and the
+# weights writer its WeightsError (a chunk without an ack).
+DENIED = (TimeoutError, asyncio.TimeoutError, nats.errors.Error, ConnectionError, WeightsError)
+
+
+async def messages_on(admin: Bus, stream: str, subject: str) -> int:
+    info = await admin.js.stream_info(stream, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
+def request(run: str = "r", i: int = 0) -> RolloutRequest:
+    spec = TaskSpec(run_id=run, task_id=f"t{i}", agent="null", input={}, group_size=1)
+    return RolloutRequest.for_task(spec, 0)
+
+
+def policy(run: str) -> PolicyVersion:
+    return PolicyVersion(run_id=run, version=1, object=subjects.weights_object(run, 1), sha256="0" * 64, size=1, step=1)
+
+
+# --- refused ----------------------------------------------------------------------------------
+
+
+async def test_a_connection_without_credentials_or_with_a_wrong_password_is_refused(auth_nats: AuthNats):
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(auth_nats.url, allow_reconnect=False, connect_timeout=2)
+    wrong = ServiceSettings(nats_url=auth_nats.url, nats_user="rollout", nats_password="not-the-password-at-all")
+    with pytest.raises(CredentialsRefused, match="rollout"):
+        await asyncio.wait_for(Bus.connect(wrong, "test"), 10)  # refused at once, not retried
+
+
+async def test_rollout_cannot_publish_groups_or_write_the_policy_kv(auth_nats: AuthNats):
+    admin = await auth_nats.bus(nats_auth.ADMIN, timeout_s=5)
+    rollout = await auth_nats.bus("rollout")
+    group = Group(run_id="victim", group_id="g", task_id="g", trajectories=[make_trajectory()])
+    with pytest.raises(DENIED):
+        await rollout.publish(subjects.groups("victim"), group, "group:g")
+    with pytest.raises(DENIED):
+        await rollout.publish(subjects.groups("victim", replay=True), group, "replay:g")
+    with pytest.raises(DENIED):  # it does not even read the policy KV
+        await rollout.kv_value(subjects.KV_POLICY, subjects.policy_key("victim"))
+    raw = await auth_nats.raw("rollout")
+    await raw.nc.publish(f"$KV.{subjects.KV_POLICY}.{subjects.policy_key('victim')}", policy("victim").encode())
+    await raw.nc.publish(f"$O.{subjects.OBJ_WEIGHTS}.M.x", b"{}")
+    await raw.nc.flush()
+    await wait_until(lambda: len(raw.violations()) >= 2, timeout_s=5)
+    assert await messages_on(admin, subjects.STREAM_GROUPS, subjects.STREAM_SUBJECTS[subjects.STREAM_GROUPS]) == 0
+    assert await admin.kv_value(subjects.KV_POLICY, subjects.policy_key("victim")) is None
+    # Its own stream and its own DLQ subject it can publish to; another stream's DLQ it cannot.
+    await rollout.publish(subjects.trajectories("r"), make_trajectory(), "t1.0:1")
+    with pytest.raises(DENIED):
+        await rollout.publish(subjects.dlq(subjects.STREAM_GROUPS), make_trajectory(), "x")
+
+
+async def test_inference_cannot_write_weights_or_the_policy(auth_nats: AuthNats):
+    admin = await auth_nats.bus(nats_auth.ADMIN, timeout_s=5)
+    inference = await auth_nats.bus("inference")
+    with pytest.raises(DENIED):
+        await put_weight_bytes(inference, "victim", 1, b"forged weights" * 10)
+    kv = await inference.kv(subjects.KV_POLICY)  # reading is allowed: it follows the policy
+    with pytest.raises(DENIED):
+        await kv.put(subjects.policy_key("victim"), policy("victim").encode())
+    assert await admin.kv_value(subjects.KV_POLICY, subjects.policy_key("victim")) is None
+    info = await admin.js.stream_info(f"OBJ_{subjects.OBJ_WEIGHTS}")
+    assert info.state.messages == 0
+
+
+async def test_no_service_creates_or_deletes_topology(auth_nats: AuthNats):
+    admin = await auth_nats.bus(nats_auth.ADMIN, timeout_s=5)
+    before = {s.config.name for s in await admin.js.streams_info()}
+    for user in nats_auth.SERVICES:
+        bus = await auth_nats.bus(user)
+        assert not bus.creates_topology
+        with pytest.raises(DENIED):
+            await bus.js.add_stream(js_api.StreamConfig(name=f"EVIL_{user}", subjects=[f"evil.{user}.>"]))
+        with pytest.raises(DENIED):
+            await bus.js.delete_stream(subjects.STREAM_TRAJECTORIES)
+        with pytest.raises(DENIED):  # nor a consumer on another service's stream
+            await bus.js.add_consumer(subjects.STREAM_TRAJECTORIES, js_api.ConsumerConfig(durable_name="thief"))
+        await bus.bind_topology(timeout_s=5)  # binding is all it does, and it can
+    assert {s.config.name for s in await admin.js.streams_info()} == before
+    assert subjects.STREAM_TRAJECTORIES in before
+
+
+async def test_only_the_store_serves_store_rpcs_and_the_trainer_calls_only_its_own(auth_nats: AuthNats):
+    store_bus = await auth_nats.bus("store", timeout_s=5)
+
+    async def pong(_: Ping) -> Pong:
+        return Pong()
+
+    await store_bus.serve(subjects.store_rpc("ping"), subjects.STORE_RPC_QUEUE, Ping, pong)
+    gateway = await auth_nats.bus("gateway", timeout_s=5)
+    await StoreClient(gateway, 5).ping()  # the gateway may call every store RPC
+    thief = await auth_nats.raw("rollout")
+    await thief.nc.subscribe(subjects.store_rpc(">"), queue=subjects.STORE_RPC_QUEUE)
+    await thief.nc.flush()
+    await wait_until(lambda: any("subscription" in v for v in thief.violations()), timeout_s=5)
+    for user in ("rollout", "inference", "trainer"):  # ping is not among the trainer's RPCs
+        bus = await auth_nats.bus(user)
+        with pytest.raises(DENIED):
+            await bus.request(subjects.store_rpc("ping"), Ping(), Pong, timeout=1.0)
+    assert "set_run_state" in nats_auth.TRAINER_RPCS and "put_run" not in nats_auth.TRAINER_RPCS
+
+
+# --- allowed: what each service's code does ----------------------------------------------------
+
+
+async def test_gateway_publishes_tasks_purges_them_paces_and_reads_progress(auth_nats: AuthNats):
+    admin = await auth_nats.bus(nats_auth.ADMIN, timeout_s=5)
+    gateway = await auth_nats.bus("gateway", timeout_s=5)
+    await gateway.publish_many([(subjects.tasks("r"), request("r", i), f"r-{i}") for i in range(3)])
+    assert await messages_on(admin, subjects.STREAM_TASKS, subjects.tasks("r")) == 3
+    await gateway.js.purge_stream(subjects.STREAM_TASKS, subject=subjects.tasks("r"))
+    assert await messages_on(admin, subjects.STREAM_TASKS, subjects.tasks("r")) == 0
+    lease = await Lease.open(gateway, "pace", "r", "gw-1")
+    assert await lease.acquire()
+    await lease.release()
+    with pytest.raises(DENIED):  # the trainer's lease is not the gateway's
+        await (await Lease.open(gateway, "train", "r", "gw-1")).acquire()
+    progress = TrainerProgress(run_id="r", step=1, version=1)
+    await (await admin.kv(subjects.KV_POLICY)).put(subjects.progress_key("r"), progress.encode())
+    assert await gateway.kv_value(subjects.KV_POLICY, subjects.progress_key("r")) == progress.encode()
+    agents = await admin.kv(subjects.KV_AGENTS)
+    await agents.put("null", AgentInfo(name="null", worker_id="w").encode())
+    assert await asyncio.wait_for((await gateway.kv(subjects.KV_AGENTS)).keys(), 5) == ["null"]
+
+
+async def test_rollout_consumes_its_durable_registers_agents_and_dead_letters_tasks(auth_nats: AuthNats):
+    gateway = await auth_nats.bus("gateway", timeout_s=5)
+    rollout = await auth_nats.bus("rollout", timeout_s=5)
+    admin = await auth_nats.bus(nats_auth.ADMIN, timeout_s=5)
+    await gateway.publish(subjects.tasks("r"), request("r"), "r-0")
+    await admin.js.publish(subjects.tasks("r"), b"\xc1 not msgpack")
+    seen: list[str] = []
+
+    async def handle(batch: list[Delivery[RolloutRequest]]) -> None:
+        seen.extend(d.value.rollout_id for d in batch)
+
+    spec = ConsumerSpec(stream=subjects.STREAM_TASKS, durable=subjects.CONSUMER_ROLLOUT,
+                        filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_TASKS])  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(PullConsumer(rollout, spec, RolloutRequest, handle, fetch_timeout_s=0.2).run(stop))
+    try:
+        await wait_until(lambda: len(seen) == 1, timeout_s=10)
+        await wait_until(lambda: messages_on(admin, subjects.STREAM_DLQ, subjects.dlq(subjects.STREAM_TASKS)), timeout_s=10)
+        await wait_until(lambda: messages_on(admin, subjects.STREAM_TASKS, subjects.tasks("r")), expect=0, timeout_s=10)
+    finally:
+        stop.set()
+        await task
+    await (await rollout.kv(subjects.KV_AGENTS)).put("null", AgentInfo(name="null", worker_id="w").encode())
+    await rollout.publish(subjects.trajectories("r"), make_trajectory(), "t1.0:1")
+
+
+async def test_store_consumes_trajectories_publishes_groups_and_cleans_up_a_run(auth_nats: AuthNats):
+    admin = await auth_nats.bus(nats_auth.ADMIN, timeout_s=5)
+    store_bus = await auth_nats.bus("store", timeout_s=5)
+    rollout = await auth_nats.bus("rollout", timeout_s=5)
+    await rollout.publish(subjects.trajectories("r"), make_trajectory(), "t1.0:1")
+    got: list[Trajectory] = []
+
+    async def handle(batch: list[Delivery[Trajectory]]) -> None:
+        got.extend(d.value for d in batch)
+
+    spec = ConsumerSpec(stream=subjects.STREAM_TRAJECTORIES, durable=subjects.CONSUMER_STORE_TRAJECTORIES,
+                        filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_TRAJECTORIES])  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(PullConsumer(store_bus, spec, Trajectory, handle, fetch_timeout_s=0.2).run(stop))
+    try:
+        await wait_until(lambda: len(got) == 1, timeout_s=10)
+    finally:
+        stop.set()
+        await task
+    group = Group(run_id="r", group_id="g", task_id="g", trajectories=got)
+    await store_bus.publish(subjects.groups("r"), group, "group:g")
+    # Cleanup of an ended run (services/store/cleanup.py): trainer durables, purges, KV keys.
+    await admin.js.add_consumer(subjects.STREAM_GROUPS, js_api.ConsumerConfig(
+        durable_name=subjects.trainer_durable("r"), filter_subject=subjects.groups("r")))  # fmt: skip
+    await store_bus.js.delete_consumer(subjects.STREAM_GROUPS, subjects.trainer_durable("r"))
+    await store_bus.js.purge_stream(subjects.STREAM_GROUPS, subject=subjects.groups("r"))
+    assert await messages_on(admin, subjects.STREAM_GROUPS, subjects.groups("r")) == 0
+    await (await admin.kv(subjects.KV_POLICY)).put(subjects.progress_key("r"), b"p")
+    await store_bus.kv_purge(subjects.KV_POLICY, subjects.progress_key("r"))
+    assert await admin.kv_value(subjects.KV_POLICY, subjects.progress_key("r")) is None
+    with pytest.raises(DENIED):  # it stores groups; it never writes a policy
+        await (await store_bus.kv(subjects.KV_POLICY)).put(subjects.policy_key("r"), policy("r").encode())
+
+
+async def test_trainer_consumes_its_run_publishes_weights_and_inference_reads_them(auth_nats: AuthNats):
+    store_bus = await auth_nats.bus("store", timeout_s=5)
+    trainer = await auth_nats.bus("trainer", timeout_s=5)
+    inference = await auth_nats.bus("inference", timeout_s=5)
+    group = Group(run_id="r", group_id="g", task_id="g", trajectories=[make_trajectory()])
+    await store_bus.publish(subjects.groups("r"), group, "group:g")
+    spec = ConsumerSpec(stream=subjects.STREAM_GROUPS, durable=subjects.trainer_durable("r"),
+                        filter_subject=subjects.groups("r"))  # fmt: skip
+    got: list[str] = []
+
+    async def handle(batch: list[Delivery[Group]]) -> None:
+        got.extend(d.value.group_id for d in batch)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(PullConsumer(trainer, spec, Group, handle, fetch_timeout_s=0.2).run(stop))
+    try:
+        await wait_until(lambda: got == ["g"], timeout_s=10)
+    finally:
+        stop.set()
+        await task
+    await trainer.publish(subjects.metrics("r"), StepMetrics(run_id="r", step=1, version=1, group_ids=["g"]), "m:r:1")
+    lease = await Lease.open(trainer, "train", "r", "trainer-1")
+    assert await lease.acquire()
+    data = b"weights!" * 1000
+    stored = await put_weight_bytes(trainer, "r", 1, data)
+    pv = PolicyVersion(run_id="r", version=1, object=stored.name, sha256=stored.sha256, size=stored.size, step=1)
+    await (await trainer.kv(subjects.KV_POLICY)).put(subjects.policy_key("r"), pv.encode())
+    # Inference follows: watches the policy KV, reads the object, advertises itself.
+    watch = await (await inference.kv(subjects.KV_POLICY)).watch(subjects.policy_key("r"))
+    entry = await asyncio.wait_for(watch.updates(timeout=5), 10)
+    await watch.stop()
+    assert entry is not None and PolicyVersion.decode(entry.value) == pv
+    assert await read_weights(inference, pv) == data
+    await (await inference.kv(subjects.KV_LEASES)).put(subjects.lease_key("inference", "replica-1"), b"{}")
+    with pytest.raises(DENIED):  # a trainer's lease is not inference's to take
+        await (await inference.kv(subjects.KV_LEASES)).put(subjects.lease_key("train", "r"), b"x")
+
+
+def test_the_table_covers_every_user_and_only_the_admin_has_everything() -> None:
+    assert set(nats_auth.PERMISSIONS) == set(nats_auth.USERS)
+    for user in nats_auth.SERVICES:
+        p = nats_auth.PERMISSIONS[user]
+        assert ">" not in p.publish and ">" not in p.subscribe, user
+        assert not any(s.startswith("$JS.API.STREAM.CREATE") or s.startswith("$JS.API.STREAM.DELETE") for s in p.publish)
+    block = nats_auth.authorization_block(nats_auth.generate_passwords())
+    assert block.count('"user"') == len(nats_auth.USERS) and "no_auth_user" not in block
