@@ -49,6 +49,21 @@ async def authenticated(app: FastAPI, project: str = DEFAULT_PROJECT, scope: Sco
 
 
 @asynccontextmanager
+async def running_app(settings: ServiceSettings, **overrides: Any) -> AsyncIterator[FastAPI]:
+    """The gateway app with its lifespan entered (NATS connected, pacing on), settings overridden."""
+    app = create_app(GatewaySettings(nats_url=settings.nats_url, store_timeout_s=5.0, pace_interval_s=0.05, **overrides))
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+def client_of(app: FastAPI, key: str | None = None) -> httpx.AsyncClient:
+    """An ASGI client of `app` sending `key` (none: no Authorization header)."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=bearer(key) if key else {}
+    )
+
+
+@asynccontextmanager
 async def gateway(settings: ServiceSettings) -> AsyncIterator[httpx.AsyncClient]:
     """The gateway, and a client of it with an admin key of the default project."""
     app = create_app(GatewaySettings(nats_url=settings.nats_url, store_timeout_s=5.0, pace_interval_s=0.05))
