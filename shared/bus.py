@@ -31,6 +31,7 @@ from shared import nats_auth, retention, subjects, telemetry
 from shared.config import ServiceSettings
 from shared.faults import is_transient
 from shared.messages import DeadLetter, DecodeError, Failure, Message
+from shared.redact import redact_url
 from shared.retention import StreamSpec
 
 log = structlog.get_logger("bus")
@@ -74,9 +75,10 @@ class Bus:
                 raise  # retrying the same credentials cannot help
             except (OSError, nats.errors.Error, asyncio.TimeoutError) as exc:
                 last = exc
-                log.warning("nats connect failed", attempt=attempt, url=settings.nats_url, error=str(exc))
+                log.warning("nats connect failed", attempt=attempt, url=redact_url(settings.nats_url), error=str(exc))
                 await asyncio.sleep(min(0.2 * attempt, 2.0))
-        raise ConnectionError(f"could not connect to NATS at {settings.nats_url}: {last}")
+        # The URL may carry user:password or a token; the message ends up in logs and /readyz.
+        raise ConnectionError(f"could not connect to NATS at {redact_url(settings.nats_url)}: {last}")
 
     # --- topology --------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 `setup(service, settings)` configures both once per process. Logs are JSON in services
 and console-friendly for humans; every line carries the bound context (run, rollout and
-trace ids where they exist). Spans export over OTLP/HTTP only when an endpoint is set.
+trace ids where they exist), with credentials masked (shared/redact.py). Spans export over
+OTLP/HTTP only when an endpoint is set.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from shared import redact
 from shared.config import ServiceSettings
 
 _configured = False
@@ -49,13 +51,17 @@ def _setup_logging(fmt: str, level: str) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _add_trace_ids,
             structlog.processors.format_exc_info,
+            # After format_exc_info, so a traceback's text is redacted too; last before rendering.
+            redact.redact_event,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries that log through stdlib logging (uvicorn, nats) go to stderr at warning+.
+    # Libraries that log through stdlib logging (uvicorn, nats) go to stderr at warning+,
+    # redacted like our own lines.
+    redact.install_stdlib_redaction()
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING)
 
 

@@ -22,6 +22,7 @@ from services.cli.report import plot_rewards, write_csv
 from services.cli.secrets import FILE_NAME as SECRETS_FILE
 from services.cli.stack import Stack, StackConfig, read_state
 from shared.apikeys import SCOPES
+from shared.redact import redact_url
 
 app = typer.Typer(help="relayrl: train LLM agents with GRPO over NATS JetStream.", no_args_is_help=True)
 console = Console()
@@ -79,7 +80,7 @@ def _start(config: StackConfig) -> Stack:
     table.add_column("component")
     table.add_column("where")
     table.add_row("gateway", stack.gateway_url)
-    table.add_row("nats", stack.nats_url)
+    table.add_row("nats", redact_url(stack.nats_url))  # an external NATS_URL may hold credentials
     for i, url in enumerate(stack.inference_urls):
         table.add_row(f"inference {i + 1}", url)
     for svc in stack.services:

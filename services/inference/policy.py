@@ -58,6 +58,7 @@ from shared.bus import Bus
 from shared.config import ServiceSettings, require_secret
 from shared.faults import is_transient
 from shared.messages import DecodeError, PolicyVersion
+from shared.redact import redact_url
 from shared.weights import WeightsSignatureError, load_state_dict, read_weights, verify_weights
 
 log = structlog.get_logger("inference")
@@ -152,7 +153,7 @@ class PolicyWatcher:
                 self.bus = None
             reason = str(exc) or f"no connection within {budget_s:.0f}s"
             raise PolicySyncError(
-                f"watch_policy is on but NATS at {s.nats_url} is unreachable ({reason}); "
+                f"watch_policy is on but NATS at {redact_url(s.nats_url)} is unreachable ({reason}); "
                 "start NATS, point --nats-url at it, or pass --no-watch-policy to serve fixed weights"
             ) from exc
 
