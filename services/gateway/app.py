@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from shared.bus import Bus
 from shared.faults import NotFound, Rejected, StoreError, StoreUnavailable, is_transient
+from shared.redact import redact_text
 from shared.store_api import StoreClient
 from services.gateway import bootstrap
 from services.gateway.agents import AgentCatalog
@@ -80,13 +81,16 @@ async def fault_response(_: Request, exc: Exception) -> JSONResponse:
     """The one place errors from below the routes become HTTP: transient faults (the store, its
     database or NATS unavailable) are 503 with Retry-After, a missing object 404, a refused
     request its own 4xx; anything else the store failed with is 502."""
+    # Texts from below (a driver's, a client's) may quote a URL with its credentials: redacted.
     if isinstance(exc, StoreUnavailable) or (not isinstance(exc, StoreError) and is_transient(exc)):
         detail = str(exc) if isinstance(exc, StoreUnavailable) else f"unavailable, retry later: {exc}"
-        return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return JSONResponse(
+            status_code=503, content={"detail": redact_text(detail)}, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
     if isinstance(exc, NotFound):
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
+        return JSONResponse(status_code=404, content={"detail": redact_text(str(exc))})
     if isinstance(exc, Rejected):
         code = exc.code if 400 <= exc.code < 500 else 400
         # 401 carries WWW-Authenticate, 429 Retry-After (services/gateway/auth.py, ratelimit.py).
         return JSONResponse(status_code=code, content={"detail": exc.reason}, headers=getattr(exc, "headers", None))
-    return JSONResponse(status_code=502, content={"detail": f"store failed: {exc}"})
+    return JSONResponse(status_code=502, content={"detail": redact_text(f"store failed: {exc}")})

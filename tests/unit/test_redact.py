@@ -95,3 +95,18 @@ def test_service_logs_come_out_redacted() -> None:
     assert f"nats://svc:***@127.0.0.1:{port}" in by_event["nats unreachable"]["exception"]  # the traceback
     assert f"raised: could not connect to NATS at nats://svc:***@127.0.0.1:{port}" in proc.stdout
     assert "connect to nats://u:***@h:4222 failed" in proc.stderr  # stdlib logging (nats-py, uvicorn)
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (ConnectionError("could not connect to NATS at nats://gw:hunter2@nats:4222: refused"), 503),
+        (RuntimeError("database error at postgresql://relay:hunter2@db/relayrl"), 502),
+    ],
+)
+async def test_gateway_error_responses_are_redacted(exc: Exception, status: int) -> None:
+    from services.gateway.app import fault_response
+
+    response = await fault_response(None, exc)  # type: ignore[arg-type]
+    body = json.loads(bytes(response.body))
+    assert response.status_code == status and "hunter2" not in body["detail"] and ":***@" in body["detail"]
