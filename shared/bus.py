@@ -91,7 +91,12 @@ class Bus:
         deadline = asyncio.get_running_loop().time() + timeout_s
         delay = 0.2
         while True:
-            missing = await self.missing_topology()
+            try:
+                missing = await self.missing_topology()
+            except Exception as exc:  # a server just started answers 503s and timeouts for a moment
+                if not is_transient(exc):
+                    raise
+                missing = [f"an answer from JetStream ({type(exc).__name__})"]
             if not missing:
                 return
             left = deadline - asyncio.get_running_loop().time()

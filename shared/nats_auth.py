@@ -256,6 +256,15 @@ def generate_passwords() -> dict[str, str]:
     return {user: secrets.token_urlsafe(24) for user in USERS}
 
 
+def password_env(user: str) -> str:
+    """The variable a deployment keeps `user`'s password in: the nats-server reads it from its
+    environment (`authorization_block_env`), the service as RELAYRL_NATS_PASSWORD."""
+    return f"RELAYRL_NATS_PASSWORD_{user.upper()}"
+
+
+_PLACEHOLDER = "@@password@@"
+
+
 def authorization_block(passwords: dict[str, str]) -> str:
     """The nats-server `authorization { users = [...] }` block for `passwords` (user -> password).
 
@@ -263,15 +272,26 @@ def authorization_block(passwords: dict[str, str]) -> str:
     missing = [u for u in USERS if u not in passwords]
     if missing:
         raise ValueError(f"no password for NATS users {missing}")
+    return _block({u: json.dumps(passwords[u]) for u in USERS})
+
+
+def authorization_block_env() -> str:
+    """The same block with each password a `$RELAYRL_NATS_PASSWORD_<USER>` reference, which
+    nats-server resolves from its environment: deploy/nats/*.conf, filled from secrets."""
+    return _block({u: f"${password_env(u)}" for u in USERS})
+
+
+def _block(password_values: dict[str, str]) -> str:
     lines = ["authorization {", "  users = ["]
     for user in USERS:
         p = PERMISSIONS[user]
-        perms = {"publish": {"allow": list(p.publish)}, "subscribe": {"allow": list(p.subscribe)}}
+        perms: dict[str, object] = {"publish": {"allow": list(p.publish)}, "subscribe": {"allow": list(p.subscribe)}}
         if p.allow_responses:
-            perms["allow_responses"] = True  # type: ignore[assignment]
-        # JSON strings are valid nats-server config strings, and quoting keeps `$JS...` literal.
-        entry = {"user": user, "password": passwords[user], "permissions": perms}
-        lines.append(f"    {json.dumps(entry)}")
+            perms["allow_responses"] = True
+        # JSON strings are valid nats-server config strings, and quoting keeps `$JS...` literal;
+        # the password goes in as given (a quoted string, or an unquoted $VARIABLE reference).
+        entry = {"user": user, "password": _PLACEHOLDER, "permissions": perms}
+        lines.append("    " + json.dumps(entry).replace(json.dumps(_PLACEHOLDER), password_values[user]))
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
 

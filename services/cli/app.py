@@ -18,6 +18,7 @@ from rich.table import Table
 from services.cli.client import GatewayClient, GatewayError, gateway_url, read_tasks_file
 from services.cli.follow import RunFollower, follow
 from services.cli.keyfile import API_KEY_FILE
+from services.cli.nats_admin import init_command, nats_config_command
 from services.cli.report import plot_rewards, write_csv
 from services.cli.secrets import FILE_NAME as SECRETS_FILE
 from services.cli.stack import Stack, StackConfig, read_state
@@ -463,6 +464,11 @@ def reproduce(
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+# The NATS admin step and the server's users (services/cli/nats_admin.py).
+app.command("init")(init_command)
+app.command("nats-config")(nats_config_command)
 
 
 keys = typer.Typer(help="API keys of the gateway (needs an admin key).", no_args_is_help=True)

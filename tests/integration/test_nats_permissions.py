@@ -10,14 +10,20 @@ credentials is refused.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import nats
 import nats.errors
 import pytest
 from nats.js import api as js_api
 
+from services.cli.nats_admin import keep_topology
+
 from shared import nats_auth, subjects
-from shared.bus import Bus, ConsumerSpec, CredentialsRefused, Delivery, PullConsumer
+from shared.bus import Bus, ConsumerSpec, CredentialsRefused, Delivery, PullConsumer, TopologyMissing
 from shared.config import ServiceSettings
 from shared.lease import Lease
 from shared.messages import (
@@ -262,3 +268,86 @@ def test_the_table_covers_every_user_and_only_the_admin_has_everything() -> None
         assert not any(s.startswith("$JS.API.STREAM.CREATE") or s.startswith("$JS.API.STREAM.DELETE") for s in p.publish)
     block = nats_auth.authorization_block(nats_auth.generate_passwords())
     assert block.count('"user"') == len(nats_auth.USERS) and "no_auth_user" not in block
+
+
+# --- the admin step ---------------------------------------------------------------------------
+
+
+def test_relayrl_init_makes_the_topology_once_and_refuses_a_wrong_password(tmp_path: Path) -> None:
+    server = asyncio.run(AuthNats(store_dir=tmp_path / "nats").start(init=False))
+    try:
+        async def bind_as_store() -> None:
+            bus = await Bus.connect(server.settings("store"), "test-store")
+            try:
+                await bus.bind_topology(timeout_s=1.0)
+            finally:
+                await bus.close()
+
+        with pytest.raises(TopologyMissing, match="relayrl init"):  # services wait for it, bounded
+            asyncio.run(bind_as_store())
+        def init(user: str, password: str) -> subprocess.CompletedProcess[str]:
+            argv = [sys.executable, "-m", "services.cli", "init", "--nats-url", server.url, "--user", user,
+                    "--state-dir", str(tmp_path / "none"), "--timeout-s", "5"]  # fmt: skip
+            env = {**os.environ, "RELAYRL_NATS_PASSWORD": password, "RELAYRL_REQUEST_TIMEOUT_S": "1"}
+            return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+
+        admin_password = server.passwords[nats_auth.ADMIN]
+        as_service = init("store", server.passwords["store"])  # a service user cannot do the admin step
+        assert as_service.returncode == 1 and "relayrl init failed" in as_service.stderr, as_service.stderr
+        first = init(nats_auth.ADMIN, admin_password)
+        assert first.returncode == 0 and "created TASKS" in first.stdout and "OBJ_relayrl-weights" in first.stdout, first
+        again = init(nats_auth.ADMIN, admin_password)
+        assert again.returncode == 0 and "nothing to create" in again.stdout, again
+        asyncio.run(bind_as_store())  # now it binds at once
+        wrong = init(nats_auth.ADMIN, "not-the-admin-password")
+        assert wrong.returncode == 1 and "refused user 'admin'" in wrong.stderr, wrong.stderr
+    finally:
+        asyncio.run(server.stop())
+
+
+async def test_services_wait_for_a_server_that_lost_its_store_until_the_admin_step_remakes_it(auth_nats: AuthNats):
+    gateway = await auth_nats.bus("gateway", timeout_s=2)
+    rollout = await auth_nats.bus("rollout", timeout_s=2)
+    seen: list[str] = []
+
+    async def handle(batch: list[Delivery[RolloutRequest]]) -> None:
+        seen.extend(d.value.rollout_id for d in batch)
+
+    spec = ConsumerSpec(stream=subjects.STREAM_TASKS, durable=subjects.CONSUMER_ROLLOUT,
+                        filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_TASKS])  # fmt: skip
+    stop = asyncio.Event()
+    consumer = asyncio.create_task(PullConsumer(rollout, spec, RolloutRequest, handle, fetch_timeout_s=0.2).run(stop))
+    admin_stop = asyncio.Event()
+    admin: asyncio.Task[None] | None = None
+    try:
+        await gateway.publish(subjects.tasks("r"), request("r", 0), "r-0")
+        await wait_until(lambda: len(seen) == 1, timeout_s=10)
+        auth_nats.restart_empty()
+
+        async def missing() -> list[str] | None:
+            try:
+                return await gateway.missing_topology()
+            except DENIED:  # JetStream still starting
+                return None
+
+        assert await wait_until(missing, timeout_s=15)  # gone, and the services cannot make it
+        await asyncio.sleep(2.0)  # the worker's consumer keeps trying meanwhile
+        assert await missing()
+        admin = asyncio.create_task(keep_topology(auth_nats.settings(nats_auth.ADMIN, 5), 0.5, admin_stop))
+        await wait_until(missing, expect=[], timeout_s=15)
+
+        async def published() -> bool:
+            try:
+                await gateway.publish(subjects.tasks("r"), request("r", 1), "r-1")
+                return True
+            except DENIED:
+                return False
+
+        await wait_until(published, timeout_s=15)
+        await wait_until(lambda: len(seen) == 2, timeout_s=20)  # the worker's consumer came back on its own
+    finally:
+        stop.set()
+        admin_stop.set()
+        await consumer
+        if admin is not None:
+            await admin

@@ -7,6 +7,7 @@ init`) and connects as any user: `bus(user)` through `Bus.connect` (what service
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +48,20 @@ class AuthNats:
         assert self.server is not None
         return self.server.url
 
-    async def start(self) -> AuthNats:
+    async def start(self, init: bool = True) -> AuthNats:
+        """Start the server; `init`: run the admin step too (else the server has no topology)."""
         self.server = NatsServer(store_dir=self.store_dir, authorization=nats_auth.authorization_block(self.passwords))
         self.server.start(log_file=self.store_dir.parent / "nats-auth.log")
-        await init_topology(self.settings(nats_auth.ADMIN))
+        if init:
+            await init_topology(self.settings(nats_auth.ADMIN))
         return self
+
+    def restart_empty(self) -> None:
+        """Restart on the same port with its JetStream store wiped: a server that lost its disk."""
+        assert self.server is not None
+        self.server.stop()
+        shutil.rmtree(self.store_dir / "jetstream", ignore_errors=True)
+        self.server.start()
 
     def settings(self, user: str, timeout_s: float = DENIED_TIMEOUT_S) -> ServiceSettings:
         return ServiceSettings(
