@@ -319,6 +319,8 @@ class StoreClient:
             raise StoreUnavailable(f"store {rpc.method}: {exc}") from None
         except nats.errors.MaxPayloadError:
             raise Rejected(f"store {rpc.method}: request larger than the NATS max_payload", 413) from None
+        except OverflowError:  # from MessagePack: the same request always fails the same way
+            raise Rejected(f"store {rpc.method}: an integer in the request does not fit 64 bits", 422) from None
         except nats.errors.Error as exc:  # connection closed or reconnecting
             raise StoreUnavailable(f"store {rpc.method}: {type(exc).__name__}: {exc}") from None
         except DecodeError as exc:  # a store of another version: retrying does not help

@@ -4,11 +4,14 @@ made through the store (as `POST /v1/keys` makes them), and a training run's bod
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
 
 from shared.apikeys import DEFAULT_PROJECT, Scope, new_key, secret_hash
@@ -61,6 +64,37 @@ def client_of(app: FastAPI, key: str | None = None) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://gateway", headers=bearer(key) if key else {}
     )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn in the test's loop; the test runner keeps its own signal handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@asynccontextmanager
+async def served(settings: ServiceSettings, **overrides: Any) -> AsyncIterator[tuple[FastAPI, str]]:
+    """The gateway over real HTTP on a free loopback port (for synchronous clients), and its URL."""
+    app = create_app(GatewaySettings(nats_url=settings.nats_url, store_timeout_s=5.0, pace_interval_s=0.05, **overrides))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            task.result()
+            raise RuntimeError("the gateway exited at startup")
+        await asyncio.sleep(0.01)
+    try:
+        yield app, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
 
 
 @asynccontextmanager
