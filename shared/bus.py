@@ -442,6 +442,9 @@ async def _connect_once(servers: list[str], name: str, settings: ServiceSettings
             name=name,
             user=settings.nats_user,
             password=settings.nats_password.get_secret_value() if settings.nats_password else None,
+            # Replies (RPC answers, JetStream API answers, deliveries) come to this user's own
+            # prefix: the only one it may subscribe to (shared/nats_auth.py).
+            inbox_prefix=nats_auth.inbox_prefix(settings.nats_user) if settings.nats_user else "_INBOX",
             error_cb=on_error,
             connect_timeout=settings.nats_connect_timeout_s,
             max_reconnect_attempts=-1,

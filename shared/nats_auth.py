@@ -12,8 +12,10 @@ What each grant is for:
 - `$JS.ACK.<stream>.<durable>.>` acks the service's own deliveries; `$JS.FC.<stream>.>`
   answers flow control of an ordered consumer (KV watches, weight reads).
 - `$KV.<bucket>.<key>` writes a KV key; `$O.<bucket>.>` writes object chunks and metadata.
-- `_INBOX.>` (subscribe) receives replies: store RPC answers, JetStream API answers,
-  publish acks, and ordered-consumer deliveries.
+- `_INBOX_<user>.>` (subscribe) receives replies: store RPC answers, JetStream API answers,
+  publish acks, and ordered-consumer deliveries. Each user has its own inbox prefix
+  (`Bus.connect` sets it), so no service can read replies addressed to another one (a
+  gateway's key lookups, a trainer's datasets).
 
 What cannot be narrowed (NATS wildcards match whole tokens only):
 - The trainer's per-run durables `trainer-<run>` on GROUPS: it gets consumer create/info/next
@@ -25,9 +27,7 @@ What cannot be narrowed (NATS wildcards match whole tokens only):
 - `STREAM.MSG.GET` and `STREAM.PURGE` carry the key/subject in the request body, not the
   subject: a bucket reader reads every key of that bucket; a purger can purge any subject of
   that stream (the store's cleanup and the gateway's TASKS purge).
-- `_INBOX.>`: every service receives replies on the shared inbox prefix, so a service could
-  subscribe to replies addressed to another one (read only; it cannot answer them in time
-  without `allow_responses`).
+- Replicas of one service share its user and so its inbox prefix (one trust domain).
 
 Nobody but the admin may create, update or delete a stream, a bucket or a durable of another
 service: topology is the admin's (`relayrl init`).
@@ -52,7 +52,16 @@ UserName = Literal["gateway", "rollout", "store", "trainer", "inference", "admin
 USERS: tuple[str, ...] = (*SERVICES, ADMIN)
 
 _API = "$JS.API"
-INBOX = "_INBOX.>"
+
+
+def inbox_prefix(user: str) -> str:
+    """The reply-subject prefix `user` connects with (nats-py `inbox_prefix`); only it may
+    subscribe below it."""
+    return f"_INBOX_{user}"
+
+
+def _inbox(user: str) -> str:
+    return f"{inbox_prefix(user)}.>"
 
 
 @dataclass(frozen=True)
@@ -188,7 +197,7 @@ PERMISSIONS: dict[str, Permissions] = {
             *kv_read(_LEASES), *kv_write(_LEASES, _lease("pace")),  # the run pacer's lease; watch inference adverts
             *obj_read(_WEIGHTS),  # GET /v1/runs/{id}/weights
         ]),
-        subscribe=(INBOX,),
+        subscribe=(_inbox("gateway"),),
     ),
     "rollout": Permissions(
         publish=_dedupe([
@@ -198,7 +207,7 @@ PERMISSIONS: dict[str, Permissions] = {
             *_durable(_TASKS, subjects.CONSUMER_ROLLOUT),
             *kv_read(_AGENTS), *kv_write(_AGENTS),  # registers the agents it runs
         ]),
-        subscribe=(INBOX,),
+        subscribe=(_inbox("rollout"),),
     ),
     "store": Permissions(
         publish=_dedupe([
@@ -218,7 +227,7 @@ PERMISSIONS: dict[str, Permissions] = {
             # before purging the chunks (prune_weights purges the marker afterwards).
             f"$O.{_WEIGHTS}.M.>",
         ]),
-        subscribe=(INBOX, subjects.store_rpc(">")),
+        subscribe=(_inbox("store"), subjects.store_rpc(">")),
         allow_responses=True,  # answers RPCs on the requester's reply subject
     ),
     "trainer": Permissions(
@@ -233,7 +242,7 @@ PERMISSIONS: dict[str, Permissions] = {
             *kv_read(_LEASES), *kv_write(_LEASES, _lease("train")),
             *obj_read(_WEIGHTS), f"$O.{_WEIGHTS}.>", purge(_obj_stream(_WEIGHTS)),  # write and prune weights
         ]),
-        subscribe=(INBOX,),
+        subscribe=(_inbox("trainer"),),
     ),
     "inference": Permissions(
         publish=_dedupe([
@@ -242,7 +251,7 @@ PERMISSIONS: dict[str, Permissions] = {
             *obj_read(_WEIGHTS),
             *kv_read(_LEASES), *kv_write(_LEASES, _lease("inference")),  # its model advert (services/inference/policy.py)
         ]),
-        subscribe=(INBOX,),
+        subscribe=(_inbox("inference"),),
     ),
     ADMIN: Permissions(publish=(">",), subscribe=(">",), notes=("creates topology (`relayrl init`), operators",)),
 }

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import nats
+import nats.aio.msg
 import nats.errors
 import pytest
 from nats.js import api as js_api
@@ -137,6 +138,30 @@ async def test_only_the_store_serves_store_rpcs_and_the_trainer_calls_only_its_o
         with pytest.raises(DENIED):
             await bus.request(subjects.store_rpc("ping"), Ping(), Pong, timeout=1.0)
     assert "set_run_state" in nats_auth.TRAINER_RPCS and "put_run" not in nats_auth.TRAINER_RPCS
+
+
+async def test_no_service_reads_replies_addressed_to_another(auth_nats: AuthNats):
+    store_bus = await auth_nats.bus("store", timeout_s=5)
+
+    async def pong(_: Ping) -> Pong:
+        return Pong()
+
+    await store_bus.serve(subjects.store_rpc("ping"), subjects.STORE_RPC_QUEUE, Ping, pong)
+    gateway = await auth_nats.bus("gateway", timeout_s=5)
+    assert gateway.nc._inbox_prefix.decode() == nats_auth.inbox_prefix("gateway")
+    snoop = await auth_nats.raw("rollout")
+    got: list[bytes] = []
+
+    async def keep(msg: nats.aio.msg.Msg) -> None:
+        got.append(msg.data)
+
+    for subject in ("_INBOX.>", f"{nats_auth.inbox_prefix('gateway')}.>", ">"):
+        await snoop.nc.subscribe(subject, cb=keep)
+    await snoop.nc.flush()
+    await wait_until(lambda: sum("subscription" in v for v in snoop.violations()) == 3, timeout_s=5)
+    await StoreClient(gateway, 5).ping()  # answered on the gateway's own prefix, seen by nobody else
+    await asyncio.sleep(0.2)
+    assert got == []
 
 
 # --- allowed: what each service's code does ----------------------------------------------------
