@@ -91,7 +91,8 @@ def _start(config: StackConfig) -> Stack:
     table.add_row("service secrets", f"{stack.state_dir / SECRETS_FILE} (mode 0600: inference token, weights key)")
     console.print(table)
     if stack.api_key_created:  # printed this once: the file is where it lives afterwards
-        console.print(f"[bold]admin API key (project default), shown once:[/bold] {stack.api_key}")
+        console.print("[bold]admin API key (project default), shown once:[/bold]")
+        typer.echo(stack.api_key)  # plain: rich would wrap or style it
         console.print("send it as `Authorization: Bearer <key>`; `relayrl keys create` makes narrower ones")
     return stack
 
