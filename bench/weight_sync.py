@@ -242,10 +242,10 @@ async def pause(settings: ServiceSettings, model: Path, swaps: int) -> dict[str,
     apply_swap = engine._apply_swap
 
     def timed_swap() -> None:  # the part of a swap the decode loop itself waits for
-        pending = engine._pending_swap
+        pending = bool(engine._pending_swaps)  # one pending swap per run's weight set
         start = time.perf_counter()
         apply_swap()
-        if pending is not None:
+        if pending:
             copies.append(time.perf_counter() - start)
 
     engine._apply_swap = timed_swap  # type: ignore[method-assign]
