@@ -2,7 +2,7 @@
 living on app.state (created in the lifespan), and the caller's API key.
 
 `CurrentKey` is the verified caller (`Authorization: Bearer <key>`; 401 without a valid key,
-429 over its rate limit). `authorize` is the scope check every /v1 router carries: a GET needs
+429 over its rate limit, or for an address that keeps sending wrong keys). `authorize` is the scope check every /v1 router carries: a GET needs
 `read`, anything else `write`; `require("admin")` is key management's."""
 
 from __future__ import annotations
@@ -50,8 +50,14 @@ async def current_key(
     if credentials is None:
         raise Unauthenticated("missing API key: send `Authorization: Bearer <key>` (`relayrl keys create` makes one)")
     verifier: KeyVerifier = request.app.state.keys
-    principal = await verifier.verify(credentials.credentials)
     limiter: RateLimiter = request.app.state.rate_limiter
+    try:
+        principal = await verifier.verify(credentials.credentials)
+    except Unauthenticated:
+        # Each wrong key costs the store a query: a client that keeps sending them is limited
+        # by its address like a key is, and then told 429.
+        limiter.take(f"addr:{request.client.host if request.client else '-'}")
+        raise
     limiter.take(principal.key_id)
     return principal
 

@@ -11,6 +11,7 @@ import pytest
 from fastapi import FastAPI
 
 from shared import subjects
+from shared.apikeys import new_key
 from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.messages import AgentInfo
@@ -118,3 +119,13 @@ async def test_a_key_over_its_rate_is_429_with_retry_after(settings: ServiceSett
             assert int(limited.headers["retry-after"]) == 2  # one token at 0.5/s
             assert (await c.get("/v1/runs")).status_code == 200  # another key has its own bucket
             assert (await b.get("/healthz")).status_code == 200  # probes are not limited
+
+
+async def test_a_client_sending_wrong_keys_is_limited_by_its_address(settings: ServiceSettings, sqlite_store: RunningStore):
+    """Every wrong key costs the store a query: past the burst, the address is told to wait."""
+    async with running_app(settings, rate_per_s=0.5, rate_burst=3) as app:
+        async with client_of(app, new_key()[2]) as guessing:
+            assert [(await guessing.get("/v1/runs")).status_code for _ in range(3)] == [401] * 3
+            limited = await guessing.get("/v1/runs")
+            assert limited.status_code == 429 and limited.headers["retry-after"]
+

@@ -6,6 +6,7 @@ operator's: it may also name another project, which is how a new tenant gets its
 
 from __future__ import annotations
 
+import structlog
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,8 +15,6 @@ from shared.store_api import KeyInfo, StoreClient
 from services.gateway.auth import KeyVerifier, Principal
 from services.gateway.deps import CurrentKey, get_store, require
 from services.gateway.schemas import ErrorOut
-
-import structlog
 
 log = structlog.get_logger("gateway.keys")
 
