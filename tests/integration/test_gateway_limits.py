@@ -4,6 +4,8 @@ or published."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any, AsyncIterator
 
 import httpx
@@ -15,7 +17,8 @@ from shared.apikeys import new_key
 from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.messages import AgentInfo
-from tests.support.gateway import client_of, issue_key, run_body, running_app
+from services.cli.client import GatewayClient
+from tests.support.gateway import client_of, issue_key, run_body, running_app, served
 from tests.support.store import RunningStore
 
 LIMITS: dict[str, Any] = {
@@ -128,4 +131,15 @@ async def test_a_client_sending_wrong_keys_is_limited_by_its_address(settings: S
             assert [(await guessing.get("/v1/runs")).status_code for _ in range(3)] == [401] * 3
             limited = await guessing.get("/v1/runs")
             assert limited.status_code == 429 and limited.headers["retry-after"]
+
+
+async def test_the_cli_client_waits_out_a_429(settings: ServiceSettings, sqlite_store: RunningStore):
+    async with served(settings, rate_per_s=2.0, rate_burst=1) as (app, url):
+        client = GatewayClient(url, api_key=await issue_key(app.state.store))
+        try:
+            started = time.monotonic()
+            assert await asyncio.to_thread(lambda: [client.runs(), client.runs()]) == [[], []]
+            assert time.monotonic() - started >= 0.9  # the second call waited Retry-After (1 s)
+        finally:
+            client.close()
 
