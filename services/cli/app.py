@@ -22,7 +22,7 @@ from services.cli.nats_admin import init_command, nats_config_command
 from services.cli.report import plot_rewards, write_csv
 from services.cli.secrets import FILE_NAME as SECRETS_FILE
 from services.cli.stack import Stack, StackConfig, read_state
-from shared.apikeys import SCOPES
+from shared.apikeys import SCOPES, new_key
 from shared.redact import redact_url
 
 app = typer.Typer(help="relayrl: train LLM agents with GRPO over NATS JetStream.", no_args_is_help=True)
@@ -475,6 +475,13 @@ app.command("nats-config")(nats_config_command)
 keys = typer.Typer(help="API keys of the gateway (needs an admin key).", no_args_is_help=True)
 app.add_typer(keys, name="keys")
 Gateway = typer.Option(None, "--gateway", help="gateway URL (default: from stack.json)")
+
+
+@keys.command("generate")
+def keys_generate() -> None:
+    """Print a new key without storing it anywhere: set it as RELAYRL_BOOTSTRAP_KEY (compose,
+    Kubernetes) and the gateway installs it as the default project's admin key at start."""
+    typer.echo(new_key()[2])
 
 
 @keys.command("create")

@@ -39,8 +39,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.store = StoreClient(bus, settings.store_timeout_s)
         app.state.agents = AgentCatalog(bus, settings.agents_cache_s)
         app.state.keys = KeyVerifier(app.state.store, settings.key_cache_s, settings.key_cache_size)
-        if settings.bootstrap_key_file is not None:  # /readyz waits for it
-            app.state.bootstrap = asyncio.create_task(bootstrap.install(app.state.store, settings.bootstrap_key_file))
+        if bootstrap.configured(settings):  # /readyz waits for it
+            app.state.bootstrap = asyncio.create_task(bootstrap.install(app.state.store, settings))
         app.state.pacer = Pacer(bus, app.state.store, interval_s=settings.pace_interval_s, max_backoff_s=settings.pace_max_backoff_s)
         stop = asyncio.Event()
         app.state.pacing = asyncio.create_task(app.state.pacer.run(stop)) if settings.pace_runs else None

@@ -1,10 +1,11 @@
-"""The first admin key: read from a file at start and installed in the store, hashed.
+"""The first admin key: given to the gateway's process at start and installed in the store, hashed.
 
-Why a file: nothing an HTTP caller can reach creates a key without an admin key. Whoever can
-write the gateway's `bootstrap_key_file` (RELAYRL_BOOTSTRAP_KEY_FILE) already controls the
-gateway. `relayrl up` writes the file (mode 0600) on its first start and points the gateway at
-it. The key belongs to the default project with scope admin; installing it again is a no-op,
-and a revoked bootstrap key stays revoked (write a new file to get a new one).
+Why this way: nothing an HTTP caller can reach creates a key without an admin key. Whoever can
+set the gateway's `bootstrap_key_file` (RELAYRL_BOOTSTRAP_KEY_FILE) or `bootstrap_key`
+(RELAYRL_BOOTSTRAP_KEY) already controls the gateway. `relayrl up` writes the file (mode 0600)
+on its first start and points the gateway at it; compose and Kubernetes pass the key from a
+secret. The key belongs to the default project with scope admin; installing it again is a
+no-op, and a revoked bootstrap key stays revoked (configure a new one to get a new one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import structlog
 from shared.apikeys import DEFAULT_PROJECT, MalformedKey, parse_key, redacted, secret_hash
 from shared.faults import is_transient
 from shared.store_api import StoreClient
+from services.gateway.settings import GatewaySettings
 
 log = structlog.get_logger("gateway.bootstrap")
 
@@ -39,9 +41,24 @@ def read_key_file(path: Path) -> tuple[str, str]:
         raise BootstrapError(f"bootstrap key file {path}: {exc}") from None
 
 
-async def install(store: StoreClient, path: Path, max_backoff_s: float = 5.0) -> str:
-    """Install the file's key, waiting out store outages with bounded backoff; its key id."""
-    key_id, secret = read_key_file(path)
+def configured(settings: GatewaySettings) -> bool:
+    return settings.bootstrap_key_file is not None or settings.bootstrap_key is not None
+
+
+def configured_key(settings: GatewaySettings) -> tuple[str, str]:
+    """(key_id, secret) of the configured bootstrap key (the setting wins over the file)."""
+    if settings.bootstrap_key is not None:
+        try:
+            return parse_key(settings.bootstrap_key.get_secret_value())
+        except MalformedKey as exc:
+            raise BootstrapError(f"RELAYRL_BOOTSTRAP_KEY: {exc}") from None
+    assert settings.bootstrap_key_file is not None
+    return read_key_file(settings.bootstrap_key_file)
+
+
+async def install(store: StoreClient, settings: GatewaySettings, max_backoff_s: float = 5.0) -> str:
+    """Install the configured key, waiting out store outages with bounded backoff; its key id."""
+    key_id, secret = configured_key(settings)
     delay = 0.2
     while True:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from shared.config import ServiceSettings
 
@@ -38,6 +38,10 @@ class GatewaySettings(ServiceSettings):
     bootstrap_key_file: Path | None = Field(
         None, description="a file holding an admin API key of the default project, installed in the store at "
         "start (hashed) if absent: how `relayrl up` makes its first key without any HTTP caller being able to",
+    )
+    bootstrap_key: SecretStr | None = Field(
+        None, description="the same as bootstrap_key_file, the key itself (RELAYRL_BOOTSTRAP_KEY; compose and "
+        "Kubernetes pass it from a secret). `relayrl keys generate` makes one",
     )
     store_timeout_s: float = Field(10.0, gt=0, description="timeout of each query to the store")
     agents_cache_s: float = Field(2.0, ge=0, description="how long the list of registered agents is cached")

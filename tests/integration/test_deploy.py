@@ -1062,3 +1062,25 @@ def test_k8s_store_and_trainer_liveness_is_their_heartbeat(k8s: list[tuple[str, 
         assert argv[:3] == ["python", HEALTHCHECK_IN_IMAGE, "heartbeat"], argv
         assert argv[3] == env["RELAYRL_HEARTBEAT_FILE"], doc["metadata"]["name"]
         assert c["readinessProbe"]["exec"]["command"][2:] == ["nats"]
+
+
+def test_only_the_gateway_gets_the_bootstrap_api_key(
+    compose: dict[str, Any], k8s: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Compose refuses to start without it; Kubernetes takes it from its own Secret, committed empty."""
+    for name, svc in compose["services"].items():
+        env = _env_map(svc.get("environment"))
+        if name == "gateway":
+            assert re.fullmatch(_required("RELAYRL_BOOTSTRAP_KEY"), str(env["RELAYRL_BOOTSTRAP_KEY"]))
+        else:
+            assert "RELAYRL_BOOTSTRAP_KEY" not in env, name
+    secret = _by_kind(k8s, "Secret")["relayrl-gateway-key"]
+    assert secret["stringData"] == {"RELAYRL_BOOTSTRAP_KEY": ""} and not secret.get("data")
+    workloads = {d["metadata"]["name"]: d for _, d in k8s if d["kind"] in ("Deployment", "StatefulSet")}
+    for name, workload in workloads.items():
+        refs = {(e["name"], e["valueFrom"]["secretKeyRef"]["name"]) for c in _containers(workload) for e in c.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}  # fmt: skip
+        mounted = {s["secretRef"]["name"] for c in _containers(workload) for s in c.get("envFrom", []) if "secretRef" in s}
+        assert "relayrl-gateway-key" not in mounted, name
+        has_key = ("RELAYRL_BOOTSTRAP_KEY", "relayrl-gateway-key") in refs
+        assert has_key == (name == "gateway"), name

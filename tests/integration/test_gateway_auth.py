@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 import httpx
 import pytest
 from fastapi import FastAPI
+from pydantic import SecretStr
 
 from shared import subjects
 from shared.apikeys import SCOPES, Scope, new_key
@@ -198,17 +199,22 @@ async def test_a_key_of_a_new_project_sees_only_that_project(settings: ServiceSe
             assert others.status_code == 403
 
 
-async def test_the_bootstrap_key_file_is_installed_at_start(settings: ServiceSettings, sqlite_store: RunningStore, tmp_path: Path):
+@pytest.mark.parametrize("how", ["file", "setting"])
+async def test_the_bootstrap_key_is_installed_at_start(
+    settings: ServiceSettings, sqlite_store: RunningStore, tmp_path: Path, how: str
+):
+    """`relayrl up` gives the gateway a key file; compose and Kubernetes the key from a secret."""
     key = new_key()[2]
     path = tmp_path / "api_key"
     path.write_text(key + "\n")
-    async with running_app(settings, bootstrap_key_file=path) as app:
+    given = {"bootstrap_key_file": path} if how == "file" else {"bootstrap_key": SecretStr(key)}
+    async with running_app(settings, **given) as app:
         async with client_of(app, key) as c:
             await wait_until(lambda: _status(c, "/readyz"), expect=200)
             listed = await c.get("/v1/keys")
             assert listed.status_code == 200
             assert [(k["name"], k["scope"], k["project"]) for k in listed.json()] == [("bootstrap", "admin", "default")]
-    async with running_app(settings, bootstrap_key_file=path) as again:  # a restart installs nothing twice
+    async with running_app(settings, **given) as again:  # a restart installs nothing twice
         async with client_of(again, key) as c:
             await wait_until(lambda: _status(c, "/readyz"), expect=200)
             assert len((await c.get("/v1/keys")).json()) == 1

@@ -32,7 +32,7 @@ async def readyz(
     await store.ping()  # StoreUnavailable -> 503 (app.fault_response)
     installing = request.app.state.bootstrap
     if installing is not None and not installing.done():
-        raise HTTPException(503, "installing the bootstrap API key (bootstrap_key_file)")
+        raise HTTPException(503, "installing the bootstrap API key (bootstrap_key / bootstrap_key_file)")
     if installing is not None and (installing.cancelled() or installing.exception() is not None):
         raise HTTPException(503, f"the bootstrap API key was not installed: {_ended(installing)}")
     pacing = request.app.state.pacing
