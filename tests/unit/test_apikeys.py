@@ -42,3 +42,15 @@ def test_each_project_has_its_own_adhoc_bucket() -> None:
     assert adhoc_run("default") == "default" and adhoc_run("acme") == "default-acme"
     assert not is_other_adhoc_run("default-acme", "acme") and is_other_adhoc_run("default", "acme")
     assert is_other_adhoc_run("default-zeta", "acme") and not is_other_adhoc_run("mine", "acme")
+
+
+def test_keys_generate_prints_a_fresh_key_and_stores_nothing(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from services.cli.app import app
+
+    monkeypatch.chdir(tmp_path)
+    first, second = (CliRunner().invoke(app, ["keys", "generate"]) for _ in range(2))
+    assert first.exit_code == 0 and second.exit_code == 0
+    assert parse_key(first.stdout) != parse_key(second.stdout)
+    assert not list(tmp_path.iterdir())
