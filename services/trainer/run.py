@@ -32,7 +32,7 @@ from shared.bus import Bus
 from shared.config import require_secret
 from shared.faults import PermanentRunError, Rejected, is_transient
 from shared.lease import Lease
-from shared.messages import RUN_ENDED, Group, RunView, StepMetrics, TrainerProgress
+from shared.messages import RUN_ENDED, Group, PolicyVersion, RunView, StepMetrics, TrainerProgress
 from shared.models import resolve_model
 from shared.weights import (
     PolicyFence,
@@ -249,11 +249,28 @@ class RunTrainer:
             self.lease.check()
             await publish_metrics(self.bus, StepMetrics.model_validate(self._resent_metrics))
         latest = await latest_policy(self.bus, self.run.run_id)
-        if latest is None or latest.version != self.counters.version or latest.step != self.counters.step:
+        if (
+            latest is None
+            or latest.version != self.counters.version
+            or latest.step != self.counters.step
+            or not self._signed(latest)
+        ):
             # These weights go out as version = step: the counters must say so too, or metrics
             # and progress would name a version inference no longer serves.
             self.counters.version = self.counters.step
             await self._publish_weights(self.counters.step)
+
+    def _signed(self, pv: PolicyVersion) -> bool:
+        """Whether `pv` carries this trainer's signature. An entry that does not (written before
+        weights were signed, or by someone without the key) is published again, signed: replicas
+        refuse it, and would otherwise serve the checkpoint's weights until the next sync."""
+        try:
+            verify_weights(self.weights_key, pv)
+        except WeightsSignatureError as exc:
+            log.warning("the run's published weights are not signed with this key; publishing them again",
+                        run_id=self.run.run_id, version=pv.version, reason=str(exc))  # fmt: skip
+            return False
+        return True
 
     # --- collecting groups -------------------------------------------------------------
 

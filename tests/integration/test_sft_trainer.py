@@ -15,8 +15,16 @@ import torch
 from shared.bus import Bus
 from shared.messages import PolicyVersion, RunConfig, StepMetrics, Trajectory, Transition, pack_f32, pack_i32
 from shared.store_api import StoreClient
-from shared.weights import latest_policy, load_state_dict, put_weight_bytes, read_weights, serialize_state_dict
+from shared.weights import (
+    latest_policy,
+    load_state_dict,
+    put_weight_bytes,
+    read_weights,
+    serialize_state_dict,
+    verify_weights,
+)
 from shared import subjects
+from tests.support.secrets import WEIGHTS_KEY
 from tests.support.store import RunningStore
 from tests.support.trainer import TrainerProcess
 from tests.support.waiting import wait_until
@@ -125,6 +133,34 @@ async def test_init_from_weights_not_signed_with_the_key_fails_the_run_with_the_
     run = await client.get_run("from-planted")
     assert run.state == "failed" and run.error is not None and "unsigned" in run.error, (run.state, run.error)
     assert await latest_policy(bus, "from-planted") is None  # nothing was published from them
+
+
+async def test_a_trainer_republishes_its_run_s_weights_signed_over_an_unsigned_entry(
+    sqlite_store: RunningStore, bus: Bus, nats_url: str, tmp_path: Path
+) -> None:
+    """The run's KV entry names its version 0 but is unsigned (written before signing, or by
+    someone without the key): replicas would refuse it, so the trainer publishes it again, signed."""
+    client = StoreClient(bus, 10)
+    stored_obj = await put_weight_bytes(bus, "resign", 0, serialize_state_dict({"w": torch.ones(4)}))
+    unsigned = PolicyVersion(run_id="resign", version=0, object=stored_obj.name, sha256=stored_obj.sha256,
+                             size=stored_obj.size, step=0)  # fmt: skip
+    await (await bus.kv(subjects.KV_POLICY)).put(subjects.policy_key("resign"), unsigned.encode())
+    run = RunConfig(run_id="resign", agent="calculator", dataset=[{"q": 1}], training={"group_size": 2})
+    await client.put_run(run, 1)
+    trainer = TrainerProcess(nats_url, tmp_path, "resign")
+
+    async def signed() -> bool:
+        pv = await latest_policy(bus, "resign")
+        return pv is not None and pv.signature is not None
+
+    try:
+        await wait_until(signed, 120, 0.2)
+    finally:
+        await trainer.kill()
+    pv = await latest_policy(bus, "resign")
+    assert pv is not None and pv.version == 0 and pv.sha256 != unsigned.sha256
+    verify_weights(WEIGHTS_KEY, pv)
+    assert "not signed with this key; publishing them again" in (tmp_path / "trainer-resign.log").read_text()
 
 
 def stored(run_id: str, index: int, reward: float) -> Trajectory:
