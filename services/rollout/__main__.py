@@ -36,6 +36,13 @@ async def main(settings: RolloutSettings) -> None:
     async with httpx.AsyncClient(timeout=settings.inference_timeout_s, limits=limits) as http:
         worker = Worker(bus, settings, http)
         try:
+            if worker.client is not None:
+                try:
+                    await worker.client.check_token()
+                except ConfigError as exc:
+                    log.error("cannot start", error=str(exc))
+                    print(f"error: {exc}", file=sys.stderr)
+                    raise SystemExit(2) from None
             # Agents' OpenAI base URLs (ctx.base_url) point here; calls are captured as transitions.
             async with proxy.serve(worker.proxy, settings.proxy_host, settings.proxy_port) as proxy_url:
                 # Registered before "ready": whoever waits for ready can submit work for these agents.

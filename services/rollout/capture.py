@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from shared.config import ConfigError
 from shared.messages import Transition, pack_f32, pack_i32
 
 CHAT = "/v1/chat/completions"
@@ -165,6 +166,21 @@ class CaptureClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self.backoff_max_s = backoff_max_s
+
+    async def check_token(self, timeout_s: float = 5.0) -> None:
+        """Ask each replica once whether it takes this worker's token: a 401 is a config error
+        (`ConfigError`: the worker refuses to start rather than fail every rollout). Anything else,
+        a replica not up yet included, is left to the calls' own retries."""
+        for url in self.base_urls:
+            try:
+                resp = await self.http.get(url + MODELS, headers=self.headers, timeout=timeout_s)
+            except httpx.HTTPError:
+                continue
+            if resp.status_code == 401:
+                raise ConfigError(
+                    f"inference at {url} refuses this worker's token: RELAYRL_INFERENCE_TOKEN must be the value "
+                    f"inference has ({resp.text[:300]})"
+                )
 
     def replica_for(self, rollout_id: str) -> str:
         return self.base_urls[zlib.crc32(rollout_id.encode()) % len(self.base_urls)]

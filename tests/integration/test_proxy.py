@@ -225,6 +225,19 @@ async def test_a_worker_with_the_wrong_token_is_refused_401_and_records_nothing(
         assert ctx.transitions == []
 
 
+async def test_a_worker_checks_its_token_with_inference_at_start(stub: FailingStub):
+    async for w in start_worker(stub, inference_token=INFERENCE_TOKEN + "-not-it"):
+        assert w.client is not None
+        with pytest.raises(ConfigError, match="refuses this worker's token"):
+            await w.client.check_token()
+    async for w in start_worker(stub):
+        assert w.client is not None
+        await w.client.check_token()  # the right one: no error
+    async for w in start_worker(stub, inference_urls=f"http://127.0.0.1:{free_port()}"):
+        assert w.client is not None
+        await w.client.check_token(timeout_s=1.0)  # not up (yet): left to the calls' retries
+
+
 async def test_a_worker_without_a_token_refuses_to_start(stub: FailingStub):
     with pytest.raises(ConfigError, match="RELAYRL_INFERENCE_TOKEN"):
         async for _ in start_worker(stub, inference_token=None):
