@@ -456,6 +456,9 @@ async def _connect_once(servers: list[str], name: str, settings: ServiceSettings
     try:
         await asyncio.wait({connecting, refusal}, timeout=settings.nats_connect_timeout_s + 1.0,
                            return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled by the caller's own deadline: leave no connect running
+        connecting.cancel()
+        raise
     finally:
         refusal.cancel()
     if connecting.done() and not refused.is_set():

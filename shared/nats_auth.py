@@ -222,10 +222,9 @@ PERMISSIONS: dict[str, Permissions] = {
             f"{_API}.CONSUMER.DELETE.{_GROUPS}.*",
             purge(_GROUPS), purge(_TASKS), purge(_kv_stream(_POLICY)), purge(_kv_stream(_LEASES)),
             *kv_read(_POLICY),
+            # Pruning purges a version's chunks and meta (shared/weights.prune_weights); the
+            # store never writes the bucket.
             *obj_read(_WEIGHTS), purge(_obj_stream(_WEIGHTS)),
-            # nats-py's ObjectStore.delete writes a delete marker on the meta subject
-            # before purging the chunks (prune_weights purges the marker afterwards).
-            f"$O.{_WEIGHTS}.M.>",
         ]),
         subscribe=(_inbox("store"), subjects.store_rpc(">")),
         allow_responses=True,  # answers RPCs on the requester's reply subject

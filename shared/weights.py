@@ -364,8 +364,9 @@ async def prune_weights(bus: Bus, run_id: str, keep: int, current: int | None = 
     checkpoint), nothing points at them any more, and they are deleted too. `keep=0` (a run
     that ended and keeps nothing) deletes them all.
 
-    A deleted object leaves nothing behind: its chunks are purged and so is the delete
-    marker the object store writes, or a long run would keep one marker per version.
+    A deleted object leaves nothing behind: its chunks and its meta message are purged (no
+    delete marker, or a long run would keep one per version). Purging only, never writing
+    the bucket, is what lets the store's NATS user prune without being able to write weights.
     """
     if keep < 0 or (keep == 0 and current is not None):
         raise ValueError("keep must be >= 0, and >= 1 with a current version")
@@ -378,10 +379,9 @@ async def prune_weights(bus: Bus, run_id: str, keep: int, current: int | None = 
     kept = [] if keep == 0 else (older[-(keep - 1) :] if keep > 1 else []) + [newest]
     doomed = [subjects.weights_object(run_id, v) for v in versions if v not in kept]
     for name in doomed:
-        try:
-            await store.delete(name)
-        except nats.js.errors.NotFoundError:
-            pass  # another pruner got there first
+        info = await _object_info(store, name)
+        if info is not None and info.nuid:  # None: another pruner got there first
+            await _purge_quietly(bus, OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=subjects.OBJ_WEIGHTS, obj=info.nuid))
         await _purge_quietly(bus, _meta_subject(name))
     if doomed:
         log.debug("old weights deleted", run_id=run_id, deleted=len(doomed), kept=kept)

@@ -18,6 +18,7 @@ from pathlib import Path
 import nats
 import nats.aio.msg
 import nats.errors
+import nats.js.errors
 import pytest
 from nats.js import api as js_api
 
@@ -31,7 +32,7 @@ from shared.messages import (
     AgentInfo, Group, Ping, PolicyVersion, RolloutRequest, StepMetrics, TaskSpec, TrainerProgress, Trajectory,
 )  # fmt: skip
 from shared.store_api import Pong, StoreClient
-from shared.weights import WeightsError, put_weight_bytes, read_weights
+from shared.weights import WeightsError, prune_weights, put_weight_bytes, read_weights
 from tests.support.factories import make_trajectory
 from tests.support.nats_users import AuthNats
 from tests.support.waiting import wait_until
@@ -245,6 +246,17 @@ async def test_store_consumes_trajectories_publishes_groups_and_cleans_up_a_run(
     assert await admin.kv_value(subjects.KV_POLICY, subjects.progress_key("r")) is None
     with pytest.raises(DENIED):  # it stores groups; it never writes a policy
         await (await store_bus.kv(subjects.KV_POLICY)).put(subjects.policy_key("r"), policy("r").encode())
+    # It prunes an ended run's weights (purges only) and cannot write any.
+    trainer = await auth_nats.bus("trainer", timeout_s=5)
+    for version in (1, 2):
+        await put_weight_bytes(trainer, "r", version, b"w%d" % version * 100)
+    assert await prune_weights(store_bus, "r", keep=1) == [subjects.weights_object("r", 1)]
+    objects = await admin.object_store(subjects.OBJ_WEIGHTS)
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await objects.get_info(subjects.weights_object("r", 1), show_deleted=True)
+    assert (await objects.get_info(subjects.weights_object("r", 2))).size == 200
+    with pytest.raises(DENIED):
+        await put_weight_bytes(store_bus, "r", 3, b"forged")
 
 
 async def test_trainer_consumes_its_run_publishes_weights_and_inference_reads_them(auth_nats: AuthNats):
