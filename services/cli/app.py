@@ -18,7 +18,7 @@ from rich.table import Table
 from services.cli.client import GatewayClient, GatewayError, gateway_url, read_tasks_file
 from services.cli.follow import RunFollower, follow
 from services.cli.keyfile import API_KEY_FILE
-from services.cli.nats_admin import init_command, nats_config_command
+from services.cli.nats_admin import credentials_path, init_command, nats_config_command
 from services.cli.report import plot_rewards, write_csv
 from services.cli.secrets import FILE_NAME as SECRETS_FILE
 from services.cli.stack import Stack, StackConfig, read_state
@@ -89,6 +89,8 @@ def _start(config: StackConfig) -> Stack:
     table.add_row("state", str(stack.state_dir / "stack.json"))
     table.add_row("API key", f"{stack.state_dir / API_KEY_FILE} (mode 0600; the CLI reads it there)")
     table.add_row("service secrets", f"{stack.state_dir / SECRETS_FILE} (mode 0600: inference token, weights key)")
+    if stack.nats_credentials is not None:
+        table.add_row("NATS users", f"{credentials_path(stack.state_dir)} (mode 0600: one per service + admin)")
     console.print(table)
     if stack.api_key_created:  # printed this once: the file is where it lives afterwards
         console.print("[bold]admin API key (project default), shown once:[/bold]")
