@@ -1,7 +1,8 @@
 """Who may do what on NATS: one user per service plus an admin, as data.
 
 This module is the one place the NATS permission table lives. The embedded stack's server
-config (`server_config`), the permission tests and docs/security.md all derive from
+config (`authorization_block`), the deployments' (`authorization_block_env`, printed by
+`relayrl nats-config`), the permission tests and docs/security.md all derive from
 `PERMISSIONS`; every subject is built from `shared/subjects.py` names.
 
 What each grant is for:
@@ -11,7 +12,8 @@ What each grant is for:
   KV watches and object reads (ordered consumers, created and deleted by the reader), purges.
 - `$JS.ACK.<stream>.<durable>.>` acks the service's own deliveries; `$JS.FC.<stream>.>`
   answers flow control of an ordered consumer (KV watches, weight reads).
-- `$KV.<bucket>.<key>` writes a KV key; `$O.<bucket>.>` writes object chunks and metadata.
+- `$KV.<bucket>.<key>` writes a KV key; `$O.<bucket>.>` writes object chunks and metadata
+  (the trainer only: the store prunes weights by purging).
 - `_INBOX_<user>.>` (subscribe) receives replies: store RPC answers, JetStream API answers,
   publish acks, and ordered-consumer deliveries. Each user has its own inbox prefix
   (`Bus.connect` sets it), so no service can read replies addressed to another one (a
@@ -20,7 +22,8 @@ What each grant is for:
 What cannot be narrowed (NATS wildcards match whole tokens only):
 - The trainer's per-run durables `trainer-<run>` on GROUPS: it gets consumer create/info/next
   and acks for any consumer name on GROUPS (`*`), since `trainer-*` is not a subject pattern.
-  Only trainers read GROUPS, so this reaches no other service's consumer.
+  Only trainers read GROUPS, so this reaches no other service's consumer. Likewise the
+  store's run cleanup may delete any consumer on GROUPS (`CONSUMER.DELETE.GROUPS.*`).
 - Ordered consumers (KV watches, weight reads) have server-chosen names: a reader may create,
   inspect and delete any consumer on the bucket streams it reads. Those streams have no
   durables.
