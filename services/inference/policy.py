@@ -359,10 +359,10 @@ class PolicyWatcher:
         try:
             pv = PolicyVersion.decode(entry.value)
         except DecodeError as exc:
-            log.warning("policy KV entry ignored", key=entry.key, reason=str(exc))
+            log.warning("policy KV entry ignored", entry=entry.key, reason=str(exc))
             return None
         if pv.run_id != entry.key:
-            log.warning("policy KV entry ignored", key=entry.key, reason=f"it names run {pv.run_id!r}")
+            log.warning("policy KV entry ignored", entry=entry.key, reason=f"it names run {pv.run_id!r}")
             return None
         return pv
 
