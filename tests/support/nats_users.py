@@ -88,9 +88,11 @@ class AuthNats:
         return client
 
     async def stop(self) -> None:
-        for b in self._buses:
-            await b.close()
-        for r in self._raw:
-            await r.nc.close()
-        if self.server is not None:
-            self.server.stop()
+        try:
+            for b in self._buses:
+                await b.close()
+            for r in self._raw:
+                await r.nc.close()
+        finally:  # the server goes even when a connection fails to close
+            if self.server is not None:
+                self.server.stop()
