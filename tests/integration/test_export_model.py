@@ -8,30 +8,25 @@ the real object store and policy KV a trainer writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import socket
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 from services.cli.client import GatewayClient, GatewayError
 from services.cli.export_model import PROVENANCE_FILE, ExportError, export_model
 from services.cli.nats_server import NatsServer
-from services.gateway.app import create_app
-from services.gateway.settings import GatewaySettings
 from shared import subjects
 from shared.bus import Bus
 from shared.config import ServiceSettings
 from shared.messages import AgentInfo
 from shared.models import load_causal_lm, load_tokenizer, resolve_model
-from shared.weights import load_state_dict, publish_weights, read_weights
-from tests.support.gateway import gateway, run_body
+from shared.weights import publish_weights, read_weights
+from tests.support.gateway import gateway, run_body, served
 from tests.support.store import RunningStore
 from tests.support.waiting import wait_until
 from tests.support.secrets import WEIGHTS_KEY
@@ -116,41 +111,10 @@ async def test_nats_unavailable_is_503_with_retry_after(
     assert (await client.get("/v1/runs/r1/weights")).status_code == 404  # up again: no weights yet
 
 
-class _Server(uvicorn.Server):
-    """uvicorn in the test's loop; the test runner keeps its own signal handlers."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-@contextlib.asynccontextmanager
-async def served_gateway(settings: ServiceSettings) -> AsyncIterator[str]:
-    """The gateway over real HTTP on a free loopback port (the CLI's client is synchronous)."""
-    app = create_app(GatewaySettings(nats_url=settings.nats_url, store_timeout_s=5.0, pace_interval_s=0.05))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    sock.setblocking(False)
-    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            task.result()
-            raise RuntimeError("the gateway exited at startup")
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-
-
 @pytest.fixture
 async def cli(client: httpx.AsyncClient, settings: ServiceSettings) -> AsyncIterator[GatewayClient]:
     """The CLI's gateway client, against a second gateway (the same NATS and store) over HTTP."""
-    async with served_gateway(settings) as url:
+    async with served(settings) as (_, url):
         c = GatewayClient(url, api_key=client.api_key)  # type: ignore[attr-defined]
         yield c
         c.close()
