@@ -3,7 +3,6 @@ loader, the agent's write/check/rewrite loop (scripted model), and one end-to-en
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os

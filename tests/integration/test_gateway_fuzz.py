@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
