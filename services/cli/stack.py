@@ -355,9 +355,10 @@ class Stack:
             **service_env(module, self.secrets),  # only the secrets this service's role uses
             **self.config.extra_env,
         }
-        if self.nats_credentials is not None:
-            # Each service logs in as its own NATS user and gets no other user's password.
-            user = module.split(".")[1]
+        user = module.removeprefix("services.")
+        if self.nats_credentials is not None and user in nats_auth.SERVICES:
+            # Each service logs in as its own NATS user and gets no other user's password
+            # (a process that is not a relayrl service gets none).
             env.update(nats_auth.user_env(user, self.nats_credentials[user]))
         svc = Service(name, module, args, env, self.logs / f"{name}.log", ready_url, ready_line)
         with self._lock:
