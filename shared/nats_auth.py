@@ -262,9 +262,16 @@ PERMISSIONS: dict[str, Permissions] = {
 # --- server config ------------------------------------------------------------------------
 
 
+def generate_password() -> str:
+    """A random password (URL-safe: it may appear in a `nats://u:p@host` URL) that starts with a
+    letter: nats-server parses a `$VAR` reference's value as config, and one starting with `-`
+    is refused as a malformed number (measured: `-rabc` fails, `4rabc` and `abc-def` pass)."""
+    return "p" + secrets.token_urlsafe(24)
+
+
 def generate_passwords() -> dict[str, str]:
-    """A fresh random password per user (URL-safe: they may appear in a `nats://u:p@host` URL)."""
-    return {user: secrets.token_urlsafe(24) for user in USERS}
+    """A fresh random password per user."""
+    return {user: generate_password() for user in USERS}
 
 
 def password_env(user: str) -> str:
