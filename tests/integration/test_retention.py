@@ -109,7 +109,9 @@ async def test_a_full_stream_refuses_and_the_store_publishes_every_group_once_sp
                 seen.append(Group.decode(m.data).group_id)
                 await m.ack_sync()
     assert sorted(seen) == sorted(f"r-{g}" for g in range(n_groups))  # each once, none lost
-    assert await store.count(GroupRow) == n_groups
+    # The store marks a group in SQL after its publish is acked, so the last marks may trail
+    # the reader by a moment (CI once saw 10 of 12 at this line).
+    assert await wait_until(lambda: store.count(GroupRow), expect=n_groups, timeout_s=BOUND_S) == n_groups
 
 
 async def test_groups_without_a_trainer_stay_in_sql_only(store: RunningStore, bus: Bus) -> None:
