@@ -108,7 +108,6 @@ class ServiceSettings(BaseSettings):
     )
 
 
-
 S = TypeVar("S", bound=ServiceSettings)
 
 
