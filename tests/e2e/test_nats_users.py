@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-from pathlib import Path
 
 import nats
 import nats.errors
@@ -17,11 +16,7 @@ import pytest
 from services.cli.nats_admin import CREDENTIALS_FILE
 from services.cli.stack import Stack
 from shared import nats_auth
-
-
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+from tests.support.processes import process_environ
 
 
 def test_each_service_runs_as_its_own_nats_user_and_nobody_gets_in_without_one(agent_stack: Stack) -> None:
@@ -36,7 +31,7 @@ def test_each_service_runs_as_its_own_nats_user_and_nobody_gets_in_without_one(a
     for svc in agent_stack.services:
         user = svc.module.split(".")[1]
         assert svc.pid is not None
-        env = _environ(svc.pid)
+        env = process_environ(svc.pid)
         assert env["RELAYRL_NATS_USER"] == user and env["RELAYRL_NATS_PASSWORD"] == passwords[user], svc.name
         others = {p for u, p in passwords.items() if u != user}
         assert not others & set(env.values()), f"{svc.name} holds another NATS user's password"

@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import json
 import stat
-from pathlib import Path
 
 import httpx
 
 from services.cli.secrets import FILE_NAME
 from services.cli.stack import Stack
 from tests.support.secrets import INFERENCE_TOKEN
-
-
-def _environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+from tests.support.processes import process_environ
 
 
 def test_the_stack_generates_its_secrets_and_inference_demands_the_token(agent_stack: Stack) -> None:
@@ -37,5 +32,5 @@ def test_the_stack_generates_its_secrets_and_inference_demands_the_token(agent_s
     for svc in agent_stack.services:
         role = next(r for r in roles if svc.name.startswith(r))
         assert svc.pid is not None
-        held = {v for v in _environ(svc.pid).values() if v in (token, key)}
+        held = {v for v in process_environ(svc.pid).values() if v in (token, key)}
         assert held == roles[role], f"{svc.name} holds {len(held)} of the stack's secrets"

@@ -10,10 +10,12 @@ credentials is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import AsyncIterator
 
 import nats
 import nats.aio.msg
@@ -55,6 +57,26 @@ def request(run: str = "r", i: int = 0) -> RolloutRequest:
 
 def policy(run: str) -> PolicyVersion:
     return PolicyVersion(run_id=run, version=1, object=subjects.weights_object(run, 1), sha256="0" * 64, size=1, step=1)
+
+
+@contextlib.asynccontextmanager
+async def consuming_tasks(rollout: Bus) -> AsyncIterator[list[str]]:
+    """The rollout worker's durable on TASKS, consumed as the rollout user: the rollout ids seen."""
+    seen: list[str] = []
+
+    async def handle(batch: list[Delivery[RolloutRequest]]) -> None:
+        seen.extend(d.value.rollout_id for d in batch)
+
+    spec = ConsumerSpec(stream=subjects.STREAM_TASKS, durable=subjects.CONSUMER_ROLLOUT,
+                        filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_TASKS])  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(PullConsumer(rollout, spec, RolloutRequest, handle, fetch_timeout_s=0.2).run(stop))
+    try:
+        yield seen
+    finally:
+        stop.set()
+        await task
+
 
 
 # --- refused ----------------------------------------------------------------------------------
@@ -194,22 +216,10 @@ async def test_rollout_consumes_its_durable_registers_agents_and_dead_letters_ta
     admin = await auth_nats.bus(nats_auth.ADMIN, timeout_s=5)
     await gateway.publish(subjects.tasks("r"), request("r"), "r-0")
     await admin.js.publish(subjects.tasks("r"), b"\xc1 not msgpack")
-    seen: list[str] = []
-
-    async def handle(batch: list[Delivery[RolloutRequest]]) -> None:
-        seen.extend(d.value.rollout_id for d in batch)
-
-    spec = ConsumerSpec(stream=subjects.STREAM_TASKS, durable=subjects.CONSUMER_ROLLOUT,
-                        filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_TASKS])  # fmt: skip
-    stop = asyncio.Event()
-    task = asyncio.create_task(PullConsumer(rollout, spec, RolloutRequest, handle, fetch_timeout_s=0.2).run(stop))
-    try:
+    async with consuming_tasks(rollout) as seen:
         await wait_until(lambda: len(seen) == 1, timeout_s=10)
         await wait_until(lambda: messages_on(admin, subjects.STREAM_DLQ, subjects.dlq(subjects.STREAM_TASKS)), timeout_s=10)
         await wait_until(lambda: messages_on(admin, subjects.STREAM_TASKS, subjects.tasks("r")), expect=0, timeout_s=10)
-    finally:
-        stop.set()
-        await task
     await (await rollout.kv(subjects.KV_AGENTS)).put("null", AgentInfo(name="null", worker_id="w").encode())
     await rollout.publish(subjects.trajectories("r"), make_trajectory(), "t1.0:1")
 
@@ -345,46 +355,36 @@ def test_relayrl_init_makes_the_topology_once_and_refuses_a_wrong_password(tmp_p
 async def test_services_wait_for_a_server_that_lost_its_store_until_the_admin_step_remakes_it(auth_nats: AuthNats):
     gateway = await auth_nats.bus("gateway", timeout_s=2)
     rollout = await auth_nats.bus("rollout", timeout_s=2)
-    seen: list[str] = []
-
-    async def handle(batch: list[Delivery[RolloutRequest]]) -> None:
-        seen.extend(d.value.rollout_id for d in batch)
-
-    spec = ConsumerSpec(stream=subjects.STREAM_TASKS, durable=subjects.CONSUMER_ROLLOUT,
-                        filter_subject=subjects.STREAM_SUBJECTS[subjects.STREAM_TASKS])  # fmt: skip
-    stop = asyncio.Event()
-    consumer = asyncio.create_task(PullConsumer(rollout, spec, RolloutRequest, handle, fetch_timeout_s=0.2).run(stop))
     admin_stop = asyncio.Event()
     admin: asyncio.Task[None] | None = None
-    try:
-        await gateway.publish(subjects.tasks("r"), request("r", 0), "r-0")
-        await wait_until(lambda: len(seen) == 1, timeout_s=10)
-        auth_nats.restart_empty()
+    async with consuming_tasks(rollout) as seen:
+        try:
+            await gateway.publish(subjects.tasks("r"), request("r", 0), "r-0")
+            await wait_until(lambda: len(seen) == 1, timeout_s=10)
+            auth_nats.restart_empty()
 
-        async def missing() -> list[str] | None:
-            try:
-                return await gateway.missing_topology()
-            except DENIED:  # JetStream still starting
-                return None
+            async def missing() -> list[str] | None:
+                try:
+                    return await gateway.missing_topology()
+                except DENIED:  # JetStream still starting
+                    return None
 
-        assert await wait_until(missing, timeout_s=15)  # gone, and the services cannot make it
-        await asyncio.sleep(2.0)  # the worker's consumer keeps trying meanwhile
-        assert await missing()
-        admin = asyncio.create_task(keep_topology(auth_nats.settings(nats_auth.ADMIN, 5), 0.5, admin_stop))
-        await wait_until(missing, expect=[], timeout_s=15)
+            assert await wait_until(missing, timeout_s=15)  # gone, and the services cannot make it
+            await asyncio.sleep(2.0)  # the worker's consumer keeps trying meanwhile
+            assert await missing()
+            admin = asyncio.create_task(keep_topology(auth_nats.settings(nats_auth.ADMIN, 5), 0.5, admin_stop))
+            await wait_until(missing, expect=[], timeout_s=15)
 
-        async def published() -> bool:
-            try:
-                await gateway.publish(subjects.tasks("r"), request("r", 1), "r-1")
-                return True
-            except DENIED:
-                return False
+            async def published() -> bool:
+                try:
+                    await gateway.publish(subjects.tasks("r"), request("r", 1), "r-1")
+                    return True
+                except DENIED:
+                    return False
 
-        await wait_until(published, timeout_s=15)
-        await wait_until(lambda: len(seen) == 2, timeout_s=20)  # the worker's consumer came back on its own
-    finally:
-        stop.set()
-        admin_stop.set()
-        await consumer
-        if admin is not None:
-            await admin
+            await wait_until(published, timeout_s=15)
+            await wait_until(lambda: len(seen) == 2, timeout_s=20)  # the worker's consumer came back on its own
+        finally:
+            admin_stop.set()
+            if admin is not None:
+                await admin
