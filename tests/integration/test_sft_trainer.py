@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Sized
 
 import numpy as np
 import torch
@@ -200,6 +200,8 @@ async def test_rejection_sampling_fine_tunes_on_the_stored_trajectories_that_pas
     )  # fmt: skip
     await client.put_run(rft, 4)
     assert await TrainerProcess(nats_url, tmp_path, "rft").wait(180) == 0
+    # Metrics reach SQL through the METRICS stream, so the last one may trail the trainer's exit.
+    await wait_until(lambda: _count(client.get_metrics("rft")), expect=2, timeout_s=30)
     steps = await client.get_metrics("rft")
     assert (await client.get_run("rft")).state == "finished" and len(steps) == 2
     # 4 passing trajectories, 6 response tokens each, trained exactly as recorded.
@@ -221,3 +223,7 @@ async def test_bad_sft_data_or_an_unknown_model_fails_the_run_with_the_reason(
     assert "dataset[1]" in reasons["broken"] and "cannot render" in reasons["broken"]
     assert "cannot load model" in reasons["nomodel"]
     assert "no stored ok trajectory with reward >= 1.0" in reasons["empty-source"]
+
+
+async def _count(rows: Awaitable[Sized]) -> int:
+    return len(await rows)
