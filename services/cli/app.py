@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import httpx
 import typer
@@ -27,6 +28,17 @@ from shared.redact import redact_url
 
 app = typer.Typer(help="relayrl: train LLM agents with GRPO over NATS JetStream.", no_args_is_help=True)
 console = Console()
+
+
+@contextlib.contextmanager
+def exit_on_refusal(code: int) -> Iterator[None]:
+    """Print a refusal from the gateway (its reason) and exit with `code`."""
+    try:
+        yield
+    except GatewayError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(code) from None
+
 
 StateDir = typer.Option(Path(".relayrl"), "--state-dir", help="where logs, data and stack.json live")
 
@@ -230,11 +242,8 @@ def train(
     if run_id:
         config["run_id"] = run_id
     client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
-    try:
+    with exit_on_refusal(2):
         run = client.create_run(config)
-    except GatewayError as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(2) from None
     console.print(f"run [bold]{run['run_id']}[/bold]: {run['rows']} rows x {run['config']['training']['epochs']} epoch(s), "
                   f"~{run['total_steps']} steps, max_staleness {run['config']['max_staleness']}")
     if wait:
@@ -345,11 +354,8 @@ def replay(
             raise typer.BadParameter("--versions takes A:B, e.g. 0:20") from None
         body["versions"] = [a, b]
     client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
-    try:
+    with exit_on_refusal(1):
         result = client.replay(run_id, body)
-    except GatewayError as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(1) from None
     console.print(f"re-published {result['groups']} groups of {run_id} into {result['into']}")
 
 
@@ -402,7 +408,7 @@ def sft(
     """Rejection-sampling fine-tuning: SFT on a past run's trajectories (exact recorded tokens),
     keeping its model, agent and trained roles. Start an RL run from it with `init_from`."""
     client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
-    try:
+    with exit_on_refusal(2):
         source = client.run(from_run)["config"]
         run = client.create_run({
             "run_id": run_id or f"{from_run}-sft", "model": source["model"], "agent": source["agent"],
@@ -410,9 +416,6 @@ def sft(
             "trained_roles": source["trained_roles"], "seed": source["seed"],
             "training": {"learning_rate": learning_rate, "batch_size": batch_size, "epochs": epochs},
         })  # fmt: skip
-    except GatewayError as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(2) from None
     console.print(f"run [bold]{run['run_id']}[/bold]: sft on {run['rows']} trajectories of {from_run}, ~{run['total_steps']} steps")
     if wait:
         follow(client, run["run_id"], console, timeout_s)
@@ -498,11 +501,8 @@ def keys_create(
     if scope not in SCOPES:
         raise typer.BadParameter(f"scope must be one of {', '.join(SCOPES)}")
     client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
-    try:
+    with exit_on_refusal(1):
         made = client.create_key(name=name, scope=scope, project=project)
-    except GatewayError as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(1) from None
     console.print(f"key {made['key_id']} (project {made['project']}, scope {made['scope']}), shown once:")
     typer.echo(made["key"])
 
@@ -515,11 +515,8 @@ def keys_list(
 ) -> None:
     """The project's keys (never their secrets)."""
     client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
-    try:
+    with exit_on_refusal(1):
         found = client.list_keys(project)
-    except GatewayError as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(1) from None
     table = Table(title="API keys")
     for col in ("key id", "project", "scope", "name", "created", "revoked"):
         table.add_column(col)
@@ -538,11 +535,8 @@ def keys_revoke(
 ) -> None:
     """Revoke a key: refused at once by the gateway that revoked it, within its key cache time by others."""
     client = GatewayClient(gateway_url(gateway, state_dir), state_dir=state_dir)
-    try:
+    with exit_on_refusal(1):
         revoked = client.revoke_key(key_id)
-    except GatewayError as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(1) from None
     console.print(f"revoked {revoked['key_id']} (project {revoked['project']}, scope {revoked['scope']})")
 
 
